@@ -1,0 +1,63 @@
+"""Command-line interface: `slurm-quota`.
+
+Owns: the entry point and the ONE mapping from errors to messages and exit codes
+(0 ok, 1 error, 2 usage, 75 temporary failure, 130 interrupted). Commands live in the
+modules of this package by area; they parse, call one library function and format.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from slurm_quota.cli.base import cli
+from slurm_quota.errors import (
+    InvalidInput,
+    SlurmQuotaError,
+    TemporaryFailure,
+)
+
+# Importing the command modules registers their commands on the group.
+from slurm_quota.cli import admin, jobs, read  # noqa: E402,F401  isort: skip
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: try again later
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(err: SlurmQuotaError) -> int:
+    """Return the exit status for a library error."""
+    if isinstance(err, TemporaryFailure):
+        return EXIT_TEMPFAIL
+    if isinstance(err, InvalidInput):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit status instead of exiting."""
+    try:
+        cli.main(args=argv, prog_name="slurm-quota", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        return EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE if isinstance(exc, click.UsageError) else EXIT_ERROR
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        return EXIT_INTERRUPTED
+    except SlurmQuotaError as exc:
+        click.echo(f"slurm-quota: error: {exc}", err=True)
+        return exit_code_for(exc)
+    return EXIT_OK
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The click group and what every command shares: settings, lazy DB access, root check, output.
+
+Owns: the global options (--db / SLURM_QUOTA_DB), the Settings object, helpers to open the
+database lazily, to refuse non-root callers and to print JSON. Must not hold SQL or business
+rules. Heavy imports (sqlite3, tabulate, requests) stay inside functions so that
+`slurm-quota --help` and `slurm-quota charge` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from slurm_quota import DEFAULT_DB_PATH, __version__
+from slurm_quota.errors import NotPermitted
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Global settings given to the group; commands open the DB only when they need it."""
+
+    db_path: str
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    "db_path",
+    envvar="SLURM_QUOTA_DB",
+    default=DEFAULT_DB_PATH,
+    show_default=True,
+    metavar="PATH",
+    help="SQLite ledger file (env SLURM_QUOTA_DB).",
+)
+@click.version_option(__version__, "--version", prog_name="slurm-quota")
+@click.pass_context
+def cli(ctx: click.Context, db_path: str) -> None:
+    """CPU/GPU-minute quotas for Slurm users and accounts.
+
+    Admin commands (quotas, factors, defaults, adjust, prune, migrate) need root.
+    Exit status: 0 ok, 1 error, 2 usage, 75 temporary failure (DB locked, Slurm or the
+    service not answering).
+    """
+    ctx.obj = Settings(db_path=db_path)
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+def require_root(command: str) -> None:
+    """Refuse the command unless the real uid is 0 (sudo keeps the real uid 0)."""
+    if os.getuid() != 0:
+        raise NotPermitted(
+            f"`slurm-quota {command}` changes the ledger and is restricted to root "
+            f"(you are uid {os.getuid()}); nothing was changed."
+        )
+
+
+def open_db(settings: Settings, *, readonly: bool = False):  # -> sqlite3.Connection
+    """Open the ledger named by --db (lazy import keeps start-up fast)."""
+    from slurm_quota import db
+
+    return db.connect(settings.db_path, readonly=readonly)
+
+
+def echo_json(data: Any) -> None:
+    """Print data as JSON on stdout."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def warn(message: str) -> None:
+    """Print a note for a person on stderr (never mixed into table/JSON stdout)."""
+    print(f"slurm-quota: {message}", file=sys.stderr)

@@ -1,0 +1,44 @@
+"""Exceptions of slurm-quota: plain classes with full-sentence messages, nothing else.
+
+The CLI maps each class to an exit code in exactly one place (slurm_quota.cli).
+"""
+
+
+class SlurmQuotaError(Exception):
+    """Base class of every error slurm-quota reports to a person."""
+
+
+class InvalidInput(SlurmQuotaError):
+    """A value given on the command line or in a request is not acceptable."""
+
+
+class NotPermitted(SlurmQuotaError):
+    """The caller may not do this (e.g. an admin command run by a non-root user)."""
+
+
+class NotFound(SlurmQuotaError):
+    """A user, account, job or other record named by the caller does not exist."""
+
+
+class SchemaError(SlurmQuotaError):
+    """The database schema is not the one this version understands."""
+
+
+class DatabaseMissing(SlurmQuotaError):
+    """The database file does not exist (run `slurm-quota migrate`)."""
+
+
+class TemporaryFailure(SlurmQuotaError):
+    """Something outside our control is unavailable now; retrying later may work."""
+
+
+class DatabaseUnavailable(TemporaryFailure):
+    """The database is locked past the wait bound or cannot be opened."""
+
+
+class SlurmUnavailable(TemporaryFailure):
+    """Slurm (sacct, squeue, scontrol, slurmdbd) did not answer in time or failed."""
+
+
+class ServiceUnavailable(TemporaryFailure):
+    """The slurm-quota HTTP service did not answer."""
