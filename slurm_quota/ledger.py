@@ -1,0 +1,179 @@
+"""Ledger rules: minutes, rounding, GPU factors, availability and admin value parsing.
+
+Owns the arithmetic every part must agree on (DESIGN.md §1, §3, §4). Pure functions only:
+no I/O, no SQL, no Slurm. The Lua plugin implements the submit-side counterparts of these
+rules; tests check both against the same cases.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+
+from slurm_quota.errors import InvalidInput
+
+UNLIMITED = -1
+DEFAULT_GPU_TYPE = "default"
+DEFAULT_GPU_FACTOR = 1.0
+# Sanity bound for quotas and adjustments: far above any real budget (about 19 million
+# CPU-years), far below SQLite's 64-bit integer limit, and exactly representable in a double
+# so the Lua plugin (doubles on 5.1/5.2/LuaJIT) computes with it exactly.
+MAX_MINUTES = 10**13
+
+CPU = "cpu"
+GPU = "gpu"
+RESOURCES = (CPU, GPU)
+
+
+def _round_half_up(value: Decimal) -> int:
+    return int(value.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def cpu_minutes_charged(cpus: int, elapsed_s: int) -> int:
+    """CPU minutes of one run: round(cpus × elapsed / 60), half up, on the product."""
+    if cpus < 0 or elapsed_s < 0:
+        raise InvalidInput(f"Negative CPUs ({cpus}) or elapsed seconds ({elapsed_s}).")
+    return _round_half_up(Decimal(cpus) * Decimal(elapsed_s) / Decimal(60))
+
+
+def factor_for(gpu_type: str | None, factors: Mapping[str, float]) -> float:
+    """The factor of a GPU type; untyped/unknown types use `default` (1.0 when absent)."""
+    if gpu_type and gpu_type in factors:
+        return float(factors[gpu_type])
+    return float(factors.get(DEFAULT_GPU_TYPE, DEFAULT_GPU_FACTOR))
+
+
+def gpu_minutes_charged(
+    gpus_by_type: Mapping[str, int], factors: Mapping[str, float], elapsed_s: int
+) -> int:
+    """GPU minutes of one run: round(Σ count × factor(type) × elapsed / 60), half up."""
+    if elapsed_s < 0:
+        raise InvalidInput(f"Negative elapsed seconds ({elapsed_s}).")
+    total = Decimal(0)
+    for gpu_type, count in gpus_by_type.items():
+        if count < 0:
+            raise InvalidInput(f"Negative GPU count {count} for type {gpu_type!r}.")
+        total += Decimal(count) * Decimal(repr(factor_for(gpu_type, factors))) * Decimal(elapsed_s)
+    return _round_half_up(total / Decimal(60))
+
+
+def cpu_minutes_requested(cpus: int, time_limit_min: int) -> int:
+    """CPU minutes a submission reserves per element (exact: integral inputs)."""
+    return cpus * time_limit_min
+
+
+def gpu_minutes_requested(
+    gpus_by_type: Mapping[str, int], factors: Mapping[str, float], time_limit_min: int
+) -> int:
+    """GPU minutes a submission reserves per element: ceil(Σ count × factor × time)."""
+    total = Decimal(0)
+    for gpu_type, count in gpus_by_type.items():
+        total += Decimal(count) * Decimal(repr(factor_for(gpu_type, factors))) * time_limit_min
+    return int(total.to_integral_value(rounding=ROUND_CEILING))
+
+
+def available(quota: int, consumed: int, preallocated: int) -> int | None:
+    """Minutes left: quota − consumed − preallocated; None when the quota is unlimited."""
+    if quota == UNLIMITED:
+        return None
+    return quota - consumed - preallocated
+
+
+def fits(requested: int, quota: int, consumed: int, preallocated: int) -> bool:
+    """True when a request of `requested` minutes fits in what is left."""
+    left = available(quota, consumed, preallocated)
+    return left is None or requested <= left
+
+
+def usage_fraction(quota: int, consumed: int, preallocated: int) -> float | None:
+    """(consumed + preallocated) / quota, None when unlimited; a 0 quota counts as full."""
+    if quota == UNLIMITED:
+        return None
+    if quota == 0:
+        return 1.0
+    return (consumed + preallocated) / quota
+
+
+# ---------------------------------------------------------------------------------------
+# Admin input parsing: every number typed by an admin goes through one of these.
+# ---------------------------------------------------------------------------------------
+
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_SIGNED_RE = re.compile(r"^[+-]\d+(\.\d+)?$")
+
+
+def parse_quota(text: str) -> int:
+    """A quota in minutes: an integer ≥ −1 (−1 = unlimited), at most MAX_MINUTES."""
+    value = str(text).strip()
+    if not _INT_RE.match(value):
+        raise InvalidInput(
+            f"Quota {text!r} is not a whole number of minutes (use -1 for unlimited)."
+        )
+    quota = int(value)
+    if quota < UNLIMITED:
+        raise InvalidInput(f"Quota {quota} is below -1 (use -1 for unlimited).")
+    if quota > MAX_MINUTES:
+        raise InvalidInput(f"Quota {quota} is larger than the maximum {MAX_MINUTES} minutes.")
+    return quota
+
+
+def parse_factor(text: str) -> float:
+    """A GPU factor: a finite number ≥ 0."""
+    value = str(text).strip()
+    try:
+        factor = float(value)
+    except ValueError as err:
+        raise InvalidInput(f"GPU factor {text!r} is not a number.") from err
+    if not math.isfinite(factor):
+        raise InvalidInput(f"GPU factor {text!r} is not finite.")
+    if factor < 0:
+        raise InvalidInput(f"GPU factor {factor} is negative; it must be 0 or more.")
+    if factor > 1e6:
+        raise InvalidInput(f"GPU factor {factor} is implausibly large (maximum 1e6).")
+    return factor
+
+
+def parse_signed_minutes(text: str, *, hours: bool = False) -> int:
+    """An explicitly signed delta (`+30`, `-2`; hours may be `+1.5`) converted to minutes."""
+    value = str(text).strip()
+    if not _SIGNED_RE.match(value) or (not hours and "." in value):
+        unit = "hours" if hours else "minutes"
+        raise InvalidInput(
+            f"Adjustment {text!r} must be an explicitly signed whole number of {unit}, "
+            f"e.g. +30 or -30" + (" (or +1.5 hours)" if hours else "") + "."
+        )
+    if hours:
+        minutes_dec = Decimal(value) * 60
+        if minutes_dec != minutes_dec.to_integral_value():
+            raise InvalidInput(f"Adjustment {text!r} hours is not a whole number of minutes.")
+        minutes = int(minutes_dec)
+    else:
+        minutes = int(value)
+    if abs(minutes) > MAX_MINUTES:
+        raise InvalidInput(f"Adjustment {text!r} exceeds the maximum {MAX_MINUTES} minutes.")
+    return minutes
+
+
+@dataclass(frozen=True)
+class Adjusted:
+    """Result of applying a signed delta to a consumed total."""
+
+    old: int
+    new: int
+    clamped: bool
+
+
+def apply_adjustment(consumed: int, delta_minutes: int) -> Adjusted:
+    """Add delta to a consumed total, clamped at 0 (consumed never goes negative)."""
+    target = consumed + delta_minutes
+    if target < 0:
+        return Adjusted(old=consumed, new=0, clamped=True)
+    return Adjusted(old=consumed, new=target, clamped=False)
+
+
+def format_quota(quota: int) -> str:
+    """Display form of a quota: `∞` for unlimited."""
+    return "∞" if quota == UNLIMITED else str(quota)
