@@ -5,9 +5,21 @@ Parse, call one library function, format. No SQL here.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import click
 
-from slurm_quota.cli.base import Settings, cli, pass_settings, require_root
+from slurm_quota.cli.base import (
+    Settings,
+    cli,
+    echo_json,
+    open_db,
+    pass_settings,
+    require_root,
+    warn,
+)
 
 
 @cli.command("migrate")
@@ -28,3 +40,451 @@ def migrate_cmd(settings: Settings) -> None:
         click.echo(f"Applied migrations {', '.join(map(str, applied))}; schema version {version}.")
     else:
         click.echo(f"Schema already at version {version}; nothing to do.")
+
+
+# Quota values may be -1 (unlimited): without this click would read `-1` as an option.
+_NEGATIVE_OK = {"ignore_unknown_options": True}
+
+_KIND_LABEL = {"user": "User", "account": "Account"}
+_RESOURCE_LABEL = {"cpu": "CPU", "gpu": "GPU"}
+
+
+def _reason_option(func):
+    return click.option(
+        "--reason",
+        metavar="TEXT",
+        default=None,
+        help="Why: recorded in the journal with the change.",
+    )(func)
+
+
+def _json_option(func):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
+        func
+    )
+
+
+@contextlib.contextmanager
+def _ledger(settings: Settings, *, readonly: bool = False) -> Iterator[Any]:
+    """Open the ledger for one command and close it afterwards."""
+    conn = open_db(settings, readonly=readonly)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _minutes(value: int) -> str:
+    from slurm_quota import ledger
+
+    return "∞ (unlimited)" if value == ledger.UNLIMITED else f"{value} minutes"
+
+
+def _set_quota(
+    settings: Settings, command: str, kind: str, resource: str, name: str, n: str, reason
+) -> None:
+    """Shared body of the four quota commands."""
+    require_root(command)
+    from slurm_quota import admin, ledger
+
+    name = admin.parse_name(kind, name)
+    quota = ledger.parse_quota(n)
+    reason = admin.parse_reason(reason)
+    with _ledger(settings) as conn:
+        change = admin.set_quota(conn, kind, name, resource, quota, reason=reason)
+    label = f"{_KIND_LABEL[kind]} {change.name}"
+    res = _RESOURCE_LABEL[resource]
+    if change.created:
+        other = "gpu" if resource == "cpu" else "cpu"
+        click.echo(
+            f"{label} created: {res} quota {_minutes(change.new_minutes)}; "
+            f"{_RESOURCE_LABEL[other]} quota {_minutes(change.other_quota_minutes)} "
+            f"(default for new {kind}s)."
+        )
+    elif change.old_minutes == change.new_minutes:
+        click.echo(f"{label}: {res} quota unchanged at {_minutes(change.new_minutes)}.")
+    else:
+        click.echo(
+            f"{label}: {res} quota {_minutes(change.old_minutes)} -> "
+            f"{_minutes(change.new_minutes)}."
+        )
+
+
+@cli.command("user-quota", context_settings=_NEGATIVE_OK)
+@click.argument("user")
+@click.argument("n")
+@_reason_option
+@pass_settings
+def user_quota_cmd(settings: Settings, user: str, n: str, reason: str | None) -> None:
+    """Set the CPU-minute quota of USER to N (-1 = unlimited). Root only.
+
+    A new user row gets the default GPU quota (see `default-quotas`).
+
+    \b
+    Examples:
+      sudo slurm-quota user-quota alice 50000
+      sudo slurm-quota user-quota bob -1 --reason "PI request"
+    """
+    _set_quota(settings, "user-quota", "user", "cpu", user, n, reason)
+
+
+@cli.command("user-gpu-quota", context_settings=_NEGATIVE_OK)
+@click.argument("user")
+@click.argument("n")
+@_reason_option
+@pass_settings
+def user_gpu_quota_cmd(settings: Settings, user: str, n: str, reason: str | None) -> None:
+    """Set the GPU-minute quota of USER to N (-1 = unlimited). Root only.
+
+    A new user row gets the default CPU quota (see `default-quotas`).
+
+    \b
+    Examples:
+      sudo slurm-quota user-gpu-quota alice 10000
+      sudo slurm-quota user-gpu-quota bob -1
+    """
+    _set_quota(settings, "user-gpu-quota", "user", "gpu", user, n, reason)
+
+
+@cli.command("account-quota", context_settings=_NEGATIVE_OK)
+@click.argument("account")
+@click.argument("n")
+@_reason_option
+@pass_settings
+def account_quota_cmd(settings: Settings, account: str, n: str, reason: str | None) -> None:
+    """Set the CPU-minute quota of the Slurm ACCOUNT to N (-1 = unlimited). Root only.
+
+    Account names are matched exactly as Slurm reports them (sacctmgr stores them in
+    lower case). A new account row gets the default GPU quota.
+
+    \b
+    Examples:
+      sudo slurm-quota account-quota projx 200000
+      sudo slurm-quota account-quota projy -1
+    """
+    _set_quota(settings, "account-quota", "account", "cpu", account, n, reason)
+
+
+@cli.command("account-gpu-quota", context_settings=_NEGATIVE_OK)
+@click.argument("account")
+@click.argument("n")
+@_reason_option
+@pass_settings
+def account_gpu_quota_cmd(settings: Settings, account: str, n: str, reason: str | None) -> None:
+    """Set the GPU-minute quota of the Slurm ACCOUNT to N (-1 = unlimited). Root only.
+
+    A new account row gets the default CPU quota.
+
+    \b
+    Examples:
+      sudo slurm-quota account-gpu-quota projx 50000
+      sudo slurm-quota account-gpu-quota projy -1
+    """
+    _set_quota(settings, "account-gpu-quota", "account", "gpu", account, n, reason)
+
+
+@cli.command("adjust")
+@click.option("--user", "user", metavar="USER", help="Adjust this user.")
+@click.option("--account", "account", metavar="ACCOUNT", help="Adjust this account.")
+@click.option("--cpu", "cpu", is_flag=True, help="Adjust consumed CPU minutes.")
+@click.option("--gpu", "gpu", is_flag=True, help="Adjust consumed GPU minutes.")
+@click.option("--minutes", "minutes", metavar="±N", help="Signed delta in minutes (+30, -30).")
+@click.option("--hours", "hours", metavar="±N", help="Signed delta in hours (+2, -1.5).")
+@_reason_option
+@pass_settings
+def adjust_cmd(
+    settings: Settings,
+    user: str | None,
+    account: str | None,
+    cpu: bool,
+    gpu: bool,
+    minutes: str | None,
+    hours: str | None,
+    reason: str | None,
+) -> None:
+    """Add or subtract consumed minutes of one user or account. Root only.
+
+    Exactly one of --user/--account, one of --cpu/--gpu and one of --minutes/--hours,
+    with an explicit sign. The result is clamped at 0 (consumed time never goes negative).
+    The user/account must already be in the ledger.
+
+    \b
+    Examples:
+      sudo slurm-quota adjust --user alice --cpu --minutes=+30
+      sudo slurm-quota adjust --user alice --gpu --minutes=-120 --reason "node failure"
+      sudo slurm-quota adjust --account projx --cpu --hours=+2
+    """
+    require_root("adjust")
+    from slurm_quota import admin, ledger
+    from slurm_quota.errors import InvalidInput
+
+    if (user is None) == (account is None):
+        raise InvalidInput("adjust needs exactly one of --user or --account.")
+    if cpu == gpu:
+        raise InvalidInput("adjust needs exactly one of --cpu or --gpu.")
+    if (minutes is None) == (hours is None):
+        raise InvalidInput("adjust needs exactly one of --minutes or --hours (signed, e.g. +30).")
+    kind = "user" if user is not None else "account"
+    name = admin.parse_name(kind, user if user is not None else account)
+    resource = "cpu" if cpu else "gpu"
+    if minutes is not None:
+        delta = ledger.parse_signed_minutes(minutes)
+    else:
+        delta = ledger.parse_signed_minutes(hours, hours=True)
+    reason = admin.parse_reason(reason)
+    with _ledger(settings) as conn:
+        result = admin.adjust(conn, kind, name, resource, delta, reason=reason)
+    res = _RESOURCE_LABEL[resource]
+    clamped = ", clamped at 0" if result.clamped else ""
+    click.echo(
+        f"{_KIND_LABEL[kind]} {result.name}: consumed {res} minutes "
+        f"{result.old_minutes} -> {result.new_minutes} ({delta:+d}{clamped})."
+    )
+    if result.clamped:
+        warn(
+            f"note: {delta:+d} would take consumed {res} minutes to "
+            f"{result.old_minutes + delta}; clamped at 0 (applied "
+            f"{result.new_minutes - result.old_minutes:+d})."
+        )
+
+
+@cli.command("default-quotas")
+@_json_option
+@pass_settings
+def default_quotas_cmd(settings: Settings, as_json: bool) -> None:
+    """Show the quotas given to users/accounts when their row is created (∞ = unlimited).
+
+    \b
+    Example:
+      slurm-quota default-quotas
+      slurm-quota default-quotas --json
+    """
+    from slurm_quota import admin, ledger
+
+    with _ledger(settings, readonly=True) as conn:
+        defaults = admin.get_default_quotas(conn)
+    values = defaults.as_settings()
+    if as_json:
+        echo_json(values)
+        return
+    from tabulate import tabulate
+
+    rows = [(key, ledger.format_quota(v)) for key, v in values.items()]
+    click.echo(tabulate(rows, headers=["SETTING", "MINUTES"], disable_numparse=True))
+
+
+@cli.command("set-default-quotas")
+@click.option("--user-cpu", metavar="N", help="Default CPU quota of new users.")
+@click.option("--user-gpu", metavar="N", help="Default GPU quota of new users.")
+@click.option("--account-cpu", metavar="N", help="Default CPU quota of new accounts.")
+@click.option("--account-gpu", metavar="N", help="Default GPU quota of new accounts.")
+@_reason_option
+@pass_settings
+def set_default_quotas_cmd(
+    settings: Settings,
+    user_cpu: str | None,
+    user_gpu: str | None,
+    account_cpu: str | None,
+    account_gpu: str | None,
+    reason: str | None,
+) -> None:
+    """Set default quotas (minutes, -1 = unlimited) for rows created from now on. Root only.
+
+    Existing users and accounts keep their quotas.
+
+    \b
+    Examples:
+      sudo slurm-quota set-default-quotas --user-cpu 50000 --account-cpu 200000
+      sudo slurm-quota set-default-quotas --user-gpu -1 --account-gpu -1
+    """
+    require_root("set-default-quotas")
+    from slurm_quota import admin, ledger
+
+    values = {
+        "user_cpu": user_cpu,
+        "user_gpu": user_gpu,
+        "account_cpu": account_cpu,
+        "account_gpu": account_gpu,
+    }
+    if all(v is None for v in values.values()):
+        raise click.UsageError(
+            "Give at least one of --user-cpu, --user-gpu, --account-cpu, --account-gpu."
+        )
+    parsed = {k: (None if v is None else ledger.parse_quota(v)) for k, v in values.items()}
+    reason = admin.parse_reason(reason)
+    with _ledger(settings) as conn:
+        changes = admin.set_default_quotas(conn, reason=reason, **parsed)
+    for change in changes:
+        click.echo(
+            f"{change.key}: {ledger.format_quota(change.old_minutes)} -> "
+            f"{ledger.format_quota(change.new_minutes)}"
+        )
+    click.echo("Applies to users/accounts created from now on; existing rows are unchanged.")
+
+
+@cli.command("gpu-factors")
+@_json_option
+@pass_settings
+def gpu_factors_cmd(settings: Settings, as_json: bool) -> None:
+    """Show GPU factors: `default` (for untyped/unknown GPUs) first, then each type.
+
+    \b
+    Example:
+      slurm-quota gpu-factors
+      slurm-quota gpu-factors --json
+    """
+    from slurm_quota import admin
+
+    with _ledger(settings, readonly=True) as conn:
+        factors = admin.gpu_factors(conn)
+    if as_json:
+        echo_json(
+            [
+                {"gpu_type": f.gpu_type, "factor": f.factor, "configured": f.configured}
+                for f in factors
+            ]
+        )
+        return
+    from tabulate import tabulate
+
+    rows = [
+        (f.gpu_type, repr(f.factor) + ("" if f.configured else " (built-in, not set)"))
+        for f in factors
+    ]
+    click.echo(tabulate(rows, headers=["GPU TYPE", "FACTOR"], disable_numparse=True))
+
+
+@cli.command("set-gpu-factor", context_settings=_NEGATIVE_OK)
+@click.argument("gpu_type", metavar="TYPE")
+@click.argument("factor", metavar="FACTOR")
+@_reason_option
+@pass_settings
+def set_gpu_factor_cmd(settings: Settings, gpu_type: str, factor: str, reason: str | None) -> None:
+    """Set the factor (finite, >= 0) that multiplies GPU minutes of GPU TYPE. Root only.
+
+    TYPE `default` applies to untyped GPUs and types without their own factor (1.0 when
+    not set). A factor of 0.5 counts 10 GPU minutes as 5.
+
+    \b
+    Examples:
+      sudo slurm-quota set-gpu-factor h100 0.5
+      sudo slurm-quota set-gpu-factor default 1.0
+    """
+    require_root("set-gpu-factor")
+    from slurm_quota import admin, ledger
+
+    gpu_type = admin.parse_gpu_type(gpu_type)
+    value = ledger.parse_factor(factor)
+    reason = admin.parse_reason(reason)
+    with _ledger(settings) as conn:
+        change = admin.set_gpu_factor(conn, gpu_type, value, reason=reason)
+    old = "not set" if change.old_factor is None else repr(change.old_factor)
+    click.echo(f"GPU factor of {change.gpu_type}: {old} -> {change.new_factor!r}.")
+
+
+@cli.command("history")
+@click.option("--user", "user", metavar="USER", help="Only this user (journal and charges).")
+@click.option("--account", "account", metavar="ACCOUNT", help="Only this account.")
+@click.option("--job", "job", metavar="JOBID", help="Only charges of this job (or array/het job).")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 100_000),
+    default=50,
+    show_default=True,
+    help="Show at most this many entries.",
+)
+@_json_option
+@pass_settings
+def history_cmd(
+    settings: Settings,
+    user: str | None,
+    account: str | None,
+    job: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Show quota changes (journal) and charged jobs, newest first.
+
+    Journal rows show who changed what (old -> new) and why; charge rows show the job's
+    inputs (elapsed seconds, CPUs, GPUs by type, factors) and the minutes charged.
+    Times are local in the table, UTC in --json.
+
+    \b
+    Examples:
+      slurm-quota history --user alice
+      slurm-quota history --account projx --limit 20
+      slurm-quota history --job 12345 --json
+    """
+    from slurm_quota import admin
+    from slurm_quota.errors import InvalidInput
+
+    if user is not None and account is not None:
+        raise InvalidInput("history takes --user or --account, not both.")
+    if user is not None:
+        user = admin.parse_name("user", user)
+    if account is not None:
+        account = admin.parse_name("account", account)
+    job_id = admin.parse_job_id(job)
+    with _ledger(settings, readonly=True) as conn:
+        entries = admin.history(conn, user=user, account=account, job_id=job_id, limit=limit)
+    if as_json:
+        echo_json([e.to_json() for e in entries])
+        return
+    if not entries:
+        if user is not None:
+            click.echo(f"No history found for user: {user}")
+        elif account is not None:
+            click.echo(f"No history found for account: {account}")
+        elif job_id is not None:
+            click.echo(f"No charges found for job: {job_id}")
+        else:
+            click.echo("No history found.")
+        return
+    from tabulate import tabulate
+
+    rows = [_history_row(e) for e in entries]
+    click.echo(
+        tabulate(
+            rows,
+            headers=["TIME", "EVENT", "TARGET", "CHANGE", "DETAILS"],
+            disable_numparse=True,
+        )
+    )
+
+
+def _local_time(moment) -> str:
+    if moment is None:
+        return "?"
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _history_row(entry) -> tuple[str, str, str, str, str]:
+    """One table row for a journal or charge entry."""
+    from slurm_quota.admin import ChargeEntry
+
+    if isinstance(entry, ChargeEntry):
+        gpus = entry.gpus or "none"
+        details = f"{entry.cpus} CPUs x {entry.elapsed_s} s; GPUs {gpus}"
+        if entry.gpu_factors:
+            details += f" (factors {entry.gpu_factors})"
+        details += f"; {entry.job_state or '?'}"
+        return (
+            _local_time(entry.time),
+            f"charge job {entry.display_job_id}",
+            f"user {entry.username} / account {entry.account}",
+            f"+{entry.cpu_minutes} CPU min, +{entry.gpu_minutes} GPU min",
+            details,
+        )
+    old = "none" if entry.old_value is None else entry.old_value
+    new = "none" if entry.new_value is None else entry.new_value
+    change = f"{entry.field}: {old} -> {new}" if entry.field else f"{old} -> {new}"
+    details = f"by {entry.actor}"
+    if entry.reason:
+        details += f": {entry.reason}"
+    return (
+        _local_time(entry.time),
+        entry.action,
+        f"{entry.target_kind} {entry.target}",
+        change,
+        details,
+    )
