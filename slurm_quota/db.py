@@ -202,6 +202,193 @@ def fix_file_permissions(db_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Section: admin (quotas, defaults, GPU factors, adjustments, journal) -- issue "Foundation"
 # ---------------------------------------------------------------------------------------
+# Table and column names below come only from these fixed maps (identifiers cannot be bound);
+# every value is a bound parameter.
+
+_OWNER_TABLES = {"user": ("users", "username"), "account": ("accounts", "account")}
+_QUOTA_COLUMNS = {"cpu": "quota_cpu_minutes", "gpu": "quota_gpu_minutes"}
+_CONSUMED_COLUMNS = {"cpu": "total_consumed_cpu_minutes", "gpu": "total_consumed_gpu_minutes"}
+
+
+def _owner_table(kind: str) -> tuple[str, str]:
+    try:
+        return _OWNER_TABLES[kind]
+    except KeyError:
+        raise ValueError(f"unknown owner kind {kind!r}") from None
+
+
+def quota_column(resource: str) -> str:
+    """Column holding the quota of a resource ('cpu' or 'gpu')."""
+    return _QUOTA_COLUMNS[resource]
+
+
+def consumed_column(resource: str) -> str:
+    """Column holding the consumed total of a resource ('cpu' or 'gpu')."""
+    return _CONSUMED_COLUMNS[resource]
+
+
+def get_owner(conn: sqlite3.Connection, kind: str, name: str) -> sqlite3.Row | None:
+    """The users/accounts row of a user or account (columns named as in the seed), or None."""
+    table, key = _owner_table(kind)
+    return conn.execute(
+        f"SELECT {key} AS name, total_consumed_cpu_minutes, quota_cpu_minutes, "
+        f"total_consumed_gpu_minutes, quota_gpu_minutes, last_updated "
+        f"FROM {table} WHERE {key} = ?",
+        (name,),
+    ).fetchone()
+
+
+def insert_owner(
+    conn: sqlite3.Connection,
+    kind: str,
+    name: str,
+    quota_cpu_minutes: int,
+    quota_gpu_minutes: int,
+) -> None:
+    """Create a user/account row with nothing consumed and the given quotas."""
+    table, key = _owner_table(kind)
+    conn.execute(
+        f"INSERT INTO {table} ({key}, total_consumed_cpu_minutes, quota_cpu_minutes, "
+        f"total_consumed_gpu_minutes, quota_gpu_minutes, last_updated) "
+        f"VALUES (?, 0, ?, 0, ?, CURRENT_TIMESTAMP)",
+        (name, quota_cpu_minutes, quota_gpu_minutes),
+    )
+
+
+def set_owner_quota(
+    conn: sqlite3.Connection, kind: str, name: str, resource: str, minutes: int
+) -> None:
+    """Set one quota of an existing user/account row."""
+    table, key = _owner_table(kind)
+    column = quota_column(resource)
+    conn.execute(
+        f"UPDATE {table} SET {column} = ?, last_updated = CURRENT_TIMESTAMP WHERE {key} = ?",
+        (minutes, name),
+    )
+
+
+def set_owner_consumed(
+    conn: sqlite3.Connection, kind: str, name: str, resource: str, minutes: int
+) -> None:
+    """Set one consumed total of an existing user/account row."""
+    table, key = _owner_table(kind)
+    column = consumed_column(resource)
+    conn.execute(
+        f"UPDATE {table} SET {column} = ?, last_updated = CURRENT_TIMESTAMP WHERE {key} = ?",
+        (minutes, name),
+    )
+
+
+def get_setting(conn: sqlite3.Connection, key: str) -> str | None:
+    """The text value of a settings key, or None when absent."""
+    row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Insert or replace a settings key (the upsert form SQLite and PostgreSQL share)."""
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+def list_gpu_factors(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every stored (gpu_type, factor) row, unordered (callers sort: collations differ)."""
+    return conn.execute("SELECT gpu_type, factor FROM gpu_factors").fetchall()
+
+
+def get_gpu_factor(conn: sqlite3.Connection, gpu_type: str) -> float | None:
+    """The stored factor of one GPU type, or None when it has no row."""
+    row = conn.execute(
+        "SELECT factor FROM gpu_factors WHERE gpu_type = ?", (gpu_type,)
+    ).fetchone()
+    return None if row is None else float(row[0])
+
+
+def set_gpu_factor(conn: sqlite3.Connection, gpu_type: str, factor: float) -> None:
+    """Insert or replace the factor of a GPU type."""
+    conn.execute(
+        "INSERT INTO gpu_factors (gpu_type, factor) VALUES (?, ?) "
+        "ON CONFLICT (gpu_type) DO UPDATE SET factor = excluded.factor",
+        (gpu_type, factor),
+    )
+
+
+def insert_journal(
+    conn: sqlite3.Connection,
+    *,
+    actor: str,
+    action: str,
+    target_kind: str,
+    target: str,
+    field: str | None,
+    old_value: str | None,
+    new_value: str | None,
+    reason: str | None,
+) -> int:
+    """Append one journal row (time = now, UTC) and return its id."""
+    cur = conn.execute(
+        "INSERT INTO journal (at, actor, action, target_kind, target, field, old_value, "
+        "new_value, reason) VALUES (CURRENT_TIMESTAMP, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (actor, action, target_kind, target, field, old_value, new_value, reason),
+    )
+    return int(cur.lastrowid)
+
+
+def read_journal(
+    conn: sqlite3.Connection,
+    *,
+    target_kind: str | None = None,
+    target: str | None = None,
+    limit: int,
+) -> list[sqlite3.Row]:
+    """Journal rows, newest first, optionally for one target (kind + name)."""
+    sql = (
+        "SELECT id, at, actor, action, target_kind, target, field, old_value, new_value, "
+        "reason FROM journal"
+    )
+    params: list[object] = []
+    if target_kind is not None and target is not None:
+        sql += " WHERE target_kind = ? AND target = ?"
+        params += [target_kind, target]
+    sql += " ORDER BY id DESC LIMIT ?"
+    params.append(int(limit))
+    return conn.execute(sql, params).fetchall()
+
+
+def read_charges(
+    conn: sqlite3.Connection,
+    *,
+    username: str | None = None,
+    account: str | None = None,
+    job_id: int | None = None,
+    limit: int,
+) -> list[sqlite3.Row]:
+    """Charge rows, newest first, filtered by user, account and/or job (array/het parent too)."""
+    sql = (
+        "SELECT id, charge_key, job_id, array_job_id, array_task_id, het_job_id, "
+        "het_job_offset, username, account, job_uuid, partition, job_state, start_time, "
+        "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
+        "released_prealloc, source, charged_at FROM charges"
+    )
+    where: list[str] = []
+    params: list[object] = []
+    if username is not None:
+        where.append("username = ?")
+        params.append(username)
+    if account is not None:
+        where.append("account = ?")
+        params.append(account)
+    if job_id is not None:
+        where.append("(job_id = ? OR array_job_id = ? OR het_job_id = ?)")
+        params += [job_id, job_id, job_id]
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    params.append(int(limit))
+    return conn.execute(sql, params).fetchall()
 
 
 # ---------------------------------------------------------------------------------------
