@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test unit demo lab-up lab-down bench lint clean
+.PHONY: all venv test unit demo lab-up lab-down bench lint clean completion rpm
 
 all: test
 
@@ -32,3 +32,23 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+
+# Packaging. `make completion` regenerates the shipped bash completion from the click tree
+# (tests/packaging checks the shipped file is current). `make rpm` builds the three RPMs into
+# ./rpmbuild/RPMS/noarch/ (rpmbuild: Debian package `rpm`; --nodeps because on Debian the
+# build dependencies come from dpkg, not from the empty rpm database).
+PKG_VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' slurm_quota/__init__.py)
+RPMTOP := $(CURDIR)/rpmbuild
+
+completion: venv
+	_SLURM_QUOTA_COMPLETE=bash_source $(BIN)/slurm-quota > packaging/completion/slurm-quota.bash.tmp
+	mv packaging/completion/slurm-quota.bash.tmp packaging/completion/slurm-quota.bash
+
+rpm: venv
+	rm -rf $(RPMTOP)
+	mkdir -p $(RPMTOP)/SOURCES
+	$(BIN)/pip wheel -q --no-deps -w $(RPMTOP)/SOURCES .
+	tar -czf $(RPMTOP)/SOURCES/slurm-quota-$(PKG_VERSION).tar.gz --exclude=__pycache__ \
+	    --transform 's,^,slurm-quota-$(PKG_VERSION)/,' README.md docs lua man packaging scripts
+	rpmbuild -bb --nodeps --define '_topdir $(RPMTOP)' \
+	    --define 'py3_installer $(CURDIR)/$(BIN)/python' packaging/rpm/slurm-quota.spec
