@@ -1,6 +1,179 @@
-"""Read commands: stats (local --db mode or HTTP) and serve.
+"""Read commands: stats (HTTP or local database) and serve.
 
-Parse, call one library function, format. No SQL here.
+Parse, call one library function, format. No SQL here. Heavy imports (sqlite3 through
+slurm_quota.db, requests, http.server) stay inside the commands so `--help` starts fast.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+import click
+from click.core import ParameterSource
+
+from slurm_quota.cli.base import Settings, cli, echo_json, open_db, pass_settings
+
+DEFAULT_URL = "http://127.0.0.1:9911/"  # same as slurm_quota.stats.DEFAULT_URL
+_EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _calling_user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError as err:
+        raise click.UsageError(
+            f"Your uid {os.getuid()} has no user name; name a user: slurm-quota stats USER."
+        ) from err
+
+
+def _local_mode(ctx: click.Context, local: bool) -> bool:
+    """Local when asked (--local) or when the database was named (--db, SLURM_QUOTA_DB)."""
+    url_given = ctx.get_parameter_source("url") == ParameterSource.COMMANDLINE
+    root = ctx.find_root()
+    db_given = root.get_parameter_source("db_path") in _EXPLICIT
+    if local and url_given:
+        raise click.UsageError("--local reads the database directly; it excludes --url.")
+    return local or (db_given and not url_given)
+
+
+@cli.command("stats")
+@click.argument("user", required=False, metavar="[USER]")
+@click.option("--user", "user_opt", metavar="USER", help="Show this user and their accounts.")
+@click.option("--account", metavar="ACCOUNT", help="Show this account only.")
+@click.option("--all", "all_", is_flag=True, help="Show every user and every account.")
+@click.option("--hours", is_flag=True, help="Display hours (2 decimals) instead of minutes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the /stats JSON instead of tables.")
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Read the database directly instead of asking the service (implied by --db or "
+    "SLURM_QUOTA_DB).",
+)
+@click.option(
+    "--url",
+    envvar="SLURM_QUOTA_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    metavar="URL",
+    help="Address of `slurm-quota serve` (env SLURM_QUOTA_URL).",
+)
+@click.option(
+    "--color",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Colour the usage bars; auto = on a terminal unless NO_COLOR is set.",
+)
+@pass_settings
+@click.pass_context
+def stats_cmd(
+    ctx: click.Context,
+    settings: Settings,
+    user: str | None,
+    user_opt: str | None,
+    account: str | None,
+    all_: bool,
+    hours: bool,
+    as_json: bool,
+    local: bool,
+    url: str,
+    color: str,
+) -> None:
+    """Show consumed, preallocated (open jobs) and quota minutes of users and accounts.
+
+    Without a selector: you and the accounts you have jobs in. The service named by
+    SLURM_QUOTA_URL answers; with --local, --db or SLURM_QUOTA_DB the database is read
+    directly (the same tables either way). --hours changes the display only.
+
+    \b
+    Examples:
+      slurm-quota stats                  # you and your accounts
+      slurm-quota stats alice            # alice and her accounts (same as --user alice)
+      slurm-quota stats --account hpc    # the account hpc only
+      slurm-quota stats --all --hours    # everybody, in hours
+      slurm-quota --db /var/lib/state/slurm-quota/slurm-quota.db stats --all
+    """
+    given = [
+        name
+        for name, value in (("USER", user), ("--user", user_opt), ("--account", account))
+        if value is not None
+    ] + (["--all"] if all_ else [])
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)} are mutually exclusive; give one.")
+    for label, value in (("USER", user), ("--user", user_opt), ("--account", account)):
+        if value is not None and not value.strip():
+            raise click.UsageError(f"{label} must not be empty.")
+    username = user if user is not None else user_opt
+    if username is None and account is None and not all_:
+        username = _calling_user()
+
+    from slurm_quota import stats
+
+    if _local_mode(ctx, local):
+        conn = open_db(settings, readonly=True)
+        try:
+            payload = stats.stats_payload(conn, username=username, account=account, all_=all_)
+        finally:
+            conn.close()
+    else:
+        payload = stats.fetch_stats(url, username=username, account=account)
+    if as_json:
+        echo_json(payload)
+        return
+    selector = ("user", username) if username else ("account", account) if account else None
+    text = stats.render_tables(
+        payload,
+        hours=hours,
+        color=stats.color_wanted(color, isatty=sys.stdout.isatty()),
+        selector=selector,
+    )
+    click.echo(text, nl=False)
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=9911, show_default=True, help="TCP port."
+)
+@click.option(
+    "--idle-timeout",
+    "idle_timeout_s",
+    type=click.FloatRange(min=0),
+    default=600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Exit after this long without a request (0 = never).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every request to stderr.")
+@pass_settings
+def serve_cmd(
+    settings: Settings, host: str, port: int, idle_timeout_s: float, verbose: bool
+) -> None:
+    """Serve /health, /stats and /metrics over HTTP (read-only), for `stats` and dashboards.
+
+    With systemd socket activation (LISTEN_PID/LISTEN_FDS) the socket passed on fd 3 is
+    used and --host/--port are ignored.
+
+    \b
+    Examples:
+      slurm-quota serve --host 127.0.0.1 --port 9911 --idle-timeout 600
+      slurm-quota serve --idle-timeout 0        # never exit when idle
+      curl 'http://127.0.0.1:9911/stats?username=alice'
+    """
+    import logging
+
+    from slurm_quota import serve
+
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    serve.serve(
+        settings.db_path,
+        host=host,
+        port=port,
+        idle_timeout_s=idle_timeout_s,
+        log_requests=verbose,
+    )
