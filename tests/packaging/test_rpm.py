@@ -1,0 +1,178 @@
+"""`make rpm` builds the three packages, each holding its key files, and the payload runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import slurm_quota
+from tests import syspkgs
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ROOT / "packaging" / "rpm" / "slurm-quota.spec"
+RPMS = ROOT / "rpmbuild" / "RPMS" / "noarch"
+VERSION = slurm_quota.__version__
+
+
+def _rpm(*args: str) -> str:
+    proc = subprocess.run(["rpm", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def packages() -> dict[str, Path]:
+    """Build with `make rpm` once; return {package name: path of the .rpm}."""
+    # python3-packaging lets rpm's python generator turn the wheel metadata into Requires.
+    syspkgs.require(["rpm", "python3-packaging"])
+    if not shutil.which("rpmbuild"):
+        syspkgs.skip_or_fail("rpmbuild is not on PATH after installing rpm")
+    proc = subprocess.run(
+        ["make", "rpm"], cwd=ROOT, capture_output=True, text=True, timeout=540,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    built = {}
+    for name in ("slurm-quota", "slurm-quota-controller", "slurm-quota-web"):
+        path = RPMS / f"{name}-{VERSION}-1.noarch.rpm"
+        assert path.exists(), sorted(p.name for p in RPMS.iterdir())
+        built[name] = path
+    return built
+
+
+def _files(path: Path) -> list[str]:
+    return _rpm("-qlp", str(path)).splitlines()
+
+
+def _has(files: list[str], pattern: str) -> bool:
+    return any(re.fullmatch(pattern, f) for f in files)
+
+
+def test_spec_version_is_the_package_version():
+    m = re.search(r"^Version:\s*(\S+)$", SPEC.read_text(), re.M)
+    assert m and m.group(1) == VERSION
+
+
+def test_common_package_holds_cli_man_page_and_completion(packages):
+    files = _files(packages["slurm-quota"])
+    assert "/usr/bin/slurm-quota" in files
+    assert _has(files, r"/usr/lib/python3\.\d+/site-packages/slurm_quota/cli/__init__\.py")
+    assert _has(files, r"/usr/lib/python3\.\d+/site-packages/slurm_quota/_data/job_submit\.lua")
+    assert _has(files, r"/usr/lib/python3\.\d+/site-packages/slurm_quota/_data/migrations/"
+                       r"0001_\w+\.sql")
+    assert _has(files, r"/usr/share/man/man1/slurm-quota\.1(\.gz)?")
+    assert "/usr/share/bash-completion/completions/slurm-quota" in files
+    # Controller-only and web-only files stay out of the common package.
+    assert not any("systemd" in f or "libexec" in f for f in files)
+    assert not _has(files, r".*/slurm_quota/web(/.*)?")
+
+
+def test_controller_package_holds_plugin_wrapper_units_logrotate_and_dirs(packages):
+    files = _files(packages["slurm-quota-controller"])
+    for path in (
+        "/usr/share/slurm-quota/job_submit.lua",
+        "/usr/libexec/slurm-quota/slurm-quota-charge-wrapper",
+        "/etc/default/slurm-quota",
+        "/etc/logrotate.d/slurm-quota-charge",
+        "/usr/lib/systemd/system/slurm-quota.socket",
+        "/usr/lib/systemd/system/slurm-quota.service",
+        "/usr/lib/systemd/system/slurm-quota-reconcile.service",
+        "/usr/lib/systemd/system/slurm-quota-reconcile.timer",
+        "/var/lib/state/slurm-quota",
+        "/var/log/slurm/charge",
+        "/var/spool/slurm-quota/charge",
+    ):
+        assert path in files, path
+    # Never over a site's own plugin.
+    assert "/etc/slurm/job_submit.lua" not in files
+
+
+def test_controller_dirs_and_modes(packages):
+    listing = _rpm("-qlvp", str(packages["slurm-quota-controller"])).splitlines()
+    by_path = {line.split()[-1]: line.split() for line in listing}
+    for path in ("/var/lib/state/slurm-quota", "/var/log/slurm/charge",
+                 "/var/spool/slurm-quota/charge"):
+        mode, _, owner, group = by_path[path][:4]
+        assert mode.startswith("d") and (owner, group) == ("slurm", "slurm"), by_path[path]
+    assert by_path["/usr/libexec/slurm-quota/slurm-quota-charge-wrapper"][0] == "-rwxr-xr-x"
+    configs = _rpm("-qcp", str(packages["slurm-quota-controller"])).split()
+    assert sorted(configs) == ["/etc/default/slurm-quota", "/etc/logrotate.d/slurm-quota-charge"]
+
+
+def test_controller_requires_lua_dbi_lua_posix_and_the_cli(packages):
+    requires = _rpm("-qp", "--requires", str(packages["slurm-quota-controller"])).splitlines()
+    names = {r.split()[0] for r in requires}
+    assert {"lua-dbi", "lua-posix"} <= names
+    assert f"slurm-quota = {VERSION}-1" in requires
+
+
+def test_common_requires_come_from_the_wheel_metadata(packages):
+    requires = _rpm("-qp", "--requires", str(packages["slurm-quota"])).splitlines()
+    assert any(re.fullmatch(r"python3\.\d+dist\(click\) >= 8(\.0)?", r) for r in requires), requires
+    assert any(r.startswith("python(abi) = 3.") for r in requires), requires
+
+
+def test_controller_post_migrates_an_existing_ledger(packages):
+    scripts = _rpm("-qp", "--scripts", str(packages["slurm-quota-controller"]))
+    post = scripts.split("postinstall scriptlet")[1].split("scriptlet (using")[0]
+    assert 'if [ -f "$SLURM_QUOTA_DB" ]' in post
+    assert '/usr/bin/slurm-quota --db "$SLURM_QUOTA_DB" migrate' in post
+    assert "getent passwd slurm" in scripts.split("preinstall scriptlet")[1]
+
+
+def test_web_package_holds_its_man_page(packages):
+    files = _files(packages["slurm-quota-web"])
+    assert _has(files, r"/usr/share/man/man1/slurm-quota-web\.1(\.gz)?")
+    web_dir = ROOT / "slurm_quota" / "web"
+    if web_dir.is_dir():
+        assert _has(files, r"/usr/lib/python3\.\d+/site-packages/slurm_quota/web/__init__\.py")
+
+
+def _extract(rpm_path: Path, dest: Path) -> None:
+    dest.mkdir()
+    archive = subprocess.run(["rpm2archive", "-"], stdin=rpm_path.open("rb"),
+                             capture_output=True, timeout=60)
+    assert archive.returncode == 0, archive.stderr
+    subprocess.run(["tar", "-xzf", "-", "-C", str(dest)], input=archive.stdout, check=True)
+
+
+def test_packaged_cli_migrates_a_new_ledger(packages, tmp_path):
+    """The payload of the common package runs on its own: migrations come from the wheel."""
+    if os.geteuid() != 0:
+        syspkgs.skip_or_fail("`slurm-quota migrate` is restricted to root")
+    root = tmp_path / "root"
+    _extract(packages["slurm-quota"], root)
+    (sitelib,) = root.glob("usr/lib/python3.*/site-packages")
+    script = root / "usr" / "bin" / "slurm-quota"
+    assert script.read_text().startswith("#!/usr/bin/python3 -s\n")
+    env = dict(os.environ, PYTHONPATH=str(sitelib))
+    where = subprocess.run(
+        [sys.executable, "-c", "import slurm_quota; print(slurm_quota.__file__)"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+    )
+    assert where.stdout.startswith(str(sitelib))  # not the editable checkout
+    ledger = tmp_path / "ledger.db"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--db", str(ledger), "migrate"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    migrations = sorted((sitelib / "slurm_quota" / "_data" / "migrations").glob("*.sql"))
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations)
+
+
+def test_packaged_wrapper_is_valid_sh(packages, tmp_path):
+    root = tmp_path / "root"
+    _extract(packages["slurm-quota-controller"], root)
+    wrapper = root / "usr" / "libexec" / "slurm-quota" / "slurm-quota-charge-wrapper"
+    assert subprocess.run(["sh", "-n", str(wrapper)]).returncode == 0
+    default = root / "etc" / "default" / "slurm-quota"
+    assert subprocess.run(["sh", "-n", str(default)]).returncode == 0
