@@ -1,0 +1,274 @@
+"""Migrations: empty -> latest, step by step, a seed-system database in place, idempotence,
+refusal of a newer schema, file modes and a locked database."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from slurm_quota import db
+from tests.unit.cli_helpers import run_cli, snapshot
+from tests.unit.fixtures_seed import PRIMARY_KEYS, SEED_ROWS, make_seed_db, read_rows
+
+LATEST = 2
+NEW_TABLES = {"charges", "journal"}
+SEED_TABLES = set(PRIMARY_KEYS)
+NEW_INDEXES = {
+    "charges_username",
+    "charges_account",
+    "charges_job_id",
+    "charges_end_time",
+    "journal_target",
+    "jobs_preallocations_username",
+    "jobs_preallocations_account",
+    "jobs_preallocations_created_at",
+}
+
+
+def _schema(path: Path) -> dict[str, set[str]]:
+    conn = sqlite3.connect(str(path))
+    try:
+        rows = conn.execute(
+            "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+        ).fetchall()
+    finally:
+        conn.close()
+    out: dict[str, set[str]] = {"table": set(), "index": set()}
+    for kind, name in rows:
+        out.setdefault(kind, set()).add(name)
+    return out
+
+
+def _pragma(path: Path, name: str):
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _sql_of(path: Path, table: str) -> str:
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type='table' AND name=?", (table,)
+        ).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_latest_version_is_the_highest_migration_file():
+    files = db.migration_files()
+    assert [v for v, _ in files] == list(range(1, LATEST + 1))
+    assert db.latest_version() == LATEST
+
+
+def test_migrate_creates_an_empty_database_at_latest(tmp_path):
+    path = tmp_path / "new" / "ledger.db"
+    assert db.migrate(path) == [1, 2]
+    assert _pragma(path, "user_version") == LATEST
+    assert _pragma(path, "journal_mode") == "wal"
+    schema = _schema(path)
+    assert schema["table"] == SEED_TABLES | NEW_TABLES
+    assert NEW_INDEXES <= schema["index"]
+
+
+def test_each_step_applies_separately(tmp_path):
+    path = tmp_path / "ledger.db"
+    first = db.migration_files()[0][1]
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.executescript(first.read_text())
+    conn.close()
+    assert _pragma(path, "user_version") == 1
+    assert _schema(path)["table"] == SEED_TABLES
+    assert not (NEW_INDEXES & _schema(path)["index"])
+
+    assert db.migrate(path) == [2]
+    assert _pragma(path, "user_version") == 2
+    assert _schema(path)["table"] == SEED_TABLES | NEW_TABLES
+    assert NEW_INDEXES <= _schema(path)["index"]
+
+
+def test_migrate_command_upgrades_a_seed_database_keeping_every_row(tmp_path, capsys):
+    path = make_seed_db(tmp_path / "seed.db")
+    seed_sql = {t: _sql_of(path, t) for t in SEED_TABLES}
+
+    result = run_cli(capsys, path, "migrate")
+
+    assert result.code == 0, result.err
+    assert result.out == "Applied migrations 1, 2; schema version 2.\n"
+    assert _pragma(path, "user_version") == LATEST
+    assert _pragma(path, "journal_mode") == "wal"
+    for table, rows in SEED_ROWS.items():
+        assert read_rows(path, table) == sorted(rows, key=lambda r: r[0]), table
+    # The seed's own table definitions are adopted untouched.
+    assert {t: _sql_of(path, t) for t in SEED_TABLES} == seed_sql
+    schema = _schema(path)
+    assert schema["table"] == SEED_TABLES | NEW_TABLES
+    assert NEW_INDEXES <= schema["index"]
+
+
+def test_a_migrated_seed_database_is_usable_by_the_admin_commands(tmp_path, capsys):
+    path = make_seed_db(tmp_path / "seed.db")
+    assert run_cli(capsys, path, "migrate").code == 0
+
+    result = run_cli(capsys, path, "user-quota", "dave", "700")
+
+    assert result.code == 0, result.err
+    conn = sqlite3.connect(str(path))
+    # dave is new: his GPU quota is the seed's default_user_quota_gpu_minutes (-1).
+    assert conn.execute(
+        "SELECT quota_cpu_minutes, quota_gpu_minutes FROM users WHERE username='dave'"
+    ).fetchone() == (700, -1)
+    conn.close()
+    assert run_cli(capsys, path, "default-quotas", "--json").out.count("1000") == 1
+
+
+def test_migrate_twice_applies_nothing_the_second_time(tmp_path, capsys):
+    path = make_seed_db(tmp_path / "seed.db")
+    assert run_cli(capsys, path, "migrate").code == 0
+    before = snapshot(path)
+    schema_before = _schema(path)
+
+    result = run_cli(capsys, path, "migrate")
+
+    assert result.code == 0
+    assert result.out == "Schema already at version 2; nothing to do.\n"
+    assert db.migrate(path) == []
+    assert snapshot(path) == before
+    assert _schema(path) == schema_before
+
+
+def test_migrate_refuses_a_newer_schema(tmp_path, capsys):
+    path = tmp_path / "ledger.db"
+    db.migrate(path)
+    conn = sqlite3.connect(str(path))
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    before = snapshot(path)
+
+    result = run_cli(capsys, path, "migrate")
+
+    assert result.code == 1
+    assert "schema version 99, newer than this slurm-quota understands (2)" in result.err
+    assert snapshot(path) == before
+
+
+def test_commands_refuse_a_newer_schema(tmp_path, capsys):
+    path = tmp_path / "ledger.db"
+    db.migrate(path)
+    conn = sqlite3.connect(str(path))
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    before = snapshot(path)
+
+    result = run_cli(capsys, path, "user-quota", "alice", "10")
+
+    assert result.code == 1
+    assert "newer than this slurm-quota understands" in result.err
+    assert snapshot(path) == before
+
+
+def test_commands_on_an_unmigrated_seed_database_ask_for_migrate(tmp_path, capsys):
+    path = make_seed_db(tmp_path / "seed.db")
+    before = snapshot(path)
+
+    result = run_cli(capsys, path, "user-quota", "alice", "10")
+
+    assert result.code == 1
+    assert "Run `slurm-quota migrate`" in result.err
+    assert snapshot(path) == before
+
+
+def test_commands_on_a_missing_database_say_run_migrate(tmp_path, capsys):
+    path = tmp_path / "absent.db"
+
+    result = run_cli(capsys, path, "gpu-factors")
+
+    assert result.code == 1
+    assert f"The database {path} does not exist" in result.err
+    assert "slurm-quota migrate" in result.err
+    assert not path.exists()
+
+
+def test_database_wal_and_shm_are_mode_0644(tmp_path):
+    path = tmp_path / "ledger.db"
+    old_umask = os.umask(0o077)  # without the chmod the files would be 0600
+    try:
+        db.migrate(path)
+        # SQLite gives -wal/-shm the mode of the main file: start them all at 0600.
+        os.chmod(path, 0o600)
+        # A reader keeps -wal/-shm in place (the last connection to close removes them).
+        reader = sqlite3.connect(str(path))
+        reader.execute("SELECT count(*) FROM users").fetchone()
+        try:
+            writer = sqlite3.connect(str(path))
+            writer.execute("INSERT INTO settings (key, value) VALUES ('x', '1')")
+            writer.commit()
+            writer.close()
+            for suffix in ("", "-wal", "-shm"):
+                assert stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) == 0o600
+            assert db.migrate(path) == []  # nothing to apply, modes still fixed
+            modes = {
+                suffix: stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode)
+                for suffix in ("", "-wal", "-shm")
+            }
+        finally:
+            reader.close()
+    finally:
+        os.umask(old_umask)
+    assert modes == {"": 0o644, "-wal": 0o644, "-shm": 0o644}
+
+
+def test_migrate_as_root_gives_the_files_to_slurm(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    try:
+        slurm = pwd.getpwnam("slurm")
+    except KeyError:
+        pytest.skip("no slurm user on this machine")
+    path = tmp_path / "ledger.db"
+    db.migrate(path)
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (slurm.pw_uid, slurm.pw_gid)
+
+
+def test_migrate_on_a_locked_database_exits_75_and_changes_nothing(tmp_path, capsys):
+    path = make_seed_db(tmp_path / "seed.db")
+    before = snapshot(path)
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        result = run_cli(capsys, path, "migrate")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert result.code == 75
+    assert "locked" in result.err
+    assert "was not applied" in result.err
+    assert snapshot(path) == before
+    assert _pragma(path, "user_version") == 0
+    assert "charges" not in _schema(path)["table"]
+
+
+def test_admin_write_on_a_locked_database_exits_75_and_changes_nothing(db_path, capsys):
+    assert run_cli(capsys, db_path, "user-quota", "alice", "10").code == 0
+    before = snapshot(db_path)
+    holder = sqlite3.connect(str(db_path), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        result = run_cli(capsys, db_path, "user-quota", "alice", "20")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert result.code == 75
+    assert "locked" in result.err
+    assert result.out == ""
+    assert snapshot(db_path) == before
