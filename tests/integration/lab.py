@@ -1,0 +1,1052 @@
+"""A real single-node Slurm lab: munged, MariaDB, slurmdbd, slurmctld and slurmd, all private.
+
+Owns: bringing the lab up from nothing under one directory (default /tmp/slurmlab, env
+SLURM_QUOTA_LAB_DIR) on loopback ports (base 16817, env SLURM_QUOTA_LAB_PORT_BASE), running
+Slurm clients against it, and stopping exactly the processes it started. It must never touch a
+process it cannot prove is its own: daemons are found by the PID files in this lab's run/
+directory and checked by name and by the lab marker in their environment.
+
+Usable as a module (`Lab`, used by tests/integration/conftest.py) and as a command:
+
+    python -m tests.integration.lab up|down [--purge]|status|env
+
+Standard library only (plus tests.syspkgs to install the Debian packages when root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import string
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+DIR_ENV = "SLURM_QUOTA_LAB_DIR"
+PORT_ENV = "SLURM_QUOTA_LAB_PORT_BASE"
+DEFAULT_ROOT = "/tmp/slurmlab"
+DEFAULT_PORT_BASE = 16817
+# Set in the environment of every daemon the lab starts (and, via slurm-quota.conf, of the
+# jobcomp wrapper): `down` kills leftovers only when this carries this lab's directory.
+MARKER = "SLURM_QUOTA_LAB_OWNER"
+
+PACKAGES = [
+    "slurmctld",
+    "slurmd",
+    "slurmdbd",
+    "slurm-client",
+    "munge",
+    "mariadb-server",
+    "mariadb-client",
+    "lua5.1",
+    "lua-dbi-sqlite3",
+    "lua-posix",
+    "sqlite3",
+]
+
+CLUSTER = "lab"
+ACCOUNTS = ("research", "physics")
+# user -> (default account, every account)
+USERS = {
+    "alice": ("research", ("research", "physics")),
+    "bob": ("physics", ("physics",)),
+    "root": ("research", ("research",)),
+}
+UNIX_USERS = ("alice", "bob")
+MYSQL_PASSWORD = "slurmpw"
+
+# Start order; stop runs in reverse, in the waves of STOP_WAVES.
+DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
+STOP_WAVES = (("slurmd", "slurmctld"), ("slurmdbd",), ("mariadbd", "munged"))
+# slurmctld drains its whole jobcomp backlog on SIGTERM before it exits.
+STOP_TIMEOUT_S = {"slurmctld": 120.0}
+DEFAULT_STOP_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 60.0
+POLL_S = 0.1
+
+FINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    }
+)
+# What set_jobcomp(False) puts at JobCompLoc: it charges nothing but logs one line to the
+# charge log, so a test can see that slurmctld has run jobcomp for the job.
+NOOP_MARK = "jobcomp off (Lab.set_jobcomp(False)): not charged"
+NOOP_JOBCOMP = """#!/bin/sh
+# slurm-quota lab: the charge wrapper is switched off (Lab.set_jobcomp(False)).
+echo "$(date '+%Y-%m-%dT%H:%M:%S%z') job ${{JOBID:-?}} \\
+(${{USERNAME:-?}}/${{ACCOUNT:-?}} ${{JOBSTATE:-?}}): {mark}" >> {log}
+exit 0
+"""
+# Inherited variables that would change what a Slurm client does or prints.
+_CLIENT_ENV_DROP = re.compile(r"^(SLURM_|SBATCH_|SALLOC_|SRUN_|SQUEUE_|SACCT_|SINFO_|SCONTROL_)")
+
+
+class LabError(RuntimeError):
+    """The lab could not be brought up, driven or stopped; the message says why."""
+
+
+class LabCommandError(LabError):
+    """A Slurm client run with check=True exited non-zero."""
+
+    def __init__(self, argv: list[str], proc: subprocess.CompletedProcess) -> None:
+        self.proc = proc
+        super().__init__(
+            f"`{' '.join(argv)}` exited {proc.returncode}\n"
+            f"stdout: {proc.stdout.strip()}\nstderr: {proc.stderr.strip()}"
+        )
+
+
+@dataclass(frozen=True)
+class SbatchResult:
+    """What one sbatch returned: job_id is None when the submission was refused."""
+
+    rc: int
+    job_id: int | None
+    stdout: str
+    stderr: str
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _proc_state(pid: int) -> str | None:
+    """Return the one-letter state of pid, or None when there is no such process."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: the state follows the last ')'.
+    return data[data.rindex(")") + 2 :].split(" ", 1)[0]
+
+
+def alive(pid: int) -> bool:
+    """True when pid is a running process (a zombie counts as gone, and is reaped if ours)."""
+    state = _proc_state(pid)
+    if state == "Z":
+        # Our own child (mariadbd is started with Popen): reap it.
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return state is not None
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents: never killed by a sweep."""
+    pids = set()
+    pid = os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            data = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(data[data.rindex(")") + 2 :].split(" ")[1])
+    return pids
+
+
+def _hostname_is_loopback() -> bool:
+    try:
+        return socket.gethostbyname(socket.gethostname()).startswith("127.")
+    except OSError:
+        return False
+
+
+def _quota_bin() -> str:
+    """The slurm-quota entry point of the interpreter running this (the repo's venv)."""
+    candidates = [
+        Path(sys.executable).parent / "slurm-quota",
+        REPO / ".venv" / "bin" / "slurm-quota",
+    ]
+    for cand in candidates:
+        if cand.exists():
+            return str(cand)
+    return shutil.which("slurm-quota") or str(candidates[-1])
+
+
+def _render(template: str, **values: str) -> str:
+    return string.Template((TEMPLATES / template).read_text()).substitute(values)
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+class Lab:
+    """One lab: its directory, ports, daemons, and helpers to drive Slurm inside it."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, port_base: int | None = None):
+        self.root = Path(root or os.environ.get(DIR_ENV) or DEFAULT_ROOT).resolve()
+        base = port_base or int(os.environ.get(PORT_ENV) or DEFAULT_PORT_BASE)
+        self.port_base = base
+        self.ctld_port = base
+        self.slurmd_port = base + 1
+        self.dbd_port = base + 2
+        self.mysql_port = base + 3
+        self.etc = self.root / "etc"
+        self.log_dir = self.root / "log"
+        self.run_dir = self.root / "run"
+        self.jobs_dir = self.root / "jobs"
+        self.spool_dir = self.root / "spool" / "charge"
+        self.db_path = self.root / "quota" / "slurm-quota.db"
+        self.slurm_conf = self.etc / "slurm.conf"
+        self.plugin_path = self.etc / "job_submit.lua"
+        self.wrapper_path = self.etc / "slurm-quota-charge-wrapper"
+        self.charge_log = self.log_dir / "charge.log"
+        self.mysql_socket = self.run_dir / "mysqld.sock"
+        self.munge_socket = self.run_dir / "munge" / "munge.socket.2"
+        self.quota_bin = _quota_bin()
+        # (stage, seconds since up() began) of the last up()
+        self.timings: list[tuple[str, float]] = []
+        path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        venv_bin = str(Path(self.quota_bin).parent)
+        self.env = {
+            "SLURM_CONF": str(self.slurm_conf),
+            "SLURM_QUOTA_DB": str(self.db_path),
+            "PATH": f"{venv_bin}:{path}" if venv_bin not in path.split(":") else path,
+        }
+
+    # ------------------------------------------------------------------ paths and records
+
+    def pid_file(self, daemon: str) -> Path:
+        """Where daemon's PID is recorded (the daemons write these themselves)."""
+        name = {"mariadbd": "mysqld", "munged": "munged"}.get(daemon, daemon)
+        return self.run_dir / f"{name}.pid"
+
+    def _log_file(self, daemon: str) -> Path:
+        name = {"mariadbd": "mysqld"}.get(daemon, daemon)
+        return self.log_dir / f"{name}.log"
+
+    @property
+    def _record(self) -> Path:
+        return self.run_dir / "lab.json"
+
+    def _recorded_pids(self) -> dict[str, int]:
+        """daemon -> PID, from the daemons' PID files, else from lab.json."""
+        pids: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError):
+            pids.update({k: int(v) for k, v in json.loads(self._record.read_text()).items()})
+        for daemon in DAEMONS:
+            with contextlib.suppress(OSError, ValueError):
+                pids[daemon] = int(self.pid_file(daemon).read_text().split()[0])
+        return pids
+
+    def _save_pid(self, daemon: str, pid: int) -> None:
+        pids = {}
+        with contextlib.suppress(OSError, ValueError):
+            pids = json.loads(self._record.read_text())
+        pids[daemon] = pid
+        _write(self._record, json.dumps(pids, indent=1) + "\n")
+
+    def _is_ours(self, daemon: str, pid: int) -> bool:
+        """pid is alive, is that daemon, and was started by this lab (marker in environ)."""
+        if not alive(pid) or _comm(pid) != daemon:
+            return False
+        return _environ(pid).get(MARKER) == str(self.root)
+
+    def daemon_pids(self) -> dict[str, int]:
+        """daemon -> PID of every daemon of this lab that is running now."""
+        return {d: p for d, p in self._recorded_pids().items() if self._is_ours(d, p)}
+
+    def is_up(self) -> bool:
+        """True when all five daemons of this lab are running."""
+        return set(self.daemon_pids()) == set(DAEMONS)
+
+    # ------------------------------------------------------------------ running things
+
+    def _client_env(self, user: str | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not _CLIENT_ENV_DROP.match(k)}
+        env.pop(MARKER, None)
+        env.update(self.env)
+        if user is not None:
+            pw = pwd.getpwnam(user)
+            env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user)
+        return env
+
+    def _daemon_env(self) -> dict[str, str]:
+        return {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": "/root",
+            "SLURM_CONF": str(self.slurm_conf),
+            "SLURM_QUOTA_DB": str(self.db_path),
+            MARKER: str(self.root),
+        }
+
+    def run(
+        self,
+        *argv: str,
+        user: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,  # noqa: A002 - mirrors subprocess.run
+    ) -> subprocess.CompletedProcess:
+        """Run a command (any Slurm client) with the lab environment, as root or as user."""
+        kwargs: dict = {}
+        if user is not None and user != "root":
+            pw = pwd.getpwnam(user)
+            kwargs = {
+                "user": pw.pw_uid,
+                "group": pw.pw_gid,
+                "extra_groups": os.getgrouplist(user, pw.pw_gid),
+            }
+        proc = subprocess.run(
+            list(argv),
+            env=self._client_env(user),
+            cwd=str(self.jobs_dir if self.jobs_dir.is_dir() else "/"),
+            input=input if input is not None else "",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kwargs,
+        )
+        if check and proc.returncode != 0:
+            raise LabCommandError(list(argv), proc)
+        return proc
+
+    def sbatch(
+        self, *args: str, user: str | None = "alice", script: str = "#!/bin/sh\ntrue\n"
+    ) -> SbatchResult:
+        """Submit script as user (root uses `sbatch --uid`); output goes to the lab jobs dir."""
+        argv = ["sbatch", "--parsable", "-D", str(self.jobs_dir)]
+        # %x would be expanded to "(null)" for `--uid` submissions: keep to the job id.
+        argv += ["-o", str(self.jobs_dir / "slurm-%j.out")]
+        if user is not None and user != "root":
+            # Without --gid the job would run with root's group (GroupId=root(0)).
+            pw = pwd.getpwnam(user)
+            argv += [f"--uid={user}", f"--gid={pw.pw_gid}"]
+        argv += list(args)
+        proc = self.run(*argv, check=False, input=script)
+        job_id = None
+        if proc.returncode == 0:
+            first = proc.stdout.strip().split(";", 1)[0]
+            if first.isdigit():
+                job_id = int(first)
+        return SbatchResult(proc.returncode, job_id, proc.stdout, proc.stderr)
+
+    def job_state(self, job_id: int) -> str | None:
+        """JobState from slurmctld (None when it no longer knows the job)."""
+        proc = self.run("scontrol", "-o", "show", "job", str(job_id), check=False)
+        m = re.search(r"\bJobState=(\S+)", proc.stdout)
+        return m.group(1) if m else None
+
+    def wait_job_end(self, job_id: int, timeout: float = 120) -> str:
+        """Wait until the job is in a final state; return that state (e.g. COMPLETED)."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            state = self.job_state(job_id)
+            if state is None:
+                rows = self.sacct(job_id, ["State"])
+                state = rows[0]["State"].split()[0] if rows else None
+            if state in FINAL_STATES:
+                return state
+            time.sleep(POLL_S * 2)
+        raise LabError(f"job {job_id} did not end within {timeout} s (last state {state})")
+
+    def sacct(
+        self, job_id: int, fields: list[str] | tuple[str, ...] | str, *, allocations: bool = True
+    ) -> list[dict[str, str]]:
+        """sacct rows of job_id as dicts keyed by field name (-X: allocations only)."""
+        names = fields.split(",") if isinstance(fields, str) else list(fields)
+        argv = ["sacct", "-n", "-P", "-j", str(job_id), "-o", ",".join(names)]
+        if allocations:
+            argv.append("-X")
+        proc = self.run(*argv, timeout=30)
+        rows = []
+        for line in proc.stdout.splitlines():
+            if line.strip():
+                rows.append(dict(zip(names, line.split("|"))))
+        return rows
+
+    def wait_sacct_final(
+        self, job_id: int, fields: list[str] | tuple[str, ...], timeout: float = 30
+    ) -> dict[str, str]:
+        """Poll sacct until job_id's own row has a final State and an End; return that row.
+
+        slurmdbd may lag the job's end by a fraction of a second (stale State=RUNNING).
+        """
+        names = ["JobIDRaw", "State", "End", *[f for f in fields if f not in ("JobIDRaw",)]]
+        deadline = time.monotonic() + timeout
+        row: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            for cand in self.sacct(job_id, names):
+                if cand["JobIDRaw"] == str(job_id):
+                    row = cand
+            if row and row["State"].split()[0] in FINAL_STATES and row["End"] != "Unknown":
+                return row
+            time.sleep(POLL_S * 2)
+        raise LabError(f"sacct never showed job {job_id} finished within {timeout} s: {row}")
+
+    def squeue(self) -> list[dict[str, str]]:
+        """Jobs slurmctld holds (all states) as dicts: job_id, user, account, state, name, ..."""
+        keys = ("job_id", "user", "account", "state", "name", "partition", "reason")
+        proc = self.run("squeue", "-h", "-t", "all", "-o", "%A|%u|%a|%T|%j|%P|%r")
+        return [dict(zip(keys, line.split("|"))) for line in proc.stdout.splitlines() if line]
+
+    def cancel_all(self, timeout: float = 60) -> list[int]:
+        """Cancel every unfinished job, wait until none is left active; return their ids."""
+        active = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "REQUEUED"}
+        cancelled: list[int] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [j for j in self.squeue() if j["state"] in active]
+            if not left:
+                return cancelled
+            if time.monotonic() >= deadline:
+                raise LabError(f"jobs still active after {timeout} s: {left}")
+            to_cancel = [j["job_id"] for j in left if j["state"] != "COMPLETING"]
+            if to_cancel:
+                self.run("scancel", *to_cancel, check=False)
+                cancelled += [int(j) for j in to_cancel if j.isdigit() and int(j) not in cancelled]
+            time.sleep(POLL_S * 3)
+
+    def _wrapper_running(self) -> bool:
+        me = _ancestors()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in me:
+                if str(self.wrapper_path) in _argv(int(entry)):
+                    return True
+        return False
+
+    def wait_jobcomp(self, job_id: int, timeout: float = 60) -> str:
+        """Wait until the jobcomp wrapper has processed job_id; return its log lines for it.
+
+        The wrapper logs `job <JOBID> (<user>/<account> <state>): charging` before charging and
+        runs one job at a time, so the job is done once a later job was started, a
+        failure line was written for it, or no wrapper process is left.
+        """
+        start = re.compile(r"^\S+ job (\d+) \(")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.logs("charge").splitlines()
+            mine = [
+                i
+                for i, line in enumerate(lines)
+                if (m := start.match(line)) and m.group(1) == str(job_id)
+            ]
+            if mine:
+                last = mine[-1]
+                ours = [ln for ln in lines if re.match(rf"^\S+ job {job_id}[ :]", ln)]
+                later = any(start.match(line) for line in lines[last + 1 :])
+                failed = any(
+                    "charge failed" in ln
+                    for ln in lines[last + 1 :]
+                    if re.match(rf"^\S+ job {job_id}:", ln)
+                )
+                if later or failed or not self._wrapper_running():
+                    return "\n".join(ours)
+            time.sleep(POLL_S)
+        raise LabError(
+            f"the jobcomp wrapper did not process job {job_id} within {timeout} s; "
+            f"charge log tail:\n{_tail(self.charge_log)}"
+        )
+
+    def logs(self, name: str) -> str:
+        """Text of a lab log: slurmctld, slurmd, slurmdbd, charge, munged or mysqld."""
+        path = self.charge_log if name == "charge" else self._log_file(name)
+        try:
+            return path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # ------------------------------------------------------------------ plugin, jobcomp, ledger
+
+    def install_plugin(self, path: str | os.PathLike[str]) -> int:
+        """Install a job_submit.lua; its mtime is made newer (whole seconds) than the last one.
+
+        slurmctld reloads the script only when st_mtime > the loaded script's mtime, so two
+        installs within one second would silently keep the first. Returns the new mtime.
+        """
+        previous = 0
+        with contextlib.suppress(OSError):
+            previous = int(self.plugin_path.stat().st_mtime)
+        mtime = max(int(time.time()), previous + 1)
+        tmp = self.plugin_path.with_name(self.plugin_path.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.chmod(tmp, 0o644)
+        os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, self.plugin_path)
+        return mtime
+
+    def _write_slurm_conf(self) -> None:
+        _write(self.slurm_conf, _render("slurm.conf.in", **self._template_values()))
+
+    def set_jobcomp(self, enabled: bool) -> None:
+        """Switch the jobcomp wrapper on (a fresh copy of the project's) or off (a no-op).
+
+        slurmctld execs JobCompLoc anew for every finished job, so swapping the file (atomic
+        rename, never an edit in place) takes effect for the next job whose jobcomp run starts.
+        `scontrol reconfigure` is no way to do this: with JobCompType changed to jobcomp/none
+        it reports the new type but keeps running the script (observed on 22.05.8).
+        """
+        tmp = self.wrapper_path.with_name(self.wrapper_path.name + ".tmp")
+        if enabled:
+            shutil.copyfile(REPO / "scripts" / "slurm-quota-charge-wrapper", tmp)
+        else:
+            tmp.write_text(NOOP_JOBCOMP.format(mark=NOOP_MARK, log=self.charge_log))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, self.wrapper_path)
+
+    def jobcomp_enabled(self) -> bool:
+        """True when JobCompLoc is the charge wrapper, False when it is the no-op."""
+        try:
+            return NOOP_MARK not in self.wrapper_path.read_text()
+        except FileNotFoundError:
+            return False
+
+    def reset_ledger(self) -> None:
+        """Delete every row of every ledger table in one transaction; keep the schema."""
+        from slurm_quota import db
+
+        conn = db.connect(self.db_path)
+        try:
+            tables = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
+            with db.write_transaction(conn):
+                # Children before parents: jobs_preallocations references users/accounts.
+                for table in sorted(tables, key=lambda t: t not in ("jobs_preallocations",)):
+                    conn.execute('DELETE FROM "{}"'.format(table.replace('"', '""')))
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ bring-up
+
+    def _template_values(self) -> dict[str, str]:
+        commparams = (
+            "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny" if _hostname_is_loopback() else ""
+        )
+        return {
+            "LAB": str(self.root),
+            "CTLD_PORT": str(self.ctld_port),
+            "SLURMD_PORT": str(self.slurmd_port),
+            "DBD_PORT": str(self.dbd_port),
+            "MYSQL_PORT": str(self.mysql_port),
+            "MYSQL_PASSWORD": MYSQL_PASSWORD,
+            "COMMPARAMS": commparams,
+            "QUOTA_BIN": self.quota_bin,
+            "MARKER": MARKER,
+        }
+
+    def _looks_like_lab(self) -> bool:
+        if not self.root.exists():
+            return True
+        entries = set(os.listdir(self.root))
+        return not entries or bool(entries & {"etc", "run", "log"})
+
+    def _reset_dir(self) -> None:
+        if not self._looks_like_lab():
+            raise LabError(
+                f"{self.root} exists and does not look like a lab directory; refusing to wipe it. "
+                f"Point {DIR_ENV} at an empty or lab directory."
+            )
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        dirs = {
+            "": 0o755,
+            "etc": 0o755,
+            "munge": 0o700,
+            "run": 0o755,
+            "run/munge": 0o755,
+            "state": 0o700,
+            "spool": 0o755,
+            "spool/slurmd": 0o755,
+            "spool/charge": 0o755,
+            "log": 0o755,
+            "dev": 0o755,
+            "jobs": 0o1777,
+            "mysql": 0o700,
+            "quota": 0o755,
+        }
+        for rel, mode in dirs.items():
+            d = self.root / rel
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, mode)
+
+    def _ensure_users(self) -> None:
+        for user in UNIX_USERS:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                proc = subprocess.run(
+                    ["useradd", "-m", "-U", "-s", "/bin/sh", user], capture_output=True, text=True
+                )
+                if proc.returncode != 0:
+                    raise LabError(f"useradd {user} failed: {proc.stderr.strip()}") from None
+
+    def _make_devices(self) -> None:
+        for i in range(4):
+            dev = self.root / "dev" / f"nvidia{i}"
+            try:
+                os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(195, i))
+            except OSError:
+                dev.touch()
+
+    def _write_configs(self) -> None:
+        values = self._template_values()
+        self._write_slurm_conf()
+        _write(self.etc / "gres.conf", _render("gres.conf.in", **values))
+        _write(self.etc / "slurmdbd.conf", _render("slurmdbd.conf.in", **values), mode=0o600)
+        _write(self.etc / "slurm-quota.conf", _render("slurm-quota.conf.in", **values))
+        self.set_jobcomp(True)
+        self.install_plugin(REPO / "lua" / "job_submit.lua")
+
+    def _wait(self, what: str, ready, daemon: str | None, timeout: float = READY_TIMEOUT_S):
+        """Poll ready() until true; fail early when daemon died, with its log tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if daemon is not None:
+                pid = self._recorded_pids().get(daemon)
+                if pid is not None and not alive(pid):
+                    raise LabError(f"{daemon} (pid {pid}) died while waiting for {what}")
+            time.sleep(POLL_S)
+        raise LabError(f"timed out after {timeout} s waiting for {what}")
+
+    def _launch(self, daemon: str, argv: list[str]) -> None:
+        """Run a self-daemonizing daemon and wait for its PID file."""
+        log = self.log_dir / f"{daemon}.start.log"
+        with open(log, "ab") as out:
+            proc = subprocess.run(
+                argv,
+                env=self._daemon_env(),
+                cwd=str(self.root),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                timeout=READY_TIMEOUT_S,
+            )
+        if proc.returncode != 0:
+            raise LabError(f"`{' '.join(argv)}` exited {proc.returncode}:\n{_tail(log)}")
+        pid_file = self.pid_file(daemon)
+
+        def pid_written() -> bool:
+            with contextlib.suppress(OSError, ValueError):
+                return alive(int(pid_file.read_text().split()[0]))
+            return False
+
+        self._wait(f"{daemon} to write {pid_file}", pid_written, None, timeout=30)
+        self._save_pid(daemon, int(pid_file.read_text().split()[0]))
+
+    def _ok(self, *argv: str) -> bool:
+        try:
+            return self.run(*argv, check=False, timeout=20).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _start_munged(self) -> None:
+        key = self.root / "munge" / "munge.key"
+        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True)
+        os.chmod(key, 0o600)
+        self._launch(
+            "munged",
+            [
+                "munged",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={self.pid_file('munged')}",
+                f"--log-file={self.log_dir / 'munged.log'}",
+                f"--seed-file={self.root / 'munge' / 'munged.seed'}",
+            ],
+        )
+        self._wait(
+            "munged to answer",
+            lambda: self._ok("munge", "-n", "-S", str(self.munge_socket)),
+            "munged",
+        )
+
+    def _mysql(self, sql: str) -> None:
+        proc = subprocess.run(
+            ["mariadb", "--no-defaults", "-S", str(self.mysql_socket), "-u", "root", "-e", sql],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if proc.returncode != 0:
+            raise LabError(f"mariadb: {proc.stderr.strip()}")
+
+    def _start_mariadb(self) -> None:
+        datadir = self.root / "mysql" / "data"
+        with open(self.log_dir / "mariadb-install.log", "ab") as out:
+            proc = subprocess.run(
+                [
+                    "mariadb-install-db",
+                    "--no-defaults",
+                    f"--datadir={datadir}",
+                    "--user=root",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                ],
+                stdout=out,
+                stderr=out,
+                env=self._daemon_env(),
+                timeout=120,
+            )
+        if proc.returncode != 0:
+            raise LabError(
+                f"mariadb-install-db failed:\n{_tail(self.log_dir / 'mariadb-install.log')}"
+            )
+        with open(self.log_dir / "mysqld.start.log", "ab") as out:
+            child = subprocess.Popen(
+                [
+                    "mariadbd",
+                    "--no-defaults",
+                    "--user=root",
+                    f"--datadir={datadir}",
+                    f"--socket={self.mysql_socket}",
+                    f"--pid-file={self.pid_file('mariadbd')}",
+                    "--bind-address=127.0.0.1",
+                    f"--port={self.mysql_port}",
+                    f"--log-error={self._log_file('mariadbd')}",
+                    "--skip-name-resolve",
+                    # the values slurmdbd checks (it logs an error below them)
+                    "--innodb-buffer-pool-size=1G",
+                    "--innodb-log-file-size=64M",
+                    "--innodb-lock-wait-timeout=900",
+                ],
+                env=self._daemon_env(),
+                cwd=str(self.root),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        self._save_pid("mariadbd", child.pid)
+
+        def answering() -> bool:
+            if child.poll() is not None:
+                raise LabError(f"mariadbd exited {child.returncode}")
+            return (
+                subprocess.run(
+                    [
+                        "mariadb-admin",
+                        "--no-defaults",
+                        "-S",
+                        str(self.mysql_socket),
+                        "-u",
+                        "root",
+                        "ping",
+                    ],
+                    capture_output=True,
+                ).returncode
+                == 0
+            )
+
+        self._wait("mariadbd to answer", answering, None)
+        self._mysql(
+            "CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
+            f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{MYSQL_PASSWORD}'; "
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+        )
+
+    def _start_slurmdbd(self) -> None:
+        self._launch("slurmdbd", ["slurmdbd"])
+        self._wait(
+            "slurmdbd to answer `sacctmgr list cluster`",
+            lambda: self._ok("sacctmgr", "-n", "list", "cluster"),
+            "slurmdbd",
+        )
+
+    def _register_accounts(self) -> None:
+        sacctmgr = ("sacctmgr", "-i")
+        self.run(*sacctmgr, "add", "cluster", CLUSTER)
+        self.run(*sacctmgr, "add", "account", ",".join(ACCOUNTS), f"cluster={CLUSTER}")
+        for user, (default, accounts) in USERS.items():
+            self.run(
+                *sacctmgr,
+                "add",
+                "user",
+                user,
+                f"account={','.join(accounts)}",
+                f"defaultaccount={default}",
+                f"cluster={CLUSTER}",
+            )
+        # root already exists (under account root) when the cluster is created, so its
+        # default account is not changed by `add user`.
+        self.run(*sacctmgr, "modify", "user", "root", "set", f"defaultaccount={USERS['root'][0]}")
+
+    def _start_slurmctld(self) -> None:
+        self._launch("slurmctld", ["slurmctld"])
+        self._wait(
+            "slurmctld to answer `scontrol ping`",
+            lambda: "is UP" in self.run("scontrol", "ping", check=False, timeout=20).stdout,
+            "slurmctld",
+        )
+
+    def _start_slurmd(self) -> None:
+        self._launch("slurmd", ["slurmd", "-N", "localhost"])
+
+        def idle() -> bool:
+            out = self.run("sinfo", "-h", "-n", "localhost", "-o", "%T", check=False).stdout
+            return out.strip() == "idle"
+
+        self._wait("node localhost to be idle", idle, "slurmd")
+
+    def up(self) -> float:
+        """Bring the lab up from nothing (no-op when it is already up); return seconds taken.
+
+        Any failure stops what was started and raises LabError with the failing daemon's log.
+        """
+        t0 = time.monotonic()
+        if os.geteuid() != 0:
+            raise LabError("the Slurm lab needs root (daemons, useradd, sbatch --uid)")
+        if self.is_up():
+            return 0.0
+        reason = _ensure_packages()
+        if reason:
+            raise LabError(reason)
+        if self.daemon_pids():
+            self.down()
+        stages = [
+            ("setup", self._setup),
+            ("munged", self._start_munged),
+            ("mysqld", self._start_mariadb),
+            ("slurmdbd", self._start_slurmdbd),
+            ("slurmdbd", self._register_accounts),
+            ("slurmctld", self._start_slurmctld),
+            ("slurmd", self._start_slurmd),
+        ]
+        self.timings = []
+        for log_name, stage in stages:
+            try:
+                stage()
+                self.timings.append((stage.__name__.lstrip("_"), time.monotonic() - t0))
+            except BaseException as err:
+                tail = _tail(self.log_dir / f"{log_name}.log")
+                start_tail = _tail(self.log_dir / f"{log_name}.start.log", 10)
+                with contextlib.suppress(Exception):
+                    self.down()
+                if not isinstance(err, Exception):
+                    raise
+                raise LabError(
+                    f"lab up failed at {stage.__name__}: {type(err).__name__}: {err}\n"
+                    f"--- tail of {self.log_dir / (log_name + '.log')} ---\n{tail}\n"
+                    f"--- start-up output ---\n{start_tail}"
+                ) from err
+        return time.monotonic() - t0
+
+    def _setup(self) -> None:
+        from slurm_quota import db
+
+        self._reset_dir()
+        self._ensure_users()
+        self._make_devices()
+        self._write_configs()
+        db.migrate(self.db_path)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _stop_jobs(self) -> None:
+        """Cancel running jobs so their slurmstepd and processes end with the lab."""
+        pid = self.daemon_pids().get("slurmctld")
+        if pid is None:
+            return
+        with contextlib.suppress(Exception):
+            self.run("scancel", "--state=RUNNING", check=False, timeout=20)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                out = self.run(
+                    "squeue", "-h", "-t", "RUNNING,COMPLETING", "-o", "%A", check=False, timeout=20
+                )
+                if out.returncode != 0 or not out.stdout.strip():
+                    return
+                time.sleep(POLL_S * 2)
+
+    def _sweep(self) -> list[int]:
+        """SIGKILL leftovers of this lab: wrapper processes, its children, slurmstepds, job
+        processes. Matched by argv (the wrapper path), the lab marker, or a job environment
+        pointing at this lab's slurm.conf."""
+        me = _ancestors()
+        conf = str(self.slurm_conf)
+        killed = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in me:
+                continue
+            pid = int(entry)
+            env = _environ(pid)
+            ours = (
+                str(self.wrapper_path) in _argv(pid)
+                or env.get(MARKER) == str(self.root)
+                or (env.get("SLURM_CONF") == conf and "SLURM_JOB_ID" in env)
+            )
+            if ours and alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        return killed
+
+    def down(self, purge: bool = False) -> dict[str, int]:
+        """Stop exactly this lab's processes (SIGTERM, then SIGKILL after a bound).
+
+        Returns daemon -> PID of what was stopped. purge=True also removes the lab directory.
+        """
+        self._stop_jobs()
+        running = self.daemon_pids()
+        for wave in STOP_WAVES:
+            targets = {d: running[d] for d in wave if d in running}
+            for pid in targets.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            for daemon, pid in targets.items():
+                bound = STOP_TIMEOUT_S.get(daemon, DEFAULT_STOP_TIMEOUT_S)
+                deadline = time.monotonic() + bound
+                while alive(pid) and time.monotonic() < deadline:
+                    time.sleep(POLL_S)
+                if alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        for _ in range(3):
+            if not self._sweep():
+                break
+            time.sleep(POLL_S)
+        left = [p for p in running.values() if alive(p)]
+        deadline = time.monotonic() + 10
+        while left and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            left = [p for p in left if alive(p)]
+        if left:
+            raise LabError(f"lab processes still alive after down: {left}")
+        if purge and self.root.exists():
+            if not self._looks_like_lab():
+                raise LabError(f"{self.root} does not look like a lab directory; not removed")
+            shutil.rmtree(self.root)
+        return running
+
+    def status(self) -> dict[str, dict]:
+        """daemon -> {pid, running} from this lab's records."""
+        recorded = self._recorded_pids()
+        return {d: {"pid": recorded.get(d), "running": d in self.daemon_pids()} for d in DAEMONS}
+
+
+def _ensure_packages() -> str | None:
+    try:
+        from tests import syspkgs
+    except ImportError:  # run from outside the repo root
+        sys.path.insert(0, str(REPO))
+        from tests import syspkgs
+    return syspkgs.ensure(PACKAGES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `python -m tests.integration.lab` command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.integration.lab", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--dir", help=f"lab directory (env {DIR_ENV}, default {DEFAULT_ROOT})")
+    parser.add_argument(
+        "--port-base", type=int, help=f"first port (env {PORT_ENV}, default {DEFAULT_PORT_BASE})"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="bring the lab up from nothing (no-op when already up)")
+    down = sub.add_parser("down", help="stop every process of the lab")
+    down.add_argument("--purge", action="store_true", help="also remove the lab directory")
+    sub.add_parser("status", help="show the lab's daemons and PIDs")
+    sub.add_parser("env", help="print exports for the shell: eval $(... env)")
+    args = parser.parse_args(argv)
+    lab = Lab(args.dir, args.port_base)
+    try:
+        if args.command == "up":
+            was_up = lab.is_up()
+            took = lab.up()
+            stages = ", ".join(f"{name} {at:.1f}" for name, at in lab.timings)
+            state = "already up" if was_up else f"up in {took:.1f} s (cumulative s: {stages})"
+            print(
+                f"lab {lab.root} {state}; ports ctld={lab.ctld_port} slurmd={lab.slurmd_port} "
+                f"dbd={lab.dbd_port} mysql={lab.mysql_port}",
+                file=sys.stderr,
+            )
+            print(
+                f"use it with: eval $({sys.executable} -m tests.integration.lab env)",
+                file=sys.stderr,
+            )
+        elif args.command == "down":
+            t0 = time.monotonic()
+            stopped = lab.down(purge=args.purge)
+            print(
+                f"stopped {stopped or 'nothing'} in {time.monotonic() - t0:.1f} s"
+                + (f"; removed {lab.root}" if args.purge else ""),
+                file=sys.stderr,
+            )
+        elif args.command == "status":
+            for daemon, info in lab.status().items():
+                print(
+                    f"{daemon:10} pid={info['pid']} {'running' if info['running'] else 'stopped'}"
+                )
+            return 0 if lab.is_up() else 3
+        elif args.command == "env":
+            print(f"export SLURM_CONF={lab.env['SLURM_CONF']}")
+            print(f"export SLURM_QUOTA_DB={lab.env['SLURM_QUOTA_DB']}")
+            print(f'export PATH="{Path(lab.quota_bin).parent}:$PATH"')
+    except LabError as err:
+        print(f"lab: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
