@@ -1,0 +1,121 @@
+"""Shared by the read-side tests: a seeded ledger with known answers, and live servers.
+
+The numbers in EXPECTED_* are worked out by hand from SEED_SQL (not computed by the code
+under test): total_preallocated = Σ amount × array_size, job_count = Σ array_size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from slurm_quota import db, serve
+
+SLURM_QUOTA_BIN = str(Path(sys.executable).with_name("slurm-quota"))
+SLURM_QUOTA_WEB_BIN = str(Path(sys.executable).with_name("slurm-quota-web"))
+
+# The seed system's /stats keys, typed from SEED-SYSTEM.md (independent of slurm_quota.stats).
+SEED_USER_KEYS = [
+    "username", "total_consumed_cpu_minutes", "total_preallocated_cpu_minutes",
+    "quota_cpu_minutes", "total_consumed_gpu_minutes", "total_preallocated_gpu_minutes",
+    "quota_gpu_minutes", "last_updated", "job_count",
+]
+SEED_ACCOUNT_KEYS = ["account", *SEED_USER_KEYS[1:]]
+
+SEED_SQL = """
+INSERT INTO users VALUES ('alice', 1200, 5000, 30, 100, '2024-05-01 10:00:00');
+INSERT INTO users VALUES ('bob', 9000, 10000, 0, -1, '2024-05-02 11:00:00');
+INSERT INTO users VALUES ('carol', 0, -1, 0, -1, '2024-05-03 12:00:00');
+INSERT INTO users VALUES ('dave', 0, 0, 0, 0, '2024-05-04 13:00:00');
+INSERT INTO accounts VALUES ('hpc', 10200, 100000, 30, 1000, '2024-05-01 10:00:00');
+INSERT INTO accounts VALUES ('phys', 0, 50, 0, 0, '2024-05-01 10:00:00');
+INSERT INTO accounts VALUES ('bio', 500, -1, 0, -1, '2024-05-01 10:00:00');
+-- alice: an array of 2 elements in hpc, one job in phys
+INSERT INTO jobs_preallocations VALUES ('u1', 'alice', 'hpc', 100, 10, 2, '2024-05-01 10:00:00');
+INSERT INTO jobs_preallocations VALUES ('u2', 'alice', 'phys', 50, 0, 1, '2024-05-01 10:00:00');
+-- bob: a seed row with NULL GPU minutes, and one with NULL array_size (= 1 element)
+INSERT INTO jobs_preallocations VALUES ('u3', 'bob', 'hpc', 300, NULL, 1, '2024-05-01 10:00:00');
+INSERT INTO jobs_preallocations VALUES ('u4', 'bob', 'hpc', 7, 0, NULL, '2024-05-01 10:00:00');
+-- carol: no open job, one charged run in bio (so bio is one of her accounts)
+INSERT INTO charges (charge_key, job_id, username, account, start_time, end_time, elapsed_s,
+                     cpus, cpu_minutes, gpu_minutes, source)
+VALUES ('77:1714557600', 77, 'carol', 'bio', 1714557600, 1714557660, 60, 1, 1, 0, 'test');
+"""
+
+# name: (consumed cpu, prealloc cpu, quota cpu, consumed gpu, prealloc gpu, quota gpu, jobs)
+EXPECTED_USERS = {
+    "alice": (1200, 250, 5000, 30, 20, 100, 3),
+    "bob": (9000, 307, 10000, 0, 0, -1, 2),
+    "carol": (0, 0, -1, 0, 0, -1, 0),
+    "dave": (0, 0, 0, 0, 0, 0, 0),
+}
+EXPECTED_ACCOUNTS = {
+    "bio": (500, 0, -1, 0, 0, -1, 0),
+    "hpc": (10200, 507, 100000, 30, 20, 1000, 4),
+    "phys": (0, 50, 50, 0, 0, 0, 1),
+}
+ACCOUNTS_OF = {"alice": ["hpc", "phys"], "bob": ["hpc"], "carol": ["bio"], "dave": []}
+
+
+def seed_ledger(path: Path) -> None:
+    """Insert SEED_SQL into the migrated ledger at path."""
+    conn = db.connect(path)
+    try:
+        conn.executescript("BEGIN;" + SEED_SQL + "COMMIT;")
+    finally:
+        conn.close()
+
+
+def numbers(row: dict) -> tuple:
+    """The EXPECTED_* tuple of a /stats row."""
+    return (
+        row["total_consumed_cpu_minutes"], row["total_preallocated_cpu_minutes"],
+        row["quota_cpu_minutes"], row["total_consumed_gpu_minutes"],
+        row["total_preallocated_gpu_minutes"], row["quota_gpu_minutes"], row["job_count"],
+    )
+
+
+@contextlib.contextmanager
+def server_thread(db_path: Path) -> Iterator[str]:
+    """The real server (same code as `serve`) on a free loopback port; yields its base URL."""
+    server = serve.make_server(db_path, port=0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+        server.app.model.close()
+
+
+_LISTEN_LINE = re.compile(r"on http://127\.0\.0\.1:(\d+)/")
+
+
+@contextlib.contextmanager
+def serve_process(db_path: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`slurm-quota --db DB serve --port 0 ...` as a real process; yields (process, base URL)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    proc = subprocess.Popen(
+        [SLURM_QUOTA_BIN, "--db", str(db_path), "serve", "--port", "0", *extra],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        m = _LISTEN_LINE.search(line)
+        assert m, f"serve did not start: {line!r}"
+        # Drain stderr so a chatty server can never block on a full pipe.
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        yield proc, f"http://127.0.0.1:{m.group(1)}/"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
