@@ -709,9 +709,7 @@ def history(
         else:
             rows = db.read_journal(conn, limit=limit)
         entries.extend(_journal_entry(r) for r in rows)
-    charge_rows = db.read_charges(
-        conn, username=user, account=account, job_id=job_id, limit=limit
-    )
+    charge_rows = db.read_charges(conn, username=user, account=account, job_id=job_id, limit=limit)
     entries.extend(_charge_entry(r) for r in charge_rows)
     # Newest first; at equal times charges after journal rows is arbitrary but stable.
     entries.sort(key=lambda e: (e.time or _EPOCH, e.id), reverse=True)

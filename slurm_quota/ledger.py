@@ -11,7 +11,8 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
 
 from slurm_quota.errors import InvalidInput
 
@@ -30,6 +31,12 @@ RESOURCES = (CPU, GPU)
 
 def _round_half_up(value: Decimal) -> int:
     return int(value.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def _exact_factor(factor: float) -> Fraction:
+    # The factor as the decimal an admin typed (0.1 means 1/10), kept exact: Decimal sums
+    # round to 28 digits, which lost e.g. 1 + 5e-324 and under-reserved by a minute.
+    return Fraction(repr(float(factor)))
 
 
 def cpu_minutes_charged(cpus: int, elapsed_s: int) -> int:
@@ -52,12 +59,12 @@ def gpu_minutes_charged(
     """GPU minutes of one run: round(Σ count × factor(type) × elapsed / 60), half up."""
     if elapsed_s < 0:
         raise InvalidInput(f"Negative elapsed seconds ({elapsed_s}).")
-    total = Decimal(0)
+    total = Fraction(0)
     for gpu_type, count in gpus_by_type.items():
         if count < 0:
             raise InvalidInput(f"Negative GPU count {count} for type {gpu_type!r}.")
-        total += Decimal(count) * Decimal(repr(factor_for(gpu_type, factors))) * Decimal(elapsed_s)
-    return _round_half_up(total / Decimal(60))
+        total += count * _exact_factor(factor_for(gpu_type, factors)) * elapsed_s
+    return math.floor(total / 60 + Fraction(1, 2))  # half up
 
 
 def cpu_minutes_requested(cpus: int, time_limit_min: int) -> int:
@@ -69,10 +76,10 @@ def gpu_minutes_requested(
     gpus_by_type: Mapping[str, int], factors: Mapping[str, float], time_limit_min: int
 ) -> int:
     """GPU minutes a submission reserves per element: ceil(Σ count × factor × time)."""
-    total = Decimal(0)
+    total = Fraction(0)
     for gpu_type, count in gpus_by_type.items():
-        total += Decimal(count) * Decimal(repr(factor_for(gpu_type, factors))) * time_limit_min
-    return int(total.to_integral_value(rounding=ROUND_CEILING))
+        total += count * _exact_factor(factor_for(gpu_type, factors)) * time_limit_min
+    return math.ceil(total)
 
 
 def available(quota: int, consumed: int, preallocated: int) -> int | None:
@@ -101,8 +108,11 @@ def usage_fraction(quota: int, consumed: int, preallocated: int) -> float | None
 # Admin input parsing: every number typed by an admin goes through one of these.
 # ---------------------------------------------------------------------------------------
 
-_INT_RE = re.compile(r"^[+-]?\d+$")
-_SIGNED_RE = re.compile(r"^[+-]\d+(\.\d+)?$")
+# ASCII digits only: \d would also match e.g. Arabic-Indic or full-width digits, which
+# int() accepts; `\Z` because `$` also matches before a trailing newline.
+_INT_RE = re.compile(r"^[+-]?[0-9]+\Z")
+_SIGNED_RE = re.compile(r"^[+-][0-9]+(\.[0-9]+)?\Z")
+_DECIMAL_RE = re.compile(r"^[+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 
 
 def parse_quota(text: str) -> int:
@@ -133,6 +143,9 @@ def parse_factor(text: str) -> float:
         raise InvalidInput(f"GPU factor {factor} is negative; it must be 0 or more.")
     if factor > 1e6:
         raise InvalidInput(f"GPU factor {factor} is implausibly large (maximum 1e6).")
+    if not _DECIMAL_RE.match(value):
+        # float() also takes "1_0" and non-ASCII digits; the Lua side and people read ASCII.
+        raise InvalidInput(f"GPU factor {text!r} is not a plain decimal number (e.g. 0.5).")
     return factor
 
 

@@ -58,10 +58,24 @@ SEED_ROWS: dict[str, list[tuple]] = {
         ("projx", 99965, 200000, 4351, 50000, "2025-11-04 10:15:00"),
     ],
     "jobs_preallocations": [
-        ("2f1c6a4e-0c8b-4c53-9a63-1e5d2a7b9c01", "alice", "projx", 120, 0, 1,
-         "2025-11-05 11:00:00"),
-        ("7d9e0b12-5a44-4e1f-8b2c-3f6a8d0e4b22", "carol", "projx", 600, 60, 4,
-         "2025-11-05 11:05:00"),
+        (
+            "2f1c6a4e-0c8b-4c53-9a63-1e5d2a7b9c01",
+            "alice",
+            "projx",
+            120,
+            0,
+            1,
+            "2025-11-05 11:00:00",
+        ),
+        (
+            "7d9e0b12-5a44-4e1f-8b2c-3f6a8d0e4b22",
+            "carol",
+            "projx",
+            600,
+            60,
+            4,
+            "2025-11-05 11:05:00",
+        ),
     ],
     "gpu_factors": [
         ("a100", 1.0),
@@ -108,8 +122,7 @@ def read_rows(path: Path, table: str) -> list[tuple]:
     conn = sqlite3.connect(str(path))
     try:
         return [
-            tuple(r)
-            for r in conn.execute(f"SELECT * FROM {table} ORDER BY {PRIMARY_KEYS[table]}")
+            tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {PRIMARY_KEYS[table]}")
         ]
     finally:
         conn.close()

@@ -368,8 +368,15 @@ def test_default_quotas_show_infinity_when_unset(db_path, capsys):
 
 def test_set_default_quotas_then_show_them_as_table_and_json(db_path, capsys):
     result = run_cli(
-        capsys, db_path, "set-default-quotas", "--user-cpu", "50000", "--account-gpu", "-1",
-        "--reason", "policy 2025",
+        capsys,
+        db_path,
+        "set-default-quotas",
+        "--user-cpu",
+        "50000",
+        "--account-gpu",
+        "-1",
+        "--reason",
+        "policy 2025",
     )
     assert result.code == 0, result.err
     assert result.out == (
@@ -388,7 +395,8 @@ def test_set_default_quotas_then_show_them_as_table_and_json(db_path, capsys):
         "default_account_quota_gpu_minutes": -1,
     }
     rows = journal(db_path)
-    assert [(r["action"], r["target"], r["old_value"], r["new_value"], r["reason"]) for r in rows] == [
+    got = [(r["action"], r["target"], r["old_value"], r["new_value"], r["reason"]) for r in rows]
+    assert got == [
         ("set-default-quota", "default_user_quota_cpu_minutes", "-1", "50000", "policy 2025"),
         ("set-default-quota", "default_account_quota_gpu_minutes", "-1", "-1", "policy 2025"),
     ]
