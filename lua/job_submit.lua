@@ -406,7 +406,19 @@ function M.build_request(view, settings, factors)
         nodes = nodes, tasks = tasks, sockets_per_node = view.sockets_per_node,
         exclusive = view.exclusive,
     }, factors, node_gpus)
-    if not gpus then return nil, { kind = "malformed", message = gerr } end
+    if not gpus then return nil, { kind = "malformed", message = weight } end
+    -- --cpus-per-gpu (cpus_per_tres "gres:gpu:2"): the job gets at least GPUs x that many CPUs
+    local cpg_items = M.parse_gpus(view.cpus_per_tres)
+    if cpg_items and #cpg_items > 0 then
+        local per_gpu, gpu_count = 0, 0
+        for _, c in ipairs(cpg_items) do
+            if c.count > per_gpu then per_gpu = c.count end
+        end
+        for _, g in ipairs(gpus) do gpu_count = gpu_count + g.count end
+        if gpu_count * per_gpu > cpus then
+            cpus, cpu_note = float(gpu_count) * per_gpu, "--cpus-per-gpu"
+        end
+    end
     local time, time_source = M.resolve_time(view.time, parts, settings.default_time_minutes)
     local r = {
         cpus = cpus, nodes = nodes, tasks = tasks, cpu_note = cpu_note,
@@ -727,6 +739,7 @@ function M.read_submit(job_desc, part_list)
         sockets_per_node = count_field(get("sockets_per_node")),
         exclusive = shared == 0,
         tres = read_tres(get),
+        cpus_per_tres = get("cpus_per_tres"),
         array_inx = get("array_inx"),
         het_offset = count_field(get("het_job_offset")),
         admin_comment = get("admin_comment"),
@@ -734,9 +747,9 @@ function M.read_submit(job_desc, part_list)
 end
 
 -- Fields of an update that change what a job reserves.
-local CPU_FIELDS = { "min_cpus", "num_tasks", "cpus_per_task", "min_nodes", "ntasks_per_node",
+local CPU_FIELDS = { "cpus_per_tres", "min_cpus", "num_tasks", "cpus_per_task", "min_nodes", "ntasks_per_node",
     "pn_min_cpus", "shared" }
-local GPU_FIELDS = { "tres_per_job", "tres_per_node", "tres_per_task", "tres_per_socket", "gres",
+local GPU_FIELDS = { "cpus_per_tres", "tres_per_job", "tres_per_node", "tres_per_task", "tres_per_socket", "gres",
     "min_nodes", "num_tasks", "sockets_per_node", "shared" }
 
 --- job_desc (the update: only changed fields set) merged over job_rec (the job) -> plain
@@ -768,7 +781,7 @@ function M.read_modify(job_desc, job_rec, part_list)
         partitions = M.read_partitions(cur_partition, part_list),
         time = time_field(j("time_limit")),
         min_cpus = rec_min_cpus, min_nodes = count_field(j("min_nodes")), num_tasks = rec_tasks,
-        tres = cur_tres, exclusive = false,
+        tres = cur_tres, exclusive = false, cpus_per_tres = j("cpus_per_tres"),
     }
     local new = {
         partitions = M.read_partitions(new_partition, part_list),
@@ -782,6 +795,7 @@ function M.read_modify(job_desc, job_rec, part_list)
         sockets_per_node = count_field(d("sockets_per_node")),
         exclusive = shared == 0,
         tres = new_tres,
+        cpus_per_tres = d("cpus_per_tres") or j("cpus_per_tres"),
     }
     if not new.num_tasks and not new.cpus_per_task then new.num_tasks = rec_tasks end
     return {
