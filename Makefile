@@ -30,6 +30,14 @@ unit: venv
 lint: venv
 	$(BIN)/ruff check slurm_quota tests bench
 
+# The real single-node Slurm lab of tests/integration (root; docs/lab.md). Directory and ports
+# from SLURM_QUOTA_LAB_DIR (/tmp/slurmlab) and SLURM_QUOTA_LAB_PORT_BASE (16817).
+lab-up: venv
+	$(BIN)/python -m tests.integration.lab up
+
+lab-down: venv
+	$(BIN)/python -m tests.integration.lab down
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
 

@@ -421,18 +421,26 @@ class Lab:
     def wait_sacct_final(
         self, job_id: int, fields: list[str] | tuple[str, ...], timeout: float = 30
     ) -> dict[str, str]:
-        """Poll sacct until job_id's own row has a final State and an End; return that row.
+        """Poll sacct until job_id's own row is final and complete; return that row.
 
-        slurmdbd may lag the job's end by a fraction of a second (stale State=RUNNING).
+        slurmdbd can lag the job's end: State=RUNNING with End=Unknown for a moment, and for a
+        fast job a row that is already COMPLETED but still has JobName "allocation" and an
+        empty Partition (the start record applied after the end). Waits for all three.
         """
-        names = ["JobIDRaw", "State", "End", *[f for f in fields if f not in ("JobIDRaw",)]]
+        names = ["JobIDRaw", "State", "End", "Partition"]
+        names += [f for f in fields if f not in names]
         deadline = time.monotonic() + timeout
         row: dict[str, str] = {}
         while time.monotonic() < deadline:
             for cand in self.sacct(job_id, names):
                 if cand["JobIDRaw"] == str(job_id):
                     row = cand
-            if row and row["State"].split()[0] in FINAL_STATES and row["End"] != "Unknown":
+            if (
+                row
+                and row["State"].split()[0] in FINAL_STATES
+                and row["End"] != "Unknown"
+                and row["Partition"]
+            ):
                 return row
             time.sleep(POLL_S * 2)
         raise LabError(f"sacct never showed job {job_id} finished within {timeout} s: {row}")
