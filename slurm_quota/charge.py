@@ -1,0 +1,438 @@
+"""Charging one ended run of a job, exactly once.
+
+Owns: reading the jobcomp environment, asking Slurm (through slurm_quota.slurm) for what the
+environment lacks (the token in admin_comment and the allocated GPUs), computing the minutes
+with slurm_quota.ledger, and writing the `charges` row, the consumption and the release of
+one preallocated element in ONE transaction. Must not run subprocesses itself nor format
+output for people.
+
+Exactly once: a run is identified by "<JOBID>:<START>" (a requeued job runs again with a new
+START and is charged again). The charges row is inserted first inside a BEGIN IMMEDIATE
+transaction; a conflicting insert means "already charged" and nothing else is touched. A
+crash anywhere before COMMIT leaves no trace, so re-running is always safe.
+
+When Slurm cannot tell the allocation in time, nothing is charged: SlurmUnavailable makes
+the wrapper spool the environment and `reconcile` charges it later from accounting (the
+correct GPU count matters more than charging within the second). A never-started job
+(START == END or PROCS == 0) costs 0 whatever Slurm says; Slurm is asked only for its token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from slurm_quota import ledger
+from slurm_quota import slurm as slurm_mod
+from slurm_quota.errors import InvalidInput, SlurmUnavailable
+
+log = logging.getLogger(__name__)
+
+NO_VAL = 4294967294
+# Bounded retry while sacct may still be stale right after a job ended (seen ≤ 0.57 s).
+SACCT_RETRY_DELAYS_S = (0.1, 0.2, 0.3, 0.4)
+
+RELEASE_NONE = "none"
+RELEASE_ONE = "one"
+RELEASE_ALL = "all"
+
+
+# ---------------------------------------------------------------------------------------
+# What one run is
+# ---------------------------------------------------------------------------------------
+
+
+def _env_int(env: Mapping[str, str], key: str, *, required: bool) -> int | None:
+    raw = (env.get(key) or "").strip()
+    if not raw:
+        if required:
+            raise InvalidInput(f"The jobcomp environment has no {key} (is this run by Slurm?).")
+        return None
+    try:
+        return int(raw)
+    except ValueError as err:
+        raise InvalidInput(f"The jobcomp variable {key}={raw!r} is not a number.") from err
+
+
+def _id_or_none(value: int | None) -> int | None:
+    # Slurm passes 0 / NO_VAL for "not an array" and leaves HETJOB* unset for plain jobs.
+    if value is None or value in (0, NO_VAL):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ended run of a job, as slurmctld's jobcomp environment or sacct describes it."""
+
+    job_id: int
+    start_time: int
+    end_time: int
+    cpus: int
+    username: str
+    account: str
+    partition: str = ""
+    job_state: str = ""
+    array_job_id: int | None = None
+    array_task_id: int | None = None
+    het_job_id: int | None = None
+    het_job_offset: int | None = None
+    array_meta: bool = False  # a pending, never-split array record: all its elements end here
+
+    @property
+    def charge_key(self) -> str:
+        """The idempotency key of this run: "<JOBID>:<START>"."""
+        return f"{self.job_id}:{self.start_time}"
+
+    @property
+    def elapsed_s(self) -> int:
+        """Seconds the run held its allocation."""
+        return self.end_time - self.start_time
+
+    @property
+    def never_started(self) -> bool:
+        """True for a job cancelled (or failed) before it got resources: it costs 0."""
+        return self.start_time == self.end_time or self.cpus == 0
+
+    @property
+    def ends_job(self) -> bool:
+        """False for a requeued run (the job goes back to the queue and keeps its reservation).
+
+        slurmctld reports a requeue to jobcomp with JOBSTATE=PENDING (observed on 22.05), sacct
+        as REQUEUED.
+        """
+        state = slurm_mod.base_state(self.job_state)
+        return state in slurm_mod.FINAL_STATES and state != "REQUEUED"
+
+    @property
+    def release(self) -> str:
+        """How much of the job's preallocation this run gives back."""
+        if not self.ends_job:
+            return RELEASE_NONE
+        return RELEASE_ALL if self.array_meta else RELEASE_ONE
+
+
+def run_from_env(env: Mapping[str, str]) -> Run:
+    """The run described by slurmctld's jobcomp environment (raises InvalidInput)."""
+    job_id = _env_int(env, "JOBID", required=True)
+    start = _env_int(env, "START", required=True)
+    end = _env_int(env, "END", required=True)
+    procs = _env_int(env, "PROCS", required=False) or 0
+    assert job_id is not None and start is not None and end is not None
+    if end < start:
+        raise InvalidInput(f"Job {job_id}: END ({end}) is before START ({start}).")
+    if procs < 0:
+        raise InvalidInput(f"Job {job_id}: PROCS is negative ({procs}).")
+    username = (env.get("USERNAME") or "").strip()
+    if not username:
+        raise InvalidInput(f"Job {job_id}: the jobcomp environment has no USERNAME.")
+    array_job_id = _id_or_none(_env_int(env, "ARRAYJOBID", required=False))
+    raw_task = _env_int(env, "ARRAYTASKID", required=False)
+    array_task_id = None if raw_task in (None, NO_VAL) else raw_task
+    return Run(
+        job_id=job_id,
+        start_time=start,
+        end_time=end,
+        cpus=procs,
+        username=username,
+        account=(env.get("ACCOUNT") or "").strip(),
+        partition=(env.get("PARTITION") or "").strip(),
+        job_state=(env.get("JOBSTATE") or "").strip(),
+        array_job_id=array_job_id,
+        array_task_id=array_task_id if array_job_id is not None else None,
+        het_job_id=_env_int(env, "HETJOBID", required=False),
+        het_job_offset=_env_int(env, "HETJOBOFFSET", required=False),
+        # The unsplit pending record of an array: ARRAYJOBID == JOBID, no task id.
+        array_meta=array_job_id is not None and array_job_id == job_id and array_task_id is None,
+    )
+
+
+def run_from_sacct(row: slurm_mod.AccountingJob) -> Run | None:
+    """The run of one final sacct row (None for a row that does not describe an ended run)."""
+    if not row.final or row.end_time is None or not row.username:
+        return None
+    # sacct shows Start=None for a job cancelled before it started; jobcomp then passes
+    # START == END == the cancel time, so the key is built from End to match.
+    start = row.start_time if row.start_time is not None else row.end_time
+    if start > row.end_time:
+        start = row.end_time
+    cpus = row.alloc_cpus if start < row.end_time else 0
+    # "7_[0-3]": the pending record of an array's never-split elements, all ending here.
+    meta = "_[" in row.job_id_text
+    array_job_id = row.array_job_id
+    if meta:
+        head = row.job_id_text.split("_", 1)[0]
+        array_job_id = int(head) if head.isdigit() else row.job_id
+    return Run(
+        job_id=row.job_id,
+        start_time=start,
+        end_time=row.end_time,
+        cpus=cpus,
+        username=row.username,
+        account=row.account,
+        partition=row.partition,
+        job_state=slurm_mod.base_state(row.state),
+        array_job_id=array_job_id,
+        array_task_id=row.array_task_id,
+        het_job_id=row.het_job_id,
+        het_job_offset=row.het_job_offset,
+        array_meta=meta,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# What Slurm adds: the token and the allocated GPUs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What Slurm knows about one run that the jobcomp environment does not carry."""
+
+    token: str | None
+    gpus_by_type: Mapping[str, int] = field(default_factory=dict)
+    source: str = "none"  # scontrol | sacct | none
+
+
+def _from_sacct_rows(run: Run, rows: list[slurm_mod.AccountingJob]) -> Allocation | None:
+    for row in rows:
+        if not row.final:
+            continue  # stale (RUNNING, End unknown): slurmdbd has not applied the end yet
+        if run.never_started:
+            hit = row.end_time == run.end_time and row.start_time in (None, run.start_time)
+        else:
+            hit = row.start_time == run.start_time and row.end_time == run.end_time
+        if hit:
+            return Allocation(row.token, dict(row.gpus_by_type), "sacct")
+    return None
+
+
+def lookup_allocation(
+    run: Run,
+    *,
+    runner: slurm_mod.Runner = slurm_mod.run_command,
+    sleep=time.sleep,
+    retry_delays_s: tuple[float, ...] = SACCT_RETRY_DELAYS_S,
+) -> Allocation:
+    """Token and GPUs of a run: slurmctld's record first, then sacct with a bounded retry.
+
+    Raises SlurmUnavailable when neither answers in time or neither knows this run (the
+    caller then spools it). A never-started run that Slurm does not know gets no token.
+    """
+    controller_error: SlurmUnavailable | None = None
+    try:
+        job = slurm_mod.controller_job(run.job_id, runner=runner)
+    except SlurmUnavailable as err:
+        controller_error = err
+        job = None
+    if job is not None:
+        if run.never_started:
+            # Costs 0 whatever the record says; only the token matters.
+            return Allocation(job.token, {}, "scontrol")
+        if (
+            slurm_mod.is_final(job.job_state)
+            and job.start_time == run.start_time
+            and job.end_time == run.end_time
+        ):
+            return Allocation(job.token, dict(job.gpus_by_type), "scontrol")
+        # The controller already moved on (requeued and pending/running again): sacct -D
+        # still has this run's own row.
+    delays = (0.0, *retry_delays_s)
+    last_error: SlurmUnavailable | None = None
+    for delay in delays:
+        if delay:
+            sleep(delay)
+        try:
+            rows = slurm_mod.sacct_job(run.job_id, runner=runner)
+        except SlurmUnavailable as err:
+            last_error = err
+            break  # a hung or failing sacct is not staleness: do not wait again
+        found = _from_sacct_rows(run, rows)
+        if found is not None:
+            return found
+    if last_error is None and controller_error is None and run.never_started:
+        return Allocation(None, {}, "none")
+    reason = last_error or controller_error
+    raise SlurmUnavailable(
+        f"Job {run.job_id} (run {run.charge_key}): Slurm did not report this run's "
+        f"allocation in time"
+        + (f": {reason}" if reason else " (not yet in accounting).")
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The charge itself
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Charge:
+    """The computed charge of one run (what goes into the `charges` row)."""
+
+    run: Run
+    token: str | None
+    gpus_by_type: Mapping[str, int]
+    gpu_factors: Mapping[str, float]
+    cpu_minutes: int
+    gpu_minutes: int
+    source: str
+
+    def row(self, released: int) -> dict[str, object]:
+        """The `charges` row (column -> value)."""
+        r = self.run
+        return {
+            "charge_key": r.charge_key,
+            "job_id": r.job_id,
+            "array_job_id": r.array_job_id,
+            "array_task_id": r.array_task_id,
+            "het_job_id": r.het_job_id,
+            "het_job_offset": r.het_job_offset,
+            "username": r.username,
+            "account": r.account,
+            "job_uuid": self.token,
+            "partition": r.partition or None,
+            "job_state": r.job_state or None,
+            "start_time": r.start_time,
+            "end_time": r.end_time,
+            "elapsed_s": r.elapsed_s,
+            "cpus": r.cpus,
+            "gpus": ",".join(f"{t}={n}" for t, n in sorted(self.gpus_by_type.items())),
+            "gpu_factors": ",".join(f"{t}={f!r}" for t, f in sorted(self.gpu_factors.items())),
+            "cpu_minutes": self.cpu_minutes,
+            "gpu_minutes": self.gpu_minutes,
+            "released_prealloc": released,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class ChargeResult:
+    """What charging one run did."""
+
+    charge: Charge
+    charged: bool  # False: this run was already charged, nothing changed
+    released: int  # preallocated elements released by this call
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly summary."""
+        c = self.charge
+        return {
+            "charge_key": c.run.charge_key,
+            "job_id": c.run.job_id,
+            "username": c.run.username,
+            "account": c.run.account,
+            "job_state": c.run.job_state,
+            "elapsed_s": c.run.elapsed_s,
+            "cpus": c.run.cpus,
+            "gpus": dict(c.gpus_by_type),
+            "cpu_minutes": c.cpu_minutes,
+            "gpu_minutes": c.gpu_minutes,
+            "token": c.token,
+            "source": c.source,
+            "charged": self.charged,
+            "released_elements": self.released,
+            "dry_run": self.dry_run,
+        }
+
+
+def compute_charge(
+    run: Run, allocation: Allocation, factors: Mapping[str, float], source: str
+) -> Charge:
+    """Minutes of one run (DESIGN §4): rounded once, half up, on the products."""
+    gpus = {} if run.never_started else dict(allocation.gpus_by_type)
+    used = {t: ledger.factor_for(t, factors) for t in gpus}
+    elapsed = 0 if run.never_started else run.elapsed_s
+    cpus = 0 if run.never_started else run.cpus
+    return Charge(
+        run=run,
+        token=allocation.token,
+        gpus_by_type=gpus,
+        gpu_factors=used,
+        cpu_minutes=ledger.cpu_minutes_charged(cpus, elapsed),
+        gpu_minutes=ledger.gpu_minutes_charged(gpus, factors, elapsed),
+        source=source,
+    )
+
+
+def factors_of(conn) -> dict[str, float]:
+    """The GPU factors table as {gpu_type: factor}."""
+    from slurm_quota import db
+
+    return {str(r[0]): float(r[1]) for r in db.list_gpu_factors(conn)}
+
+
+def charge_in_transaction(
+    conn, run: Run, allocation: Allocation, source: str, factors: Mapping[str, float]
+) -> ChargeResult:
+    """The writes of one charge; the caller holds the write transaction (db.write_transaction).
+
+    The charges row goes first: if the run is already there, nothing else is touched.
+    """
+    from slurm_quota import db
+
+    charge = compute_charge(run, allocation, factors, source)
+    if not db.insert_charge(conn, charge.row(released=0)):
+        return ChargeResult(charge, charged=False, released=0)
+    db.add_owner_consumption(conn, "user", run.username, charge.cpu_minutes, charge.gpu_minutes)
+    if run.account:
+        db.add_owner_consumption(
+            conn, "account", run.account, charge.cpu_minutes, charge.gpu_minutes
+        )
+    released = 0
+    if charge.token and run.release != RELEASE_NONE:
+        released = db.release_preallocation(
+            conn, charge.token, all_elements=run.release == RELEASE_ALL
+        )
+        if released:
+            db.set_charge_released(conn, run.charge_key, released)
+    return ChargeResult(charge, charged=True, released=released)
+
+
+def apply_charge(conn, run: Run, allocation: Allocation, source: str) -> ChargeResult:
+    """Write one run's charge, consumption and release in ONE transaction (exactly once)."""
+    from slurm_quota import db
+
+    with db.write_transaction(conn):
+        return charge_in_transaction(conn, run, allocation, source, factors_of(conn))
+
+
+def preview_charge(conn, run: Run, allocation: Allocation, source: str) -> ChargeResult:
+    """What apply_charge would do, without writing (for --dry-run)."""
+    from slurm_quota import db
+
+    charge = compute_charge(run, allocation, factors_of(conn), source)
+    done = db.charge_exists(conn, run.charge_key)
+    return ChargeResult(charge, charged=not done, released=0, dry_run=True)
+
+
+def charge_env(
+    conn,
+    env: Mapping[str, str],
+    *,
+    runner: slurm_mod.Runner = slurm_mod.run_command,
+    source: str = "jobcomp",
+    dry_run: bool = False,
+    sleep=time.sleep,
+) -> ChargeResult:
+    """Charge the run described by a jobcomp environment (the `slurm-quota charge` command)."""
+    from slurm_quota import db
+
+    run = run_from_env(env)
+    if db.charge_exists(conn, run.charge_key):
+        # Already charged (a replay): no need to ask Slurm anything.
+        charge = compute_charge(run, Allocation(None), {}, source)
+        return ChargeResult(charge, charged=False, released=0, dry_run=dry_run)
+    allocation = lookup_allocation(run, runner=runner, sleep=sleep)
+    label = f"{source}:{allocation.source}"
+    if dry_run:
+        return preview_charge(conn, run, allocation, label)
+    result = apply_charge(conn, run, allocation, label)
+    log.info(
+        "job %s run %s: %s cpu_min=%s gpu_min=%s released=%s",
+        run.job_id, run.charge_key, "charged" if result.charged else "already charged",
+        result.charge.cpu_minutes, result.charge.gpu_minutes, result.released,
+    )  # fmt: skip
+    return result
