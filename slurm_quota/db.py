@@ -537,3 +537,165 @@ def ping(conn: sqlite3.Connection) -> int:
 # ---------------------------------------------------------------------------------------
 # Section: charges and preallocations (charge, reconcile, prune)
 # ---------------------------------------------------------------------------------------
+# Identifiers come only from _OWNER_TABLES (above) and the fixed default-quota keys below.
+_DEFAULT_QUOTA_KEY = "default_{kind}_quota_{resource}_minutes"
+
+_CHARGE_COLUMNS = (
+    "charge_key", "job_id", "array_job_id", "array_task_id", "het_job_id", "het_job_offset",
+    "username", "account", "job_uuid", "partition", "job_state", "start_time", "end_time",
+    "elapsed_s", "cpus", "gpus", "gpu_factors", "cpu_minutes", "gpu_minutes",
+    "released_prealloc", "source",
+)  # fmt: skip
+SQL_INSERT_CHARGE = (
+    f"INSERT INTO charges ({', '.join(_CHARGE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _CHARGE_COLUMNS)}) "
+    "ON CONFLICT (charge_key) DO NOTHING"
+)
+
+
+def charge_exists(conn: sqlite3.Connection, charge_key: str) -> bool:
+    """True when this run (charge_key) is already in `charges`."""
+    row = conn.execute("SELECT 1 FROM charges WHERE charge_key = ?", (charge_key,)).fetchone()
+    return row is not None
+
+
+def charged_keys_since(conn: sqlite3.Connection, end_time_min: int) -> set[str]:
+    """charge_key of every run that ended at or after end_time_min (epoch s)."""
+    rows = conn.execute(
+        "SELECT charge_key FROM charges WHERE end_time >= ?", (int(end_time_min),)
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def newest_charge_end(conn: sqlite3.Connection) -> int | None:
+    """The latest end_time of any charged run, None when nothing was charged yet."""
+    row = conn.execute("SELECT MAX(end_time) FROM charges").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def insert_charge(conn: sqlite3.Connection, values: dict[str, object]) -> bool:
+    """Insert one charged run; False (and no change) when its charge_key already exists."""
+    cur = conn.execute(SQL_INSERT_CHARGE, tuple(values.get(c) for c in _CHARGE_COLUMNS))
+    return cur.rowcount == 1
+
+
+def set_charge_released(conn: sqlite3.Connection, charge_key: str, elements: int) -> None:
+    """Record how many preallocated elements the charge of a run released."""
+    conn.execute(
+        "UPDATE charges SET released_prealloc = ? WHERE charge_key = ?", (elements, charge_key)
+    )
+
+
+def add_owner_consumption(
+    conn: sqlite3.Connection, kind: str, name: str, cpu_minutes: int, gpu_minutes: int
+) -> None:
+    """Add consumed minutes to a user/account, creating it with the default quotas if absent."""
+    table, key = _owner_table(kind)
+    cpu_key = _DEFAULT_QUOTA_KEY.format(kind=kind, resource="cpu")
+    gpu_key = _DEFAULT_QUOTA_KEY.format(kind=kind, resource="gpu")
+    conn.execute(
+        f"INSERT INTO {table} ({key}, total_consumed_cpu_minutes, quota_cpu_minutes, "
+        f"total_consumed_gpu_minutes, quota_gpu_minutes, last_updated) VALUES (?, 0, "
+        f"COALESCE((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?), -1), 0, "
+        f"COALESCE((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?), -1), "
+        f"CURRENT_TIMESTAMP) ON CONFLICT ({key}) DO NOTHING",
+        (name, cpu_key, gpu_key),
+    )
+    conn.execute(
+        f"UPDATE {table} SET "
+        f"total_consumed_cpu_minutes = COALESCE(total_consumed_cpu_minutes, 0) + ?, "
+        f"total_consumed_gpu_minutes = COALESCE(total_consumed_gpu_minutes, 0) + ?, "
+        f"last_updated = CURRENT_TIMESTAMP WHERE {key} = ?",
+        (int(cpu_minutes), int(gpu_minutes), name),
+    )
+
+
+def release_preallocation(
+    conn: sqlite3.Connection, job_uuid: str, *, all_elements: bool = False
+) -> int:
+    """Release one array element's share (or all of them); return the elements released.
+
+    array_size counts elements not yet charged: decrement it, delete the row at 0.
+    """
+    row = conn.execute(
+        "SELECT array_size FROM jobs_preallocations WHERE job_uuid = ?", (job_uuid,)
+    ).fetchone()
+    if row is None:
+        return 0
+    size = 1 if row[0] is None else int(row[0])
+    if all_elements or size <= 1:
+        conn.execute("DELETE FROM jobs_preallocations WHERE job_uuid = ?", (job_uuid,))
+        return max(size, 1) if all_elements else 1
+    conn.execute(
+        "UPDATE jobs_preallocations SET array_size = array_size - 1 WHERE job_uuid = ?",
+        (job_uuid,),
+    )
+    return 1
+
+
+def list_preallocations(
+    conn: sqlite3.Connection, *, username: str | None = None, account: str | None = None
+) -> list[sqlite3.Row]:
+    """Open preallocation rows, optionally only one user's and/or one account's."""
+    sql = (
+        "SELECT job_uuid, username, account, preallocated_cpu_minutes, "
+        "preallocated_gpu_minutes, array_size, created_at FROM jobs_preallocations"
+    )
+    where: list[str] = []
+    params: list[object] = []
+    if username is not None:
+        where.append("username = ?")
+        params.append(username)
+    if account is not None:
+        where.append("account = ?")
+        params.append(account)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return conn.execute(sql, params).fetchall()
+
+
+def delete_preallocation(conn: sqlite3.Connection, job_uuid: str) -> bool:
+    """Delete one preallocation row; False when it was already gone."""
+    cur = conn.execute("DELETE FROM jobs_preallocations WHERE job_uuid = ?", (job_uuid,))
+    return cur.rowcount == 1
+
+
+def _prunable_where(kind: str) -> str:
+    table, key = _owner_table(kind)
+    prealloc_key = "username" if kind == "user" else "account"
+    return (
+        f"COALESCE(t.total_consumed_cpu_minutes, 0) = 0 "
+        f"AND COALESCE(t.total_consumed_gpu_minutes, 0) = 0 "
+        f"AND COALESCE(t.quota_cpu_minutes, -1) = -1 "
+        f"AND COALESCE(t.quota_gpu_minutes, -1) = -1 "
+        f"AND NOT EXISTS (SELECT 1 FROM jobs_preallocations p "
+        f"WHERE p.{prealloc_key} = t.{key})"
+    )
+
+
+def prunable_owners(
+    conn: sqlite3.Connection, kind: str, name: str | None = None
+) -> list[sqlite3.Row]:
+    """Users/accounts with no quota set, nothing consumed and no open preallocation."""
+    table, key = _owner_table(kind)
+    sql = (
+        f"SELECT t.{key} AS name, t.total_consumed_cpu_minutes, t.quota_cpu_minutes, "
+        f"t.total_consumed_gpu_minutes, t.quota_gpu_minutes, t.last_updated "
+        f"FROM {table} AS t WHERE {_prunable_where(kind)}"
+    )
+    params: tuple = ()
+    if name is not None:
+        sql += f" AND t.{key} = ?"
+        params = (name,)
+    return conn.execute(sql + f" ORDER BY t.{key}", params).fetchall()
+
+
+def delete_prunable_owner(conn: sqlite3.Connection, kind: str, name: str) -> bool:
+    """Delete a user/account only if it is still prunable (checked in the same statement)."""
+    table, key = _owner_table(kind)
+    cur = conn.execute(
+        f"DELETE FROM {table} WHERE {key} = ? AND {key} IN "
+        f"(SELECT t.{key} FROM {table} AS t WHERE {_prunable_where(kind)})",
+        (name,),
+    )
+    return cur.rowcount == 1
