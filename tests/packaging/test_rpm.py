@@ -176,3 +176,67 @@ def test_packaged_wrapper_is_valid_sh(packages, tmp_path):
     assert subprocess.run(["sh", "-n", str(wrapper)]).returncode == 0
     default = root / "etc" / "default" / "slurm-quota"
     assert subprocess.run(["sh", "-n", str(default)]).returncode == 0
+
+
+def _scriptlets(rpm_path: Path) -> dict[str, str]:
+    """{"preinstall": body, "postinstall": body, ...} from `rpm -qp --scripts`."""
+    text = _rpm("-qp", "--scripts", str(rpm_path))
+    parts = re.split(r"^(\w+) scriptlet \(using /bin/sh\):\n", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_controller_scriptlets_are_valid_sh(packages):
+    scripts = _scriptlets(packages["slurm-quota-controller"])
+    assert {"preinstall", "postinstall", "preuninstall", "postuninstall"} <= set(scripts)
+    for name, body in scripts.items():
+        proc = subprocess.run(["sh", "-n"], input=body, capture_output=True, text=True)
+        assert proc.returncode == 0, (name, proc.stderr)
+
+
+def _run_post(packages, tmp_path: Path, config: str, arg: str) -> subprocess.CompletedProcess:
+    """Run the controller's %post with our CLI and a config file of ours in place of /etc."""
+    body = _scriptlets(packages["slurm-quota-controller"])["postinstall"]
+    conf = tmp_path / "default-slurm-quota"
+    conf.write_text(config)
+    body = body.replace("/etc/default/slurm-quota", str(conf))
+    body = body.replace("/usr/bin/slurm-quota", str(Path(sys.executable).parent / "slurm-quota"))
+    env = dict(os.environ, PATH=f"{tmp_path}:/usr/bin:/bin")
+    (tmp_path / "systemctl").write_text("#!/bin/sh\nexit 0\n")  # no systemd as PID 1 here
+    (tmp_path / "systemctl").chmod(0o755)
+    return subprocess.run(["sh", "-c", body, "post", arg], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_post_on_upgrade_migrates_a_seed_database(packages, tmp_path):
+    if os.geteuid() != 0:
+        syspkgs.skip_or_fail("`slurm-quota migrate` is restricted to root")
+    from slurm_quota import db
+    from tests.unit.fixtures_seed import make_seed_db, read_rows
+
+    ledger = make_seed_db(tmp_path / "seed.db")
+    before = read_rows(ledger, "users")
+    proc = _run_post(packages, tmp_path, f"SLURM_QUOTA_DB={ledger}\n", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" not in proc.stderr, proc.stderr
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == db.latest_version()
+    assert read_rows(ledger, "users") == before
+
+
+def test_post_on_first_install_without_ledger_creates_nothing(packages, tmp_path):
+    ledger = tmp_path / "state" / "slurm-quota.db"
+    proc = _run_post(packages, tmp_path, f"SLURM_QUOTA_DB={ledger}\n", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"slurm-quota --db {ledger} migrate" in proc.stderr
+    assert not ledger.exists() and not ledger.parent.exists()
+
+
+def test_pre_refuses_without_the_slurm_user(packages, tmp_path):
+    body = _scriptlets(packages["slurm-quota-controller"])["preinstall"]
+    fake = tmp_path / "getent"
+    fake.write_text("#!/bin/sh\nexit 2\n")  # getent's status for "no such key"
+    fake.chmod(0o755)
+    proc = subprocess.run(["sh", "-c", body, "pre", "1"], capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{tmp_path}:/usr/bin:/bin"))
+    assert proc.returncode == 1
+    assert "the user 'slurm' (SlurmUser) does not exist" in proc.stderr
