@@ -264,6 +264,9 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = CONNECTION_TIMEOUT_S
     error_content_type = JSON_TYPE
+    # Nobody speaks HTTP/0.9 (no status line, no headers): answer broken request lines with
+    # a proper HTTP/1.0 status and a JSON body.
+    default_request_version = "HTTP/1.0"
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._answer(self.server.app.handle(self.path), head=False)

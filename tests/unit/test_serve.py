@@ -1,0 +1,335 @@
+"""`slurm-quota serve`: routes, JSON errors, caching, concurrency (server in a thread)."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import pytest
+
+from slurm_quota import db, serve
+from tests.web.readside import (
+    ACCOUNTS_OF,
+    EXPECTED_ACCOUNTS,
+    EXPECTED_USERS,
+    SEED_ACCOUNT_KEYS,
+    SEED_USER_KEYS,
+    numbers,
+    seed_ledger,
+    server_thread,
+)
+
+
+@pytest.fixture
+def base_url(db_path):
+    seed_ledger(db_path)
+    with server_thread(db_path) as url:
+        yield url
+
+
+def request(base_url: str, method: str, target: str, headers: dict | None = None):
+    """One request on a fresh connection: (status, headers, body bytes)."""
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request(method, target, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(base_url: str, target: str):
+    status, headers, body = request(base_url, "GET", target)
+    assert headers["content-type"] == "application/json"
+    return status, json.loads(body)
+
+
+def raw_exchange(base_url: str, data: bytes) -> bytes:
+    parts = urlsplit(base_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+# --- routes ----------------------------------------------------------------------------
+
+
+def test_health_reports_ok_and_schema_version(base_url):
+    status, body = get_json(base_url, "/health")
+    assert status == 200
+    assert body == {"status": "ok", "schema_version": db.latest_version()}
+
+
+def test_stats_json_shape_key_by_key_against_the_seed_list(base_url):
+    status, body = get_json(base_url, "/stats")
+    assert status == 200
+    assert list(body)[:2] == ["users", "accounts"]
+    assert body["users"] and body["accounts"]
+    for row in body["users"]:
+        for i, key in enumerate(SEED_USER_KEYS):
+            assert list(row)[i] == key
+    for row in body["accounts"]:
+        for i, key in enumerate(SEED_ACCOUNT_KEYS):
+            assert list(row)[i] == key
+    alice = body["users"][0]
+    for key in SEED_USER_KEYS[1:]:
+        if key != "last_updated":
+            assert isinstance(alice[key], int), key
+    assert isinstance(alice["last_updated"], str)
+
+
+def test_stats_values_computed_from_the_seeded_ledger(base_url):
+    _, body = get_json(base_url, "/stats")
+    assert [r["username"] for r in body["users"]] == sorted(EXPECTED_USERS)
+    assert {r["username"]: numbers(r) for r in body["users"]} == EXPECTED_USERS
+    assert {r["account"]: numbers(r) for r in body["accounts"]} == EXPECTED_ACCOUNTS
+
+
+@pytest.mark.parametrize("user", sorted(ACCOUNTS_OF))
+def test_stats_username_filter(base_url, user):
+    status, body = get_json(base_url, f"/stats?username={user}")
+    assert status == 200
+    assert [r["username"] for r in body["users"]] == [user]
+    assert numbers(body["users"][0]) == EXPECTED_USERS[user]
+    assert [r["account"] for r in body["accounts"]] == ACCOUNTS_OF[user]
+
+
+def test_stats_account_filter_returns_that_account_only(base_url):
+    status, body = get_json(base_url, "/stats?account=phys")
+    assert status == 200
+    assert body["users"] == []
+    assert [(r["account"], numbers(r)) for r in body["accounts"]] == [
+        ("phys", EXPECTED_ACCOUNTS["phys"])
+    ]
+
+
+def test_stats_percent_encoded_names_are_decoded(db_path):
+    conn = db.connect(db_path)
+    conn.execute("INSERT INTO users (username) VALUES ('jean pierre&co')")
+    conn.close()
+    with server_thread(db_path) as url:
+        status, body = get_json(url, "/stats?username=jean%20pierre%26co")
+    assert status == 200
+    assert [r["username"] for r in body["users"]] == ["jean pierre&co"]
+
+
+def test_unknown_user_gives_empty_lists_not_an_error(base_url):
+    assert get_json(base_url, "/stats?username=zed") == (200, {"users": [], "accounts": []})
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/stats?username=alice&account=hpc",  # mutually exclusive
+        "/stats?user=alice",  # unknown parameter: must not silently answer everybody
+        "/stats?username=alice&username=bob",  # repeated
+        "/stats?username=",  # empty
+        "/stats?username",  # no '='
+        "/stats?username=%ff",  # not UTF-8
+        "/health?verbose=1",
+        "/metrics?x=1",
+    ],
+)
+def test_malformed_queries_get_400_json(base_url, target):
+    status, body = get_json(base_url, target)
+    assert status == 400
+    assert body["error"] == "bad_request"
+    assert body["message"]
+    assert "Traceback" not in body["message"]
+
+
+@pytest.mark.parametrize("target", ["/nope", "/stats/extra", "/statsx", "/health.json"])
+def test_unknown_paths_get_404_not_found(base_url, target):
+    status, body = get_json(base_url, target)
+    assert status == 404
+    assert body["error"] == "not_found"
+
+
+def test_trailing_slash_is_the_same_route(base_url):
+    assert get_json(base_url, "/stats/?account=hpc")[1]["accounts"][0]["account"] == "hpc"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "FOO"])
+def test_non_get_methods_get_405_with_allow(base_url, method):
+    status, headers, body = request(base_url, method, "/stats")
+    assert status == 405
+    assert headers["allow"] == "GET, HEAD"
+    assert json.loads(body)["error"] == "method_not_allowed"
+
+
+def test_head_sends_headers_without_body(base_url):
+    status, headers, body = request(base_url, "HEAD", "/health")
+    assert status == 200
+    assert int(headers["content-length"]) > 0
+    assert body == b""
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"garbage\r\n\r\n", b"GET /stats HTTP/9.9\r\n\r\n", b"GET /x HTTP/1.1\r\n" + b"a" * 70000],
+)
+def test_broken_requests_get_a_json_error_never_a_traceback(base_url, raw):
+    answer = raw_exchange(base_url, raw)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    assert 400 <= status < 500 or status == 505
+    assert b"application/json" in head
+    assert "error" in json.loads(body)
+    assert b"Traceback" not in answer
+
+
+def test_metrics_content_type_and_values(base_url):
+    status, headers, body = request(base_url, "GET", "/metrics")
+    assert status == 200
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    lines = body.decode().splitlines()
+    assert 'slurm_quota_user_preallocated_minutes{username="bob",resource="cpu"} 307' in lines
+    assert "# TYPE slurm_quota_charges_total counter" in lines
+
+
+def test_large_answers_are_gzipped_when_asked(db_path):
+    conn = db.connect(db_path)
+    conn.executemany(
+        "INSERT INTO users (username) VALUES (?)", [(f"user{i:04d}",) for i in range(200)]
+    )
+    conn.close()
+    with server_thread(db_path) as url:
+        status, headers, body = request(url, "GET", "/stats", {"Accept-Encoding": "gzip"})
+        plain = request(url, "GET", "/stats")[2]
+    assert status == 200
+    assert headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(body)) == json.loads(plain)
+    assert len(json.loads(plain)["users"]) == 200
+
+
+def test_whole_ledger_answers_follow_writes(base_url, db_path):
+    before = get_json(base_url, "/stats")[1]
+    metrics_before = request(base_url, "GET", "/metrics")[2]
+    conn = db.connect(db_path)
+    conn.execute("UPDATE users SET total_consumed_cpu_minutes = 4321 WHERE username = 'carol'")
+    conn.execute("INSERT INTO accounts (account) VALUES ('zoo')")
+    conn.close()
+    after = get_json(base_url, "/stats")[1]
+    assert before != after
+    carol = next(r for r in after["users"] if r["username"] == "carol")
+    assert carol["total_consumed_cpu_minutes"] == 4321
+    assert after["accounts"][-1]["account"] == "zoo"
+    metrics_after = request(base_url, "GET", "/metrics")[2].decode().splitlines()
+    assert metrics_after != metrics_before.decode().splitlines()
+    assert 'slurm_quota_user_consumed_minutes{username="carol",resource="cpu"} 4321' in (
+        metrics_after
+    )
+
+
+def test_missing_database_gives_503_json(tmp_path):
+    with server_thread(tmp_path / "absent.db") as url:
+        for target in ("/health", "/stats", "/stats?username=a", "/metrics"):
+            status, body = get_json(url, target)
+            assert status == 503, target
+            assert body["error"] == "unavailable"
+            assert "does not exist" in body["message"]
+
+
+def test_database_with_another_schema_gives_503_json(db_path):
+    conn = db.connect(db_path)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    with server_thread(db_path) as url:
+        status, body = get_json(url, "/stats")
+    assert status == 503
+    assert "schema version 999" in body["message"]
+
+
+def test_database_locked_past_the_bound_gives_503(db_path, monkeypatch):
+    monkeypatch.setattr(serve, "READ_BUSY_TIMEOUT_MS", 50)
+    writer = db.connect(db_path)
+    writer.execute("PRAGMA journal_mode = DELETE")  # rollback journal: a writer blocks readers
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        with server_thread(db_path) as url:
+            status, body = get_json(url, "/stats?username=alice")
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert status == 503
+    assert body["error"] == "unavailable"
+
+
+def test_internal_errors_are_json_500_without_traceback(base_url, monkeypatch):
+    def boom(*_a, **_k):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(serve.stats, "stats_payload", boom)
+    status, body = get_json(base_url, "/stats?username=alice")
+    assert status == 500
+    assert body == {"error": "internal", "message": "Internal error; see the service log."}
+
+
+def test_the_server_never_writes_the_ledger(base_url, db_path):
+    from tests.unit.cli_helpers import snapshot
+
+    before = snapshot(db_path)
+    for target in ("/stats", "/stats?username=alice", "/stats?account=hpc", "/metrics", "/health"):
+        assert request(base_url, "GET", target)[0] == 200
+    assert snapshot(db_path) == before
+
+
+# --- concurrency -----------------------------------------------------------------------
+
+
+def test_one_hundred_parallel_clients_all_get_their_own_correct_answer(base_url):
+    users = sorted(EXPECTED_USERS)
+    targets = [f"/stats?username={users[i % len(users)]}" for i in range(100)]
+    barrier = threading.Barrier(100)
+
+    def client(target):
+        barrier.wait()
+        return target, get_json(base_url, target)
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        results = list(pool.map(client, targets))
+    assert len(results) == 100
+    for target, (status, body) in results:
+        user = target.rsplit("=", 1)[1]
+        assert status == 200
+        assert [r["username"] for r in body["users"]] == [user]
+        assert numbers(body["users"][0]) == EXPECTED_USERS[user]
+        assert [r["account"] for r in body["accounts"]] == ACCOUNTS_OF[user]
+
+
+def test_parallel_clients_on_whole_ledger_routes_get_identical_answers(base_url):
+    barrier = threading.Barrier(40)
+
+    def client(i):
+        barrier.wait()
+        target = "/stats" if i % 2 else "/metrics"
+        return target, request(base_url, "GET", target)
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        results = list(pool.map(client, range(40)))
+    bodies = {}
+    for target, (status, _h, body) in results:
+        assert status == 200
+        bodies.setdefault(target, set()).add(body)
+    assert {t: len(b) for t, b in bodies.items()} == {"/stats": 1, "/metrics": 1}
+
+
+# --- query parsing (unit) --------------------------------------------------------------
+
+
+def test_parse_query_accepts_known_parameters_once():
+    assert serve.parse_query("/stats", "username=al%20ice") == {"username": "al ice"}
+    assert serve.parse_query("/stats", "") == {}
+    with pytest.raises(serve.InvalidInput, match="longer than 256"):
+        serve.parse_query("/stats", "username=" + "a" * 300)
