@@ -124,13 +124,10 @@ def stats_cmd(
         echo_json(payload)
         return
     selector = ("user", username) if username else ("account", account) if account else None
-    text = stats.render_tables(
-        payload,
-        hours=hours,
-        color=stats.color_wanted(color, isatty=sys.stdout.isatty()),
-        selector=selector,
-    )
-    click.echo(text, nl=False)
+    use_color = stats.color_wanted(color, isatty=sys.stdout.isatty())
+    text = stats.render_tables(payload, hours=hours, color=use_color, selector=selector)
+    # click.echo would strip the colour codes off a non-terminal even under --color always.
+    click.echo(text, nl=False, color=use_color)
 
 
 @cli.command("serve")
