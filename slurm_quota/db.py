@@ -141,8 +141,6 @@ def migrate(path: str | os.PathLike[str]) -> list[int]:
     conn = connect(db_path, create=True, check_schema=False)
     applied: list[int] = []
     try:
-        # WAL is a property of the file and is ignored inside a transaction: set it first.
-        conn.execute("PRAGMA journal_mode = WAL")
         current = conn.execute("PRAGMA user_version").fetchone()[0]
         files = migration_files()
         latest = files[-1][0] if files else 0
@@ -151,6 +149,18 @@ def migrate(path: str | os.PathLike[str]) -> list[int]:
                 f"The database {db_path} has schema version {current}, newer than this "
                 f"slurm-quota understands ({latest}). Upgrade slurm-quota."
             )
+        if current == 0 and files:
+            _check_adopted_tables(conn, db_path, files[0][1])
+        # WAL is a property of the file and is ignored inside a transaction: set it first.
+        # Switching a rollback-journal file to WAL needs an exclusive lock: it can be busy.
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.Error as err:
+            if _is_locked(err):
+                raise DatabaseUnavailable(
+                    f"The database {db_path} is locked; no migration was applied: {err}."
+                ) from err
+            raise DatabaseUnavailable(f"Cannot use the database {db_path}: {err}.") from err
         for version, sql_path in files:
             if version <= current:
                 continue
@@ -170,6 +180,34 @@ def migrate(path: str | os.PathLike[str]) -> list[int]:
         conn.close()
     fix_file_permissions(db_path)
     return applied
+
+
+def _check_adopted_tables(conn: sqlite3.Connection, db_path: Path, first: Path) -> None:
+    """Refuse to adopt existing (seed) tables that lack a column migration 0001 creates.
+
+    0001 creates tables only if absent, so an older seed file (e.g. before its array_size
+    upgrade) would otherwise be stamped current while the plugin's queries fail on it.
+    """
+    reference = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        reference.executescript(first.read_text(encoding="utf-8"))
+        rows = reference.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = [r[0] for r in rows.fetchall()]
+        expected = {t: [c[1] for c in reference.execute(f"PRAGMA table_info({t})")] for t in tables}
+    finally:
+        reference.close()
+    missing: list[str] = []
+    for table, columns in expected.items():
+        present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if present:
+            missing += [f"{table}.{c}" for c in columns if c not in present]
+    if missing:
+        raise SchemaError(
+            f"The database {db_path} has the seed system's tables but lacks "
+            f"{', '.join(missing)}: it predates the seed's own upgrades. Run the seed's "
+            f"migrate-slurm-quota on it first (it adds jobs_preallocations.array_size), then "
+            f"`slurm-quota migrate`. Nothing was changed."
+        )
 
 
 def schema_version(path: str | os.PathLike[str]) -> int:

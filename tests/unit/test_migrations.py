@@ -13,7 +13,13 @@ import pytest
 
 from slurm_quota import db
 from tests.unit.cli_helpers import run_cli, snapshot
-from tests.unit.fixtures_seed import PRIMARY_KEYS, SEED_ROWS, make_seed_db, read_rows
+from tests.unit.fixtures_seed import (
+    PRIMARY_KEYS,
+    SEED_DDL,
+    SEED_ROWS,
+    make_seed_db,
+    read_rows,
+)
 
 LATEST = 2
 NEW_TABLES = {"charges", "journal"}
@@ -272,3 +278,53 @@ def test_admin_write_on_a_locked_database_exits_75_and_changes_nothing(db_path, 
     assert "locked" in result.err
     assert result.out == ""
     assert snapshot(db_path) == before
+
+
+def test_migrate_on_a_locked_rollback_journal_database_exits_75(tmp_path, capsys):
+    # Switching a non-WAL file to WAL needs an exclusive lock; it used to escape as a
+    # raw sqlite3 traceback.
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(str(path))
+    conn.executescript(SEED_DDL)  # the seed's tables, but in rollback-journal mode
+    conn.close()
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        result = run_cli(capsys, path, "migrate")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert result.code == 75
+    assert "is locked; no migration was applied" in result.err
+    assert "Traceback" not in result.err
+    assert _pragma(path, "user_version") == 0
+    assert _pragma(path, "journal_mode") == "delete"
+
+
+def test_migrate_refuses_a_seed_database_older_than_array_size(tmp_path, capsys):
+    path = tmp_path / "older-seed.db"
+    conn = sqlite3.connect(str(path))
+    conn.executescript(
+        """
+        CREATE TABLE users (username TEXT PRIMARY KEY, total_consumed_cpu_minutes INTEGER
+            DEFAULT 0, quota_cpu_minutes INTEGER DEFAULT -1, total_consumed_gpu_minutes
+            INTEGER DEFAULT 0, quota_gpu_minutes INTEGER DEFAULT -1,
+            last_updated TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+        CREATE TABLE jobs_preallocations (job_uuid TEXT PRIMARY KEY, username TEXT NOT NULL,
+            account TEXT NOT NULL, preallocated_cpu_minutes INTEGER NOT NULL,
+            preallocated_gpu_minutes INTEGER DEFAULT 0,
+            created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+        INSERT INTO users (username) VALUES ('alice');
+        """
+    )
+    conn.close()
+    before = snapshot(path)
+
+    result = run_cli(capsys, path, "migrate")
+
+    assert result.code == 1
+    assert "lacks jobs_preallocations.array_size" in result.err
+    assert "Nothing was changed" in result.err
+    assert snapshot(path) == before
+    assert "charges" not in _schema(path)["table"]
