@@ -14,11 +14,9 @@ from __future__ import annotations
 import re
 import sqlite3
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
-
-import lupa
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "lua" / "job_submit.lua"
@@ -60,7 +58,7 @@ def _value(text: str) -> Any:
         return text
 
 
-@lru_cache(maxsize=None)
+@cache
 def constants() -> dict[str, Any]:
     """slurm.* constants dumped by the probe inside a real slurmctld (functions excluded)."""
     out: dict[str, Any] = {}
@@ -86,7 +84,7 @@ def _md_tables(path: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-@lru_cache(maxsize=None)
+@cache
 def captured_submits() -> dict[str, dict[str, Any]]:
     """job_desc field values per captured submission, keyed like 'c04_c4 (#4)'."""
     t1 = _md_tables(FIXTURES / "job_desc_table1.md")
@@ -111,7 +109,7 @@ def submit_case(prefix: str, **overrides: Any) -> dict[str, Any]:
     raise KeyError(prefix)
 
 
-@lru_cache(maxsize=None)
+@cache
 def captured_modifies() -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
     """(modify_uid, job_desc, job_rec) of each captured slurm_job_modify call."""
     calls = []

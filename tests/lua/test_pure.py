@@ -90,7 +90,9 @@ def test_parse_gpus_every_spelling(m, text, expected):
     assert got == expected
 
 
-@pytest.mark.parametrize("text", ["gres:gpu:h100:x", "gres:gpu:h100:2:3", "gres/gpu=", "gres:gpu::2"])
+@pytest.mark.parametrize(
+    "text", ["gres:gpu:h100:x", "gres:gpu:h100:2:3", "gres/gpu=", "gres:gpu::2"]
+)
 def test_unreadable_gpu_entry_is_a_message(m, text):
     items, message = m.parse_gpus(text)
     assert items is None

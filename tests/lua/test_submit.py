@@ -8,7 +8,9 @@ import pytest
 
 from tests.lua.harness import NO_VAL, execute, prealloc, rows, submit_case
 
-UUID_RE = re.compile(r"^slurm-quota:[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+UUID_RE = re.compile(
+    r"^slurm-quota:[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+)
 
 
 def set_factor(db_path, gpu_type, factor):
@@ -357,7 +359,8 @@ def test_one_write_transaction_per_accepted_submit(plugin, db_path):
     sql = plugin.bridge.statements
     assert sql.count("BEGIN IMMEDIATE") == 1 and sql.count("COMMIT") == 1
     assert "PRAGMA busy_timeout = 200" in sql
-    assert sql.index("BEGIN IMMEDIATE") < min(i for i, s in enumerate(sql) if s.startswith("INSERT"))
+    first_insert = min(i for i, s in enumerate(sql) if s.startswith("INSERT"))
+    assert sql.index("BEGIN IMMEDIATE") < first_insert
     plugin.bridge.statements.clear()
     set_user_quota(db_path, "alice", cpu=0)
     plugin.submit(submit_case("c01_plain"))

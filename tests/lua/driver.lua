@@ -1,0 +1,79 @@
+-- Drive lua/job_submit.lua under a real interpreter (lua5.1) with the real LuaDBI, the way
+-- slurmctld does: proxy tables for job_desc/job_rec/part entries (pairs() yields nothing),
+-- a slurm table with 22.05's constants, log functions that print.
+-- usage: lua5.1 driver.lua PLUGIN CASES   (CASES is a Lua file returning a list of calls)
+-- output: "CALL <n> rc=<rc> ms=<wall ms> admin_comment=<%q>" and "LOG <n> <level> <msg>" lines.
+local plugin_path, cases_path = arg[1], arg[2]
+
+local current = 0
+local function logger(level)
+    return function(fmt, ...)
+        local msg = string.format(fmt, ...)
+        io.write(string.format("LOG %d %s %s\n", current, level, (msg:gsub("\n", "\\n"))))
+    end
+end
+slurm = {
+    SUCCESS = 0, ERROR = -1, FAILURE = -1, ESLURM_ACCOUNTING_POLICY = 2050,
+    ESLURM_MISSING_TIME_LIMIT = 8000, ESLURM_INVALID_TIME_LIMIT = 2051,
+    ESLURM_ACCESS_DENIED = 2002, NO_VAL = 4294967294, NO_VAL16 = 65534, NO_VAL8 = 254,
+    NO_VAL64 = 1.844674407371e+19, INFINITE = 4294967295, INFINITE64 = 1.844674407371e+19,
+    JOB_SHARED_NONE = 0, JOB_SHARED_OK = 1, JOB_SHARED_USER = 2, JOB_SHARED_MCS = 3,
+    log_info = logger("info"), log_verbose = logger("verbose"), log_debug = logger("debug"),
+    log_error = logger("error"), error = logger("error"), log_user = logger("user"),
+    user_msg = logger("user"),
+}
+
+local function proxy(fields, writes)
+    return setmetatable({}, {
+        __index = function(_, k) return fields[k] end,
+        __newindex = function(_, k, v) fields[k] = v; if writes then writes[k] = v end end,
+    })
+end
+
+local clock
+do
+    local ok, ptime = pcall(require, "posix.time")
+    if ok and ptime.clock_gettime then
+        clock = function()
+            local t = ptime.clock_gettime(ptime.CLOCK_MONOTONIC)
+            return t.tv_sec + t.tv_nsec / 1e9
+        end
+    else
+        clock = os.clock
+    end
+end
+
+local before = {}
+for k in pairs(_G) do before[k] = true end
+local chunk = assert(loadfile(plugin_path))
+local load_rc = chunk()
+io.write(string.format("LOAD rc=%s\n", tostring(load_rc)))
+
+local cases = dofile(cases_path)
+local tokens = {}
+for i, c in ipairs(cases) do
+    current = i
+    local parts = {}
+    for _, p in ipairs(c.parts or {}) do parts[p.name] = proxy(p) end
+    local writes = {}
+    local rc
+    local t0 = clock()
+    if c.kind == "submit" then
+        rc = slurm_job_submit(proxy(c.desc, writes), parts, c.uid or 1001)
+    else
+        local rec = c.rec
+        if c.token_of then
+            rec.admin_comment = tokens[c.token_of]
+        end
+        rc = slurm_job_modify(proxy(c.desc, writes), proxy(rec), parts, c.uid or 1001)
+    end
+    local ms = (clock() - t0) * 1000
+    tokens[i] = writes.admin_comment
+    io.write(string.format("CALL %d rc=%s ms=%.3f admin_comment=%q\n", i, tostring(rc), ms,
+        tostring(writes.admin_comment)))
+end
+
+local leaked = {}
+for k in pairs(_G) do if not before[k] then leaked[#leaked + 1] = k end end
+table.sort(leaked)
+io.write("GLOBALS " .. table.concat(leaked, ",") .. "\n")

@@ -1,0 +1,107 @@
+"""Run tests/lua/driver.lua under the real lua5.1 with the real LuaDBI (Debian packages)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests import syspkgs
+from tests.lua.harness import PLUGIN
+
+DRIVER = Path(__file__).resolve().parent / "driver.lua"
+PACKAGES = ["lua5.1", "lua-dbi-sqlite3", "lua-posix"]
+
+
+def require_real_lua() -> None:
+    """Install lua5.1 + LuaDBI SQLite3 + luaposix, or skip (fail in CI) loudly."""
+    syspkgs.require(PACKAGES)
+
+
+def lua_literal(value: Any) -> str:
+    """A Python value as a Lua literal (dicts -> tables, None -> nil)."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        v = float(value)
+        if math.isnan(v):
+            return "(0/0)"
+        if math.isinf(v):
+            return "(1/0)" if v > 0 else "(-1/0)"
+        return repr(v)
+    if isinstance(value, str):
+        return '"' + "".join(
+            chr(b) if b < 128 and (chr(b).isalnum() or chr(b) in " -_:,/.=%[]()") else f"\\{b:03d}"
+            for b in value.encode("utf-8")
+        ) + '"'
+    if isinstance(value, dict):
+        items = ", ".join(f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items()
+                          if v is not None)
+        return "{" + items + "}"
+    if isinstance(value, (list, tuple)):
+        return "{" + ", ".join(lua_literal(v) for v in value) + "}"
+    raise TypeError(type(value))
+
+
+@dataclass
+class Call:
+    rc: int
+    ms: float
+    admin_comment: str | None
+    logs: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def uuid(self) -> str | None:
+        m = re.findall(r"slurm-quota:([0-9a-f-]{36})", self.admin_comment or "")
+        return m[-1] if m else None
+
+    def log_text(self, level: str | None = None) -> str:
+        return "\n".join(m for lv, m in self.logs if level is None or lv == level)
+
+
+@dataclass
+class Run:
+    load_rc: str
+    calls: list[Call]
+    globals: list[str]
+    stderr: str
+
+
+def run_cases(cases: list[dict[str, Any]], tmp_path: Path, db_path: Path | str,
+              plugin: Path = PLUGIN, timeout: float = 60) -> Run:
+    """Write the cases as Lua, run the driver under lua5.1 with SLURM_QUOTA_DB=db_path."""
+    cases_file = tmp_path / "cases.lua"
+    cases_file.write_text("return " + lua_literal(cases) + "\n")
+    env = dict(os.environ, SLURM_QUOTA_DB=str(db_path))
+    proc = subprocess.run(["lua5.1", str(DRIVER), str(plugin), str(cases_file)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    calls: dict[int, Call] = {}
+    logs: dict[int, list[tuple[str, str]]] = {}
+    load_rc, globs = "", []
+    for line in proc.stdout.splitlines():
+        if line.startswith("LOAD "):
+            load_rc = line.split("rc=", 1)[1]
+        elif line.startswith("LOG "):
+            _, n, level, msg = line.split(" ", 3)
+            logs.setdefault(int(n), []).append((level, msg))
+        elif line.startswith("CALL "):
+            m = re.match(r"CALL (\d+) rc=(-?\d+) ms=([\d.]+) admin_comment=\"(.*)\"$", line)
+            assert m, line
+            ac = m.group(4)
+            calls[int(m.group(1))] = Call(int(m.group(2)), float(m.group(3)),
+                                          None if ac == "nil" else ac)
+        elif line.startswith("GLOBALS "):
+            globs = [g for g in line[len("GLOBALS "):].split(",") if g]
+    out = []
+    for n in sorted(calls):
+        c = calls[n]
+        c.logs = logs.get(n, [])
+        out.append(c)
+    return Run(load_rc, out, globs, proc.stderr)

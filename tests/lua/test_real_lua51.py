@@ -1,0 +1,133 @@
+"""The plugin under the real lua5.1 + LuaDBI (SQLite3) on a real file, via tests/lua/driver.lua."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.lua.harness import (
+    MAIN_PARTITION,
+    NO_VAL,
+    execute,
+    modify_case,
+    prealloc,
+    rows,
+    submit_case,
+)
+from tests.lua.realrun import require_real_lua, run_cases
+from tests.lua.test_policy import hold_write_lock
+from tests.lua.test_submit import CAPTURED, set_factor, set_user_quota
+
+
+@pytest.fixture(autouse=True)
+def _real_lua():
+    require_real_lua()
+
+
+def submit(case, **fields):
+    return {"kind": "submit", "desc": submit_case(case, **fields), "parts": [MAIN_PARTITION]}
+
+
+def test_captured_submissions_under_real_lua51(tmp_path, db_path):
+    set_factor(db_path, "h100", 2.0)
+    run = run_cases([submit(case) for case, _ in CAPTURED], tmp_path, db_path)
+    assert run.load_rc == "0"
+    assert run.globals == ["slurm_job_modify", "slurm_job_submit", "slurm_quota"]
+    for (case, expected), call in zip(CAPTURED, run.calls):
+        assert call.rc == 0, (case, call.logs)
+        row = prealloc(db_path, call.uuid)
+        account, cpu, gpu, size = expected
+        if case == "c10_gres_h100x2":
+            gpu *= 2  # factor 2.0 for h100 in this run
+        assert row == ("alice", account, cpu, gpu, size), case
+
+
+def test_refusal_message_under_real_lua51(tmp_path, db_path):
+    set_user_quota(db_path, "alice", cpu=100, consumed_cpu=50)
+    run = run_cases([submit("c07_array0-9", time_limit=10.0, name="sweep")], tmp_path, db_path)
+    call = run.calls[0]
+    assert call.rc == 2050
+    user = [m for lv, m in call.logs if lv == "user"]
+    assert user[0] == ('slurm-quota: job "sweep" refused: it needs more CPU-minutes than user '
+                       "alice has left.")
+    assert user[1] == (
+        "slurm-quota:   requested: 100 CPU-minutes = 1 CPU x 10 min x 10 array elements"
+    )
+    assert user[2] == ("slurm-quota:   available: 50 CPU-minutes = quota 100 - consumed 50 - "
+                       "reserved 0 by 0 queued/running jobs")
+    assert "--time=5 or less would fit; or 5 array elements would fit" in user[3]
+    assert rows(db_path, "SELECT COUNT(*) FROM jobs_preallocations") == [(0,)]
+
+
+def test_modify_under_real_lua51(tmp_path, db_path):
+    desc_hold, rec = modify_case(priority=0.0)
+    rec = dict(rec, time_limit=20.0)
+    desc_lower, _ = modify_case(time_limit=15.0)
+    desc_raise, _ = modify_case(time_limit=300.0)
+    desc_root, _ = modify_case(time_limit=25.0)
+    desc_ac, _ = modify_case(admin_comment="ops note")
+    cases = [
+        submit("c22_hold", time_limit=20.0),
+        {"kind": "modify", "desc": desc_hold, "rec": rec, "token_of": 1, "uid": 1001},
+        {"kind": "modify", "desc": desc_lower, "rec": rec, "token_of": 1, "uid": 1001},
+        {"kind": "modify", "desc": desc_raise, "rec": dict(rec, time_limit=15.0),
+         "token_of": 1, "uid": 1001},
+        {"kind": "modify", "desc": desc_root, "rec": dict(rec, time_limit=15.0),
+         "token_of": 1, "uid": 0},
+        {"kind": "modify", "desc": desc_ac, "rec": rec, "token_of": 1, "uid": 0},
+    ]
+    run = run_cases(cases, tmp_path, db_path)
+    assert [c.rc for c in run.calls] == [0, 0, 0, 0, 0, 0]
+    uuid = run.calls[0].uuid
+    assert prealloc(db_path, uuid)[2] == 25  # 20 -> hold 20 -> 15 -> (300 denied) 15 -> root 25
+    assert run.calls[5].admin_comment == f"ops note slurm-quota:{uuid}"
+    assert run.globals == ["slurm_job_modify", "slurm_job_submit", "slurm_quota"]
+
+
+def test_locked_database_under_real_lua51(tmp_path, db_path):
+    holder = hold_write_lock(db_path, 5)
+    try:
+        start = time.monotonic()
+        run = run_cases([submit("c01_plain")], tmp_path, db_path)
+        elapsed = time.monotonic() - start
+    finally:
+        holder.kill()
+        holder.wait()
+    call = run.calls[0]
+    assert call.rc == 0  # FAIL_OPEN is the shipped default
+    assert call.admin_comment is None
+    assert "database is locked" in call.log_text("error")
+    assert "ACCEPTED WITHOUT QUOTA CHECK" in call.log_text("error")
+    assert elapsed < 2.0  # sanity only (includes interpreter start-up)
+
+
+def test_fail_closed_under_real_lua51(tmp_path, db_path):
+    plugin = tmp_path / "job_submit.lua"
+    from tests.lua.harness import PLUGIN
+
+    text = PLUGIN.read_text()
+    assert "local FAIL_OPEN = true" in text
+    plugin.write_text(text.replace("local FAIL_OPEN = true", "local FAIL_OPEN = false"))
+    execute(db_path, "PRAGMA user_version = 7")
+    run = run_cases([submit("c01_plain")], tmp_path, db_path, plugin=plugin)
+    call = run.calls[0]
+    assert call.rc == -1
+    assert "schema version 7" in call.log_text("error")
+    assert "could not be checked" in call.log_text("user")
+
+
+def test_missing_db_is_not_created_under_real_lua51(tmp_path):
+    missing = tmp_path / "absent.db"
+    run = run_cases([submit("c01_plain")], tmp_path, missing)
+    assert run.calls[0].rc == 0
+    assert not missing.exists()
+
+
+def test_no_time_no_partition_default_under_real_lua51(tmp_path, db_path):
+    set_user_quota(db_path, "alice", cpu=1000)
+    parts = [dict(MAIN_PARTITION, default_time=NO_VAL, max_time=4294967295)]
+    run = run_cases([{"kind": "submit", "desc": submit_case("c01_plain"), "parts": parts}],
+                    tmp_path, db_path)
+    assert run.calls[0].rc == 8000
+    assert "add --time" in run.calls[0].log_text("user")
