@@ -104,16 +104,20 @@ def test_socket_listens_on_9911_and_service_requires_it():
     assert "slurm-quota.socket" in unit["Requires"].split()
 
 
-def test_services_run_as_slurm_hardened():
+def test_services_are_hardened():
     for name in ("slurm-quota.service", "slurm-quota-reconcile.service"):
         svc = _parse(name)["Service"]
-        assert (svc["User"], svc["Group"]) == ("slurm", "slurm"), name
         assert svc["NoNewPrivileges"] == "yes", name
         assert svc["ProtectSystem"] == "strict", name
         assert svc["PrivateTmp"] == "yes", name
         assert svc["ProtectHome"] == "yes", name
         assert svc["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6"], name
-        assert svc["CapabilityBoundingSet"] == "", name
+    serve = _parse("slurm-quota.service")["Service"]
+    assert (serve["User"], serve["Group"]) == ("slurm", "slurm")
+    assert serve["CapabilityBoundingSet"] == ""
+    reconcile = _parse("slurm-quota-reconcile.service")["Service"]
+    assert set(reconcile["CapabilityBoundingSet"].split()) <= {
+        "CAP_DAC_OVERRIDE", "CAP_CHOWN", "CAP_FOWNER"}
 
 
 def test_read_service_cannot_write_the_ledger_file():
@@ -173,3 +177,83 @@ def test_wal_reader_needs_a_writable_directory():
         assert int(allowed.stdout) == db.latest_version()
     finally:
         shutil.rmtree(locked)
+
+
+def _fake_slurm(bindir: Path) -> None:
+    """sacct/squeue/scontrol that answer at once with no jobs (a cluster with nothing to do)."""
+    bindir.mkdir()
+    for name in ("sacct", "squeue", "scontrol"):
+        (bindir / name).write_text("#!/bin/sh\nexit 0\n")
+        (bindir / name).chmod(0o755)
+
+
+def _as_unit(unit: str) -> list[str]:
+    """setpriv arguments reproducing a unit's User/Group, capability bound and no_new_privs."""
+    import pwd
+
+    svc = _parse(unit)["Service"]
+    pw = pwd.getpwnam(svc.get("User", "root"))
+    caps = [c.lower().removeprefix("cap_") for c in svc.get("CapabilityBoundingSet", "").split()]
+    args = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+            "--bounding-set=" + ",".join(["-all", *("+" + c for c in caps)]), "--inh-caps=-all"]
+    if svc.get("NoNewPrivileges") == "yes":
+        args.append("--no-new-privs")
+    return args
+
+
+def test_reconcile_unit_identity_may_run_reconcile_on_a_slurm_owned_ledger():
+    """The unit's user and capabilities are enough for `reconcile` to do its job, and the
+    ledger's files stay slurm's (the plugin in slurmctld must keep writing them)."""
+    import os
+    import pwd
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        syspkgs.skip_or_fail("needs root and setpriv to run as the unit's user")
+    try:
+        slurm = pwd.getpwnam("slurm")
+    except KeyError:
+        syspkgs.require(["slurm-wlm-basic-plugins"])  # creates Debian's SlurmUser `slurm`
+        slurm = pwd.getpwnam("slurm")
+    from slurm_quota import db
+
+    base = Path(tempfile.mkdtemp(prefix="slurm-quota-reconcile-unit-"))
+    try:
+        os.chmod(base, 0o755)
+        state, spool = base / "state", base / "spool"
+        state.mkdir()
+        spool.mkdir()
+        ledger = state / "slurm-quota.db"
+        db.migrate(ledger)
+        for p in (state, spool, *state.iterdir()):
+            os.chown(p, slurm.pw_uid, slurm.pw_gid)
+        _fake_slurm(base / "bin")
+
+        exec_start = _parse("slurm-quota-reconcile.service")["Service"]["ExecStart"].split()
+        assert exec_start[0] == SHIPPED_BIN
+        argv = [str(_venv_cli()), "--db", str(ledger), *exec_start[1:]]
+        env = {"PATH": f"{base / 'bin'}:/usr/bin:/bin", "SLURM_QUOTA_SPOOL": str(spool),
+               "LANG": "C.UTF-8"}
+        proc = subprocess.run([*_as_unit("slurm-quota-reconcile.service"), *argv], env=env,
+                              cwd=base, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for f in state.iterdir():
+            st = f.stat()
+            assert (st.st_uid, st.st_gid) == (slurm.pw_uid, slurm.pw_gid), f.name
+    finally:
+        shutil.rmtree(base)
+
+
+def test_reconcile_syscall_filter_keeps_fchown(analyze, tmp_path):
+    """SQLite running as root chowns the -wal/-shm files it creates to the ledger's owner;
+    ~@privileged alone would deny fchown and leave files slurmctld's plugin cannot open."""
+    unit_dir, manpath = _render(tmp_path)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "MANPATH": str(manpath),
+           "SYSTEMD_LOG_LEVEL": "debug"}
+    proc = subprocess.run(["systemd-analyze", "verify", "./slurm-quota-reconcile.service"],
+                          cwd=unit_dir, env=env, capture_output=True, text=True, timeout=120)
+    dump = proc.stdout.split("-> Unit slurm-quota-reconcile.service:", 1)[1]
+    allowed = next(line for line in dump.splitlines()
+                   if line.strip().startswith("SystemCallFilter:")).split()[1:]
+    assert "fchown" in allowed and "fchownat" in allowed
+    assert "setuid" not in allowed and "setrlimit" not in allowed
