@@ -220,6 +220,15 @@ def _quota_bin() -> str:
     return shutil.which("slurm-quota") or str(candidates[-1])
 
 
+def _read_pid(path: Path) -> int | None:
+    """The PID in a PID file, or None while it is missing, empty or half written."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _render(template: str, **values: str) -> str:
     return string.Template((TEMPLATES / template).read_text()).substitute(values)
 
@@ -286,8 +295,9 @@ class Lab:
         with contextlib.suppress(OSError, ValueError):
             pids.update({k: int(v) for k, v in json.loads(self._record.read_text()).items()})
         for daemon in DAEMONS:
-            with contextlib.suppress(OSError, ValueError):
-                pids[daemon] = int(self.pid_file(daemon).read_text().split()[0])
+            pid = _read_pid(self.pid_file(daemon))
+            if pid is not None:
+                pids[daemon] = pid
         return pids
 
     def _save_pid(self, daemon: str, pid: int) -> None:
@@ -397,7 +407,7 @@ class Lab:
             state = self.job_state(job_id)
             if state is None:
                 rows = self.sacct(job_id, ["State"])
-                state = rows[0]["State"].split()[0] if rows else None
+                state = (rows[0]["State"].split() or [None])[0] if rows else None
             if state in FINAL_STATES:
                 return state
             time.sleep(POLL_S * 2)
@@ -437,7 +447,7 @@ class Lab:
                     row = cand
             if (
                 row
-                and row["State"].split()[0] in FINAL_STATES
+                and (row["State"].split() or [""])[0] in FINAL_STATES
                 and row["End"] != "Unknown"
                 and row["Partition"]
             ):
@@ -694,12 +704,14 @@ class Lab:
         pid_file = self.pid_file(daemon)
 
         def pid_written() -> bool:
-            with contextlib.suppress(OSError, ValueError):
-                return alive(int(pid_file.read_text().split()[0]))
-            return False
+            pid = _read_pid(pid_file)
+            return pid is not None and alive(pid)
 
         self._wait(f"{daemon} to write {pid_file}", pid_written, None, timeout=30)
-        self._save_pid(daemon, int(pid_file.read_text().split()[0]))
+        pid = _read_pid(pid_file)
+        if pid is None:
+            raise LabError(f"{daemon} removed {pid_file} right after writing it")
+        self._save_pid(daemon, pid)
 
     def _ok(self, *argv: str) -> bool:
         try:
@@ -821,22 +833,20 @@ class Lab:
         )
 
     def _register_accounts(self) -> None:
-        sacctmgr = ("sacctmgr", "-i")
-        self.run(*sacctmgr, "add", "cluster", CLUSTER)
-        self.run(*sacctmgr, "add", "account", ",".join(ACCOUNTS), f"cluster={CLUSTER}")
-        for user, (default, accounts) in USERS.items():
-            self.run(
-                *sacctmgr,
-                "add",
-                "user",
-                user,
-                f"account={','.join(accounts)}",
-                f"defaultaccount={default}",
-                f"cluster={CLUSTER}",
-            )
-        # root already exists (under account root) when the cluster is created, so its
-        # default account is not changed by `add user`.
-        self.run(*sacctmgr, "modify", "user", "root", "set", f"defaultaccount={USERS['root'][0]}")
+        """Cluster, accounts and associations in one `sacctmgr load` (one call, not seven)."""
+        lines = [f"Cluster - '{CLUSTER}'", "Parent - 'root'"]
+        lines.append(
+            f"User - 'root':DefaultAccount='{USERS['root'][0]}':AdminLevel='Administrator'"
+        )
+        lines += [f"Account - '{a}':Description='{a}':Organization='{CLUSTER}'" for a in ACCOUNTS]
+        for account in ACCOUNTS:
+            lines.append(f"Parent - '{account}'")
+            for user, (default, accounts) in USERS.items():
+                if account in accounts:
+                    lines.append(f"User - '{user}':DefaultAccount='{default}'")
+        spec = self.etc / "associations.cfg"
+        _write(spec, "\n".join(lines) + "\n")
+        self.run("sacctmgr", "-i", "load", f"file={spec}")
 
     def _start_slurmctld(self) -> None:
         self._launch("slurmctld", ["slurmctld"])
