@@ -156,6 +156,25 @@ def test_every_command_option_and_argument_is_in_the_man_page():
     assert missing_from_man() == []
 
 
+def _documented_options(text: str) -> set[str]:
+    """Long options named in the item terms (the line after each .TP) of a section."""
+    lines = text.splitlines()
+    terms = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.strip() == ".TP"]
+    return {o for term in terms for o in re.findall(r"--[a-z][\w-]*", term)}
+
+
+def test_man_page_documents_nothing_the_cli_lacks():
+    _, ss = _sections(MAN / "slurm-quota.1")
+    commands = dict(_commands(cli))
+    assert sorted(set(ss) - set(commands)) == []
+    extra = {
+        f"{name} {opt}"
+        for name, text in ss.items()
+        for opt in _documented_options(text) - set(_long_options(commands[name]))
+    }
+    assert sorted(extra) == []
+
+
 def test_coverage_check_notices_a_missing_option(tmp_path, monkeypatch):
     # Guard against a check that cannot fail: add an option the page cannot know.
     cmd = cli.commands["stats"] if "stats" in cli.commands else next(iter(cli.commands.values()))
