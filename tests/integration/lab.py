@@ -895,22 +895,41 @@ class Lab:
                 stage()
                 self.timings.append((stage.__name__.lstrip("_"), time.monotonic() - t0))
             except BaseException as err:
-                tail = _tail(self.log_dir / f"{log_name}.log")
-                start_tail = _tail(self.log_dir / f"{log_name}.start.log", 10)
+                message = f"lab up failed at {stage.__name__}: {type(err).__name__}: {err}"
+                for path, lines in (
+                    (self.log_dir / f"{log_name}.log", 40),
+                    (self.log_dir / f"{log_name}.start.log", 10),
+                ):
+                    if path.exists() and path.stat().st_size:
+                        message += f"\n--- tail of {path} ---\n{_tail(path, lines)}"
                 with contextlib.suppress(Exception):
                     self.down()
                 if not isinstance(err, Exception):
                     raise
-                raise LabError(
-                    f"lab up failed at {stage.__name__}: {type(err).__name__}: {err}\n"
-                    f"--- tail of {self.log_dir / (log_name + '.log')} ---\n{tail}\n"
-                    f"--- start-up output ---\n{start_tail}"
-                ) from err
+                raise LabError(message) from err
         return time.monotonic() - t0
+
+    def _check_ports(self) -> None:
+        """Refuse to start when a port of this lab is taken (another lab, another service)."""
+        for name, port in (
+            ("slurmctld", self.ctld_port),
+            ("slurmd", self.slurmd_port),
+            ("slurmdbd", self.dbd_port),
+            ("mariadbd", self.mysql_port),
+        ):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError as err:
+                    raise LabError(
+                        f"port {port} ({name}) on 127.0.0.1 is in use ({err.strerror}); "
+                        f"choose another {PORT_ENV} (ports base..base+3)"
+                    ) from err
 
     def _setup(self) -> None:
         from slurm_quota import db
 
+        self._check_ports()
         self._reset_dir()
         self._ensure_users()
         self._make_devices()
