@@ -212,7 +212,7 @@ def _from_sacct_rows(run: Run, rows: list[slurm_mod.AccountingJob]) -> Allocatio
 def lookup_allocation(
     run: Run,
     *,
-    runner: slurm_mod.Runner = slurm_mod.run_command,
+    runner: slurm_mod.Runner | None = None,
     sleep=time.sleep,
     retry_delays_s: tuple[float, ...] = SACCT_RETRY_DELAYS_S,
 ) -> Allocation:
@@ -412,7 +412,7 @@ def charge_env(
     conn,
     env: Mapping[str, str],
     *,
-    runner: slurm_mod.Runner = slurm_mod.run_command,
+    runner: slurm_mod.Runner | None = None,
     source: str = "jobcomp",
     dry_run: bool = False,
     sleep=time.sleep,

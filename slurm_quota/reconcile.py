@@ -177,7 +177,7 @@ def reconcile(
     grace_s: int = DEFAULT_GRACE_MIN * 60,
     spool_dir: Path | None = None,
     dry_run: bool = False,
-    runner: slurm_mod.Runner = slurm_mod.run_command,
+    runner: slurm_mod.Runner | None = None,
     sleep=time.sleep,
 ) -> ReconcileReport:
     """Charge every ended run accounting knows and the ledger lacks, replay the spool, then
@@ -362,7 +362,7 @@ def prune(
     dry_run: bool = False,
     grace_s: int = DEFAULT_GRACE_MIN * 60,
     now: int | None = None,
-    runner: slurm_mod.Runner = slurm_mod.run_command,
+    runner: slurm_mod.Runner | None = None,
 ) -> PruneReport:
     """Delete orphan preallocations, then users/accounts with no quota, no usage and no open
     preallocation; journaled. Slurm is asked first: if it does not answer, nothing is deleted.

@@ -288,13 +288,13 @@ def parse_scontrol_jobs(text: str) -> list[ControllerJob]:
     return jobs
 
 
-def controller_job(job_id: int, *, runner: Runner = run_command) -> ControllerJob | None:
+def controller_job(job_id: int, *, runner: Runner | None = None) -> ControllerJob | None:
     """The controller's record of one job (raw id), None when slurmctld no longer has it.
 
     An array master id or a het leader lists several records: only JobId == job_id is kept.
     """
     argv = ["scontrol", "show", "job", "-o", str(int(job_id))]
-    res = runner(argv, SCONTROL_TIMEOUT_S)
+    res = (runner or run_command)(argv, SCONTROL_TIMEOUT_S)
     if res.returncode != 0:
         if "invalid job id" in res.stderr.lower():
             return None  # purged after MinJobAge (or never existed)
@@ -419,19 +419,19 @@ def _sacct_format() -> str:
     return ",".join(SACCT_FIELDS)
 
 
-def sacct_job(job_id: int, *, runner: Runner = run_command) -> list[AccountingJob]:
+def sacct_job(job_id: int, *, runner: Runner | None = None) -> list[AccountingJob]:
     """sacct rows (every run, -D) of one raw job id; other rows of an array/het are dropped."""
     argv = [
         "sacct", "-j", str(int(job_id)), "-X", "-D", "-P", "-n", "-o", _sacct_format(),
     ]  # fmt: skip
-    res = runner(argv, SACCT_TIMEOUT_S)
+    res = (runner or run_command)(argv, SACCT_TIMEOUT_S)
     if res.returncode != 0:
         raise _fail(argv, res)
     return [row for row in parse_sacct(res.stdout) if row.job_id == job_id]
 
 
 def sacct_window(
-    start_epoch: int, end_epoch: int | None = None, *, runner: Runner = run_command
+    start_epoch: int, end_epoch: int | None = None, *, runner: Runner | None = None
 ) -> list[AccountingJob]:
     """One batched query: every run of every user that ended in [start, end] (all -D runs)."""
     argv = [
@@ -441,7 +441,7 @@ def sacct_window(
         "-s", RECONCILE_STATES,
         "-o", _sacct_format(),
     ]  # fmt: skip
-    res = runner(argv, BATCH_SACCT_TIMEOUT_S)
+    res = (runner or run_command)(argv, BATCH_SACCT_TIMEOUT_S)
     if res.returncode != 0:
         raise _fail(argv, res)
     return parse_sacct(res.stdout)
@@ -472,14 +472,14 @@ class QueueSnapshot:
 SQUEUE_FORMAT = "JobID:0|,State:0|,admin_comment:0"
 
 
-def queue_tokens(*, runner: Runner = run_command) -> QueueSnapshot:
+def queue_tokens(*, runner: Runner | None = None) -> QueueSnapshot:
     """One squeue over all jobs the controller holds (every state): the tokens they carry.
 
     Any UUID anywhere in a job's line keeps its preallocation (erring on the side of
     keeping). Empty output with exit 0 means "no jobs"; any failure raises SlurmUnavailable.
     """
     argv = ["squeue", "-h", "-a", "-t", "all", "-O", SQUEUE_FORMAT]
-    res = runner(argv, SQUEUE_TIMEOUT_S)
+    res = (runner or run_command)(argv, SQUEUE_TIMEOUT_S)
     if res.returncode != 0:
         raise _fail(argv, res)
     count = 0
