@@ -918,6 +918,8 @@ class Lab:
             ("mariadbd", self.mysql_port),
         ):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                # As the daemons do: TIME_WAIT leftovers of the previous lab are no conflict.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind(("127.0.0.1", port))
                 except OSError as err:
