@@ -133,6 +133,9 @@ def test_web_package_holds_its_man_page(packages):
     web_dir = ROOT / "slurm_quota" / "web"
     if web_dir.is_dir():
         assert _has(files, r"/usr/lib/python3\.\d+/site-packages/slurm_quota/web/__init__\.py")
+    if re.search(r"^slurm-quota-web\s*=", (ROOT / "pyproject.toml").read_text(), re.M):
+        assert "/usr/bin/slurm-quota-web" in files
+        assert "/usr/bin/slurm-quota-web" not in _files(packages["slurm-quota"])
 
 
 def _extract(rpm_path: Path, dest: Path) -> None:
