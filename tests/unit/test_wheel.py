@@ -37,6 +37,11 @@ def installed(tmp_path_factory):
     work = tmp_path_factory.mktemp("wheel")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "LANG": "C.UTF-8"}
     build_env = dict(env, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # What the wheel must carry, read just before the build (others may edit lua/ meanwhile).
+    expected = {
+        f"migrations/{name}": (SOURCE / "migrations" / name).read_bytes() for name in MIGRATIONS
+    }
+    expected["job_submit.lua"] = (SOURCE / "lua" / "job_submit.lua").read_bytes()
     dist = work / "dist"
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(SOURCE)],
@@ -49,29 +54,23 @@ def installed(tmp_path_factory):
     _run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheels[0])], env=build_env
     )
-    return wheels[0], venv, env
+    return wheels[0], venv, env, expected
 
 
 def test_wheel_contains_the_migrations_and_the_plugin(installed):
-    wheel, _, _ = installed
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "slurm_quota/_data/job_submit.lua" in names
-    shipped = sorted(
-        n.rsplit("/", 1)[1] for n in names if n.startswith("slurm_quota/_data/migrations/")
-    )
-    assert shipped == MIGRATIONS
+    wheel, _, _, expected = installed
     with zipfile.ZipFile(wheel) as zf:
-        for name in MIGRATIONS:
-            data = zf.read(f"slurm_quota/_data/migrations/{name}")
-            assert data == (SOURCE / "migrations" / name).read_bytes(), name
-        assert (
-            zf.read("slurm_quota/_data/job_submit.lua")
-            == (SOURCE / "lua" / "job_submit.lua").read_bytes()
+        names = zf.namelist()
+        shipped = sorted(
+            n.rsplit("/", 1)[1] for n in names if n.startswith("slurm_quota/_data/migrations/")
         )
+        assert shipped == MIGRATIONS
+        for name, data in expected.items():
+            assert zf.read(f"slurm_quota/_data/{name}") == data, name
 
 
 def test_installed_package_reads_its_data_from_the_install_not_the_source(installed):
-    _, venv, env = installed
+    _, venv, env, _ = installed
     out = _run(
         [
             str(venv / "bin" / "python"),
@@ -91,13 +90,13 @@ def test_installed_package_reads_its_data_from_the_install_not_the_source(instal
 
 
 def test_installed_cli_reports_its_version(installed):
-    _, venv, env = installed
+    _, venv, env, _ = installed
     out = _run([str(venv / "bin" / "slurm-quota"), "--version"], env=env)
     assert out.startswith("slurm-quota, version ")
 
 
 def test_installed_cli_migrates_a_new_database_and_runs_admin_commands(installed, tmp_path):
-    _, venv, env = installed
+    _, venv, env, _ = installed
     path = tmp_path / "new.db"
     sq = [str(venv / "bin" / "slurm-quota"), "--db", str(path)]
 
@@ -113,7 +112,7 @@ def test_installed_cli_migrates_a_new_database_and_runs_admin_commands(installed
 
 
 def test_installed_cli_upgrades_a_seed_database_in_place(installed, tmp_path):
-    _, venv, env = installed
+    _, venv, env, _ = installed
     path = make_seed_db(tmp_path / "seed.db")
     sq = [str(venv / "bin" / "slurm-quota"), "--db", str(path)]
 
