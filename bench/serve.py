@@ -54,8 +54,9 @@ def build_ledger(path: Path, users: int, accounts: int, preallocs: int, charges:
         conn.executemany(
             "INSERT INTO jobs_preallocations VALUES (?, ?, ?, ?, ?, ?, '2024-05-01 10:00:00')",
             [
-                (f"uuid-{i}", f"user{rnd.randrange(users):05d}", f"acct{rnd.randrange(accounts):04d}",
-                 rnd.randrange(1, 5000), rnd.choice([0, 0, 60, 240]), rnd.choice([1, 1, 1, 10]))
+                (f"uuid-{i}", f"user{rnd.randrange(users):05d}",
+                 f"acct{rnd.randrange(accounts):04d}", rnd.randrange(1, 5000),
+                 rnd.choice([0, 0, 60, 240]), rnd.choice([1, 1, 1, 10]))
                 for i in range(preallocs)
             ],
         )
@@ -125,6 +126,36 @@ async def _run(port: int, targets: list[str], concurrency: int) -> tuple[list[fl
     return latencies, time.perf_counter() - started, errors
 
 
+async def _paced(
+    port: int, targets: list[str], clients: int, rate: float
+) -> tuple[list[float], float, int]:
+    """Open loop: `clients` clients sharing `rate` requests/s, each request at its scheduled
+    time whatever the server's speed; latency counts from the scheduled time (no
+    coordinated omission)."""
+    latencies: list[float] = []
+    errors = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.2
+    period = clients / rate  # each client's interval
+
+    async def client(c: int) -> None:
+        nonlocal errors
+        mine = targets[c::clients]
+        for k, target in enumerate(mine):
+            due = start + (c / clients) * period + k * period
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            _e, status, _size = await _one(port, target)
+            latencies.append(loop.time() - due)
+            if status != 200:
+                errors += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return latencies, time.perf_counter() - t0, errors
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
@@ -150,6 +181,10 @@ def main() -> int:
     parser.add_argument("--charges", type=int, default=50_000)
     parser.add_argument("--requests", type=int, default=2000, help="per route")
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument(
+        "--rate", type=float, default=200.0,
+        help="open-loop phase: requests/s shared by the clients (0 = skip)",
+    )
     parser.add_argument("--help-runs", type=int, default=20)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args()
@@ -164,8 +199,12 @@ def main() -> int:
               f"{os.path.getsize(db_path) / 1e6:.1f} MB", file=sys.stderr)
         proc, port = start_server(db_path)
         routes = {
-            "/stats?username=<random>": lambda: f"/stats?username=user{rnd.randrange(args.users):05d}",
-            "/stats?account=<random>": lambda: f"/stats?account=acct{rnd.randrange(args.accounts):04d}",
+            "/stats?username=<random>": lambda: (
+                f"/stats?username=user{rnd.randrange(args.users):05d}"
+            ),
+            "/stats?account=<random>": lambda: (
+                f"/stats?account=acct{rnd.randrange(args.accounts):04d}"
+            ),
             "/stats (all)": lambda: "/stats",
             "/metrics": lambda: "/metrics",
             "/health": lambda: "/health",
@@ -177,14 +216,23 @@ def main() -> int:
                 lat, wall, errors = asyncio.run(
                     _run(port, [make() for _ in range(args.requests)], args.concurrency)
                 )
-                results.append((name, len(lat), errors, percentile(lat, 50) * 1e3,
-                                percentile(lat, 99) * 1e3, max(lat) * 1e3, len(lat) / wall))
+                results.append((f"{name}, closed loop", len(lat), errors,
+                                percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3,
+                                max(lat) * 1e3, len(lat) / wall))
+                if args.rate > 0:
+                    lat, wall, errors = asyncio.run(_paced(
+                        port, [make() for _ in range(args.requests)], args.concurrency,
+                        args.rate,
+                    ))
+                    results.append((f"{name}, {args.rate:g} req/s", len(lat), errors,
+                                    percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3,
+                                    max(lat) * 1e3, len(lat) / wall))
         finally:
             proc.terminate()
             proc.wait(timeout=10)
     med, worst = help_wall_time(args.help_runs)
     if args.markdown:
-        print(f"| route | requests | errors | p50 ms | p99 ms | max ms | req/s |")
+        print("| route, load | requests | errors | p50 ms | p99 ms | max ms | req/s |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, n, err, p50, p99, mx, rps in results:
             print(f"| `{name}` | {n} | {err} | {p50:.1f} | {p99:.1f} | {mx:.1f} | {rps:.0f} |")
@@ -192,7 +240,7 @@ def main() -> int:
               f"over {args.help_runs} runs.")
     else:
         for name, n, err, p50, p99, mx, rps in results:
-            print(f"{name:28s} n={n} errors={err} p50={p50:.1f}ms p99={p99:.1f}ms "
+            print(f"{name:42s} n={n} errors={err} p50={p50:.1f}ms p99={p99:.1f}ms "
                   f"max={mx:.1f}ms {rps:.0f} req/s")
         print(f"slurm-quota --help: median {med * 1e3:.0f} ms, max {worst * 1e3:.0f} ms")
     return 0

@@ -571,6 +571,11 @@ def ping(conn: sqlite3.Connection) -> int:
     return int(_usage_rows(conn, "PRAGMA user_version")[0][0])
 
 
+def data_version(conn: sqlite3.Connection) -> int:
+    """PRAGMA data_version: changes when any other connection has committed (change probe)."""
+    return int(_usage_rows(conn, "PRAGMA data_version")[0][0])
+
+
 
 # ---------------------------------------------------------------------------------------
 # Section: charges and preallocations (charge, reconcile, prune)

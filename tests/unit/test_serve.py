@@ -333,3 +333,47 @@ def test_parse_query_accepts_known_parameters_once():
     assert serve.parse_query("/stats", "") == {}
     with pytest.raises(serve.InvalidInput, match="longer than 256"):
         serve.parse_query("/stats", "username=" + "a" * 300)
+
+
+def test_a_replaced_database_file_is_reopened(base_url, db_path, tmp_path):
+    assert get_json(base_url, "/stats")[1]["users"]  # cached, pooled connections open
+    fresh = tmp_path / "restored.db"
+    db.migrate(fresh)
+    conn = db.connect(fresh)
+    conn.execute("INSERT INTO users (username) VALUES ('restored')")
+    conn.close()
+    for suffix in ("-wal", "-shm"):
+        if (tmp_path / f"restored.db{suffix}").exists():
+            (tmp_path / f"restored.db{suffix}").unlink()
+    for suffix in ("-wal", "-shm"):
+        if db_path.with_name(db_path.name + suffix).exists():
+            db_path.with_name(db_path.name + suffix).unlink()
+    fresh.replace(db_path)
+    assert [r["username"] for r in get_json(base_url, "/stats")[1]["users"]] == ["restored"]
+    assert get_json(base_url, "/stats?username=alice")[1] == {"users": [], "accounts": []}
+
+
+def test_readers_arriving_during_a_rebuild_get_the_previous_answer(db_path):
+    model = serve.ReadModel(db_path)
+    calls = []
+    release = threading.Event()
+
+    def slow_build():
+        calls.append(1)
+        release.wait(10)
+        return serve.json_response(200, {"n": len(calls)})
+
+    first = model.cached("stats", lambda: serve.json_response(200, {"n": 0}))
+    conn = db.connect(db_path)
+    conn.execute("INSERT INTO users (username) VALUES ('new')")  # the ledger changed
+    conn.close()
+    rebuilding = threading.Thread(target=model.cached, args=("stats", slow_build))
+    rebuilding.start()
+    while not calls:
+        threading.Event().wait(0.01)
+    assert model.cached("stats", slow_build) is first  # did not wait, did not rebuild twice
+    release.set()
+    rebuilding.join(10)
+    assert json.loads(model.cached("stats", slow_build).body) == {"n": 1}
+    assert len(calls) == 1
+    model.close()
