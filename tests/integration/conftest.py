@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +32,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(Path(str(item.fspath)).resolve()).startswith(str(HERE) + os.sep):
             item.add_marker(pytest.mark.integration)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _say(config, text: str) -> None:
@@ -68,8 +73,11 @@ def lab(request):
         owned = False
         return the_lab.down()
 
-    # Safety net for an interpreter exit that skips fixture finalization.
+    # Safety nets: an interpreter exit that skips fixture finalization, and a SIGTERM (a CI
+    # timeout), turned into KeyboardInterrupt so that the finalizer below runs.
     atexit.register(stop)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         took = the_lab.up()
     except LabError as err:
