@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 from dataclasses import dataclass, field
@@ -180,6 +181,17 @@ end
 package.preload["DBI"] = function() return DBI end
 """
 
+_LUA_POSIX_STAT = r"""
+local py = ...
+package.preload["posix.sys.stat"] = function()
+    return { stat = function(path)
+        local dev, ino = py.stat(path)
+        if not dev then return nil end
+        return { st_dev = dev, st_ino = ino }
+    end }
+end
+"""
+
 _LUA_HELPERS = r"""
 local function proxy(fields, writes)
     return setmetatable({}, {
@@ -242,6 +254,13 @@ class _Bridge:
     lua: Any = None
     statements: list[str] = field(default_factory=list)
 
+    def stat(self, path: str):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
     def log(self, level: str, msg: str) -> None:
         self.logs.append((level, msg))
 
@@ -302,12 +321,14 @@ class Plugin:
     """lua/job_submit.lua loaded in one lupa runtime with the fake slurm and DBI."""
 
     def __init__(self, runtime: str, db_path: Path | str | None, *, fail_open: bool = True,
-                 source: str | None = None):
+                 source: str | None = None, preload_posix_stat: bool = False):
         self.runtime = runtime
         self.bridge = _Bridge()
         self.lua = lua_module(runtime).LuaRuntime(unpack_returned_tuples=True)
         self.bridge.lua = self.lua
         self.lua.execute(_LUA_SETUP, self.bridge, self.lua.table_from(constants()))
+        if preload_posix_stat:
+            self.lua.execute(_LUA_POSIX_STAT, self.bridge)
         self.call_submit, self.call_modify, self._globals = self.lua.execute(_LUA_HELPERS)
         self.globals_before = set(self._globals().values())
         self.load_rc = self.lua.execute(source if source is not None else PLUGIN.read_text())

@@ -366,4 +366,60 @@ def test_one_write_transaction_per_accepted_submit(plugin, db_path):
     plugin.submit(submit_case("c01_plain"))
     assert "ROLLBACK" in plugin.bridge.statements
     assert not any(s.startswith("INSERT") for s in plugin.bridge.statements)
-    assert plugin.bridge.conns == {}  # every connection closed
+    # the one cached connection stays open, outside any transaction
+    assert len(plugin.bridge.conns) == 1
+    assert not any(c.in_transaction for c in plugin.bridge.conns.values())
+
+
+def test_connection_is_cached_across_calls(plugin, db_path):
+    for _ in range(5):
+        assert plugin.submit(submit_case("c01_plain")).rc == 0
+    assert plugin.bridge.next_id > 0
+    assert len(plugin.bridge.conns) == 1
+    opens = [s for s in plugin.bridge.statements if s == "PRAGMA busy_timeout = 200"]
+    assert len(opens) == 1  # opened once
+    assert plugin.bridge.statements.count("PRAGMA user_version") == 5  # checked every call
+
+
+def test_cached_connection_rechecks_the_schema(plugin, db_path):
+    assert plugin.submit(submit_case("c01_plain")).rc == 0
+    execute(db_path, "PRAGMA user_version = 3")
+    plugin.m.config.fail_open = False
+    res = plugin.submit(submit_case("c01_plain"))
+    assert res.rc == -1 and "schema version 3" in res.log_text("error")
+    assert plugin.bridge.conns == {}  # dropped after the error
+
+
+def test_cached_connection_follows_a_replaced_file(runtime, db_path, tmp_path):
+    """With luaposix (as on Debian), a DB file replaced under the cached connection is
+    noticed at once by its inode."""
+    import os
+
+    from slurm_quota import db
+    from tests.lua.harness import Plugin
+
+    p = Plugin(runtime, db_path, preload_posix_stat=True)
+    first = p.submit(submit_case("c01_plain"))
+    fresh = tmp_path / "fresh.db"
+    db.migrate(fresh)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(str(fresh) + suffix):
+            os.remove(str(fresh) + suffix)
+    for suffix in ("-wal", "-shm"):  # a restore replaces the whole set of files
+        if os.path.exists(str(db_path) + suffix):
+            os.remove(str(db_path) + suffix)
+    os.replace(fresh, db_path)
+    second = p.submit(submit_case("c01_plain"))
+    assert second.rc == 0
+    assert prealloc(db_path, first.uuid) is None  # the old file's row is gone with it
+    assert prealloc(db_path, second.uuid) is not None
+
+
+def test_deleted_file_is_noticed_by_the_cached_connection(plugin, db_path):
+    import os
+
+    assert plugin.submit(submit_case("c01_plain")).rc == 0
+    os.remove(db_path)
+    res = plugin.submit(submit_case("c01_plain"))
+    assert res.rc == 0 and res.admin_comment is None
+    assert "missing or unreadable" in res.log_text("error")
