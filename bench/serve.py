@@ -27,6 +27,7 @@ from slurm_quota import db
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_QUOTA = str(Path(sys.executable).parent / "slurm-quota")
+SIZES: list[int] = []  # bytes of each answer (headers + body, gzip when offered)
 
 
 def build_ledger(path: Path, users: int, accounts: int, preallocs: int, charges: int) -> None:
@@ -116,7 +117,8 @@ async def _run(port: int, targets: list[str], concurrency: int) -> tuple[list[fl
         nonlocal errors
         while not queue.empty():
             target = queue.get_nowait()
-            elapsed, status, _size = await _one(port, target)
+            elapsed, status, size = await _one(port, target)
+            SIZES.append(size)
             latencies.append(elapsed)
             if status != 200:
                 errors += 1
@@ -210,12 +212,15 @@ def main() -> int:
             "/health": lambda: "/health",
         }
         results = []
+        sizes: dict[str, float] = {}
         try:
             for name, make in routes.items():
                 asyncio.run(_run(port, [make() for _ in range(50)], 10))  # warm-up
+                SIZES.clear()
                 lat, wall, errors = asyncio.run(
                     _run(port, [make() for _ in range(args.requests)], args.concurrency)
                 )
+                sizes[name] = statistics.mean(SIZES)
                 results.append((f"{name}, closed loop", len(lat), errors,
                                 percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3,
                                 max(lat) * 1e3, len(lat) / wall))
@@ -236,12 +241,16 @@ def main() -> int:
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, n, err, p50, p99, mx, rps in results:
             print(f"| `{name}` | {n} | {err} | {p50:.1f} | {p99:.1f} | {mx:.1f} | {rps:.0f} |")
+        print("\nMean answer size (gzip offered, as requests and Prometheus do): " + ", ".join(
+            f"`{name}` {size / 1e3:.1f} kB" for name, size in sizes.items()) + ".")
         print(f"\n`slurm-quota --help`: median {med * 1e3:.0f} ms, max {worst * 1e3:.0f} ms "
               f"over {args.help_runs} runs.")
     else:
         for name, n, err, p50, p99, mx, rps in results:
             print(f"{name:42s} n={n} errors={err} p50={p50:.1f}ms p99={p99:.1f}ms "
                   f"max={mx:.1f}ms {rps:.0f} req/s")
+        for name, size in sizes.items():
+            print(f"{name}: mean answer {size / 1e3:.1f} kB")
         print(f"slurm-quota --help: median {med * 1e3:.0f} ms, max {worst * 1e3:.0f} ms")
     return 0
 
