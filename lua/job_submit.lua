@@ -449,6 +449,20 @@ function M.set_amounts(r, time)
     return r
 end
 
+--- Will slurmctld let a non-administrator raise this job's time limit to t? (22.05: only
+--- while the job is pending, and only up to the partition's MaxTime; UNLIMITED only where
+--- there is no MaxTime.) When unsure (no partition known), no: the row must never grow on an
+--- update that slurmctld then denies.
+function M.user_may_raise_time(pending, t, new_minutes, parts)
+    if not pending or #parts == 0 then return false end
+    for _, p in ipairs(parts) do
+        if p.max_time then
+            if t.infinite or (new_minutes and new_minutes > p.max_time) then return false end
+        end
+    end
+    return true
+end
+
 local RESOURCES = {
     cpu = { label = "CPU", unit = "CPU-minutes" },
     gpu = { label = "GPU", unit = "GPU-minutes" },
@@ -810,6 +824,8 @@ function M.read_modify(job_desc, job_rec, part_list)
         user = string_field(d("user_name")),
         uid = count_field(d("user_id")) or count_field(j("user_id")),
         job_id = count_field(j("job_id")),
+        -- JOB_PENDING is 0 in the low byte of job_state (the high bits are flags)
+        pending = type(j("job_state")) == "number" and j("job_state") % 256 == 0,
         job_name = string_field(j("name")),
         cur_account = string_field(j("account")),
         account = string_field(d("account")) or string_field(j("account")),
@@ -1082,12 +1098,13 @@ function M.modify(env, job_desc, job_rec, part_list, modify_uid)
     end
     local new_time = M.resolve_time(mv.new.time, mv.new.partitions, settings.default_time_minutes)
     local note = ""
-    if not is_admin and old_time and (not new_time or new_time > old_time) then
-        -- Users may only lower a time limit: slurmctld denies the increase after this
-        -- plugin ran, so the row must not grow. (An operator not in ADMIN_UIDS whose increase
+    if not is_admin and old_time and (not new_time or new_time > old_time)
+        and not M.user_may_raise_time(mv.pending, mv.new.time, new_time, mv.cur.partitions) then
+        -- slurmctld denies this increase after the plugin ran (job running, or beyond
+        -- MaxTime), so the row must not grow. (An operator not in ADMIN_UIDS whose increase
         -- slurmctld allows keeps the old reservation until the job is charged.)
         new_time = old_time
-        note = " (time increase by a non-admin: left to slurmctld, reservation not grown)"
+        note = " (time increase by a non-admin that slurmctld denies: reservation not grown)"
     end
     if not new_time then
         db:exec("rollback")

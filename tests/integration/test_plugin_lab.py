@@ -35,7 +35,7 @@ def write(lab, sql, *args):
 def admin_comment(lab, job_id):
     out = lab.run("scontrol", "-o", "show", "job", str(job_id)).stdout
     m = re.search(r"AdminComment=(.*?)(?= \w+=|$)", out)
-    return m.group(1) if m else ""
+    return m.group(1).strip() if m else ""
 
 
 def job_uuid(lab, job_id):
@@ -178,6 +178,12 @@ def test_root_is_never_refused(plab):
     assert row(plab, job_uuid(plab, res.job_id)) == ("root", "research", 10, 0, 1)
 
 
+def set_alice_cpu_quota(lab, minutes):
+    write(lab, "INSERT INTO users (username, quota_cpu_minutes) VALUES ('alice', ?) "
+               "ON CONFLICT (username) DO UPDATE "
+               "SET quota_cpu_minutes = excluded.quota_cpu_minutes", minutes)
+
+
 def test_hold_release_and_time_updates_by_user_and_root(plab):
     # --begin keeps it pending once released, so release/priority can be exercised
     res = plab.sbatch("--hold", "--begin=now+3600", "--time=20", "-n", "2", script=SCRIPT)
@@ -185,11 +191,7 @@ def test_hold_release_and_time_updates_by_user_and_root(plab):
     uuid = job_uuid(plab, res.job_id)
     assert row(plab, uuid)[2] == 40
     # quota now too small for a re-check from scratch: hold/release must not care
-    write(
-        plab,
-        "INSERT INTO users (username, quota_cpu_minutes) VALUES ('alice', 10) "
-        "ON CONFLICT (username) DO UPDATE SET quota_cpu_minutes = 10",
-    )
+    set_alice_cpu_quota(plab, 10)
     plab.run("scontrol", "release", job, user="alice")
     plab.run("scontrol", "hold", job, user="alice")
     plab.run("scontrol", "release", job)
@@ -201,23 +203,33 @@ def test_hold_release_and_time_updates_by_user_and_root(plab):
     plab.run("scontrol", "update", f"jobid={job}", "TimeLimit=15", user="alice")
     assert time_limit(plab, job) == "00:15:00"
     assert row(plab, uuid)[2] == 30
-    # alice raises it: slurmctld denies after the plugin ran; the row must not grow
-    denied = plab.run(
-        "scontrol", "update", f"jobid={job}", "TimeLimit=200", user="alice", check=False
-    )
+    # alice raises it beyond MaxTime (240): slurmctld denies after the plugin ran
+    denied = plab.run("scontrol", "update", f"jobid={job}", "TimeLimit=300", user="alice",
+                      check=False)
     assert denied.returncode != 0
     assert time_limit(plab, job) == "00:15:00"
     assert row(plab, uuid)[2] == 30
+    # within MaxTime a user may raise a pending job's limit: checked against her quota
+    over = plab.run("scontrol", "update", f"jobid={job}", "TimeLimit=100", user="alice",
+                    check=False)
+    assert over.returncode != 0
+    assert time_limit(plab, job) == "00:15:00"
+    assert row(plab, uuid)[2] == 30
+    set_alice_cpu_quota(plab, 1000)
+    plab.run("scontrol", "update", f"jobid={job}", "TimeLimit=100", user="alice")
+    assert time_limit(plab, job) == "01:40:00"
+    assert row(plab, uuid)[2] == 200
     # root raises it over alice's quota: never refused, the reservation follows
-    plab.run("scontrol", "update", f"jobid={job}", "TimeLimit=60")
-    assert time_limit(plab, job) == "01:00:00"
-    assert row(plab, uuid)[2] == 120
+    set_alice_cpu_quota(plab, 10)
+    plab.run("scontrol", "update", f"jobid={job}", "TimeLimit=240")
+    assert time_limit(plab, job) == "04:00:00"
+    assert row(plab, uuid)[2] == 480
 
 
 def test_user_increase_over_quota_is_refused(plab):
     res = plab.sbatch("--hold", "--time=10", script=SCRIPT)
     uuid = job_uuid(plab, res.job_id)
-    write(plab, "INSERT INTO users (username, quota_cpu_minutes) VALUES ('alice', 30)")
+    set_alice_cpu_quota(plab, 30)
     out = plab.run(
         "scontrol", "update", f"jobid={res.job_id}", "NumCPUs=8", user="alice", check=False
     )

@@ -63,15 +63,27 @@ def test_user_lowers_time_limit(plugin, db_path):
     assert "cpu_min 20 -> 15" in res.log_text("info")
 
 
-def test_user_increase_does_not_grow_the_reservation(plugin, db_path):
-    # slurmctld denies a user's increase after the plugin ran: the row must stay as it is
+def test_user_increase_that_slurmctld_denies_does_not_grow_the_reservation(plugin, db_path):
+    # slurmctld denies these after the plugin ran: beyond MaxTime (240), UNLIMITED under a
+    # MaxTime, or any increase of a running job. The row must stay as it is.
     uuid, rec = submitted(plugin, db_path)
-    res = update(plugin, rec, time_limit=300.0)
-    assert res.rc == 0
+    assert update(plugin, rec, time_limit=300.0).rc == 0
     assert prealloc(db_path, uuid)[2] == 20
-    res = update(plugin, rec, time_limit=float(INFINITE))
-    assert res.rc == 0
+    assert update(plugin, rec, time_limit=float(INFINITE)).rc == 0
     assert prealloc(db_path, uuid)[2] == 20
+    running = dict(rec, job_state=1.0)
+    assert update(plugin, running, time_limit=60.0).rc == 0
+    assert prealloc(db_path, uuid)[2] == 20
+
+
+def test_user_raising_a_pending_job_within_max_time_is_checked_and_followed(plugin, db_path):
+    # slurmctld 22.05 lets a user raise a PENDING job's limit up to the partition's MaxTime
+    uuid, rec = submitted(plugin, db_path)
+    set_user_quota(db_path, "alice", cpu=100)
+    assert update(plugin, rec, time_limit=200.0).rc == 2050  # 200 > 100: refused
+    assert prealloc(db_path, uuid)[2] == 20
+    assert update(plugin, rec, time_limit=90.0).rc == 0
+    assert prealloc(db_path, uuid)[2] == 90
 
 
 def test_root_increase_follows_even_over_quota(plugin, db_path):
@@ -91,8 +103,8 @@ def test_slurm_user_and_listed_admins_are_admins(plugin, db_path):
     plugin.m.config.admin_uids = plugin.lua.table_from([5000])
     assert update(plugin, rec, uid=5000, time_limit=50.0).rc == 0
     assert prealloc(db_path, uuid)[2] == 50
-    rec["time_limit"] = 50.0
-    assert update(plugin, rec, uid=1001, time_limit=60.0).rc == 0
+    running = dict(rec, time_limit=50.0, job_state=1.0)
+    assert update(plugin, running, uid=1001, time_limit=60.0).rc == 0
     assert prealloc(db_path, uuid)[2] == 50
 
 
@@ -211,5 +223,6 @@ def test_captured_modify_calls(plugin, db_path):
         assert out.rc == 0
         after = prealloc(db_path, res.uuid)[2]
         new = desc["time_limit"]
-        expected = new if (uid == 0 or new < before) else before
+        # pending jobs on partition main (MaxTime 240): users may raise up to 240
+        expected = new if (uid == 0 or new < before or new <= 240) else before
         assert after == expected, (uid, before, new, after)

@@ -250,3 +250,19 @@ def test_settings_parse(runtime):
     assert s.default_user_quota_cpu_minutes == 600
     assert s.default_time_minutes is None
     assert s.node_gpus == "gpu:h100:2"
+
+
+def test_user_may_raise_time(runtime):
+    p = Plugin(runtime, None)
+    lua, m = p.lua, p.m
+    main = lua.table_from([lua.table_from({"name": "main", "max_time": 240})])
+    free = lua.table_from([lua.table_from({"name": "free"})])
+    none = lua.table_from([])
+    t = lua.table_from({"minutes": 200})
+    inf = lua.table_from({"infinite": True})
+    assert m.user_may_raise_time(True, t, 200, main) is True
+    assert m.user_may_raise_time(True, t, 241, main) is False
+    assert m.user_may_raise_time(False, t, 200, main) is False  # running
+    assert m.user_may_raise_time(True, inf, 240, main) is False
+    assert m.user_may_raise_time(True, inf, None, free) is True
+    assert m.user_may_raise_time(True, t, 200, none) is False  # unsure: no

@@ -80,7 +80,7 @@ def test_modify_under_real_lua51(tmp_path, db_path):
     run = run_cases(cases, tmp_path, db_path)
     assert [c.rc for c in run.calls] == [0, 0, 0, 0, 0, 0]
     uuid = run.calls[0].uuid
-    assert prealloc(db_path, uuid)[2] == 25  # 20 -> hold 20 -> 15 -> (300 denied) 15 -> root 25
+    assert prealloc(db_path, uuid)[2] == 25  # 20 -> hold 20 -> 15 -> (300 > MaxTime) 15 -> 25
     assert run.calls[5].admin_comment == f"ops note slurm-quota:{uuid}"
     assert run.globals == ["slurm_job_modify", "slurm_job_submit", "slurm_quota"]
 
