@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test unit demo lab-up lab-down bench lint clean completion rpm
+.PHONY: all venv test unit demo lab-up lab-down bench bench-plugin lint clean completion rpm
 
 all: test
 
@@ -37,6 +37,13 @@ lab-up: venv
 
 lab-down: venv
 	$(BIN)/python -m tests.integration.lab down
+
+# Plugin decision latency (real lua5.1 + LuaDBI, 10k users, 1k vs 100k preallocations) and
+# sbatch throughput with our plugin vs a no-op one on the lab; results in docs/benchmarks.md.
+bench: bench-plugin
+
+bench-plugin: venv
+	$(BIN)/python bench/plugin_latency.py --lab
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
