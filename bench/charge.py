@@ -87,7 +87,7 @@ def populate(path: Path) -> None:
 
 FAKE_SCONTROL = """#!/bin/sh
 # synthetic scontrol for the benchmark: one finished record built from the job's own env
-echo "JobId=$5 JobName=bench UserId=$USERNAME($UID) Account=$ACCOUNT JobState=COMPLETED \
+echo "JobId=$4 JobName=bench UserId=$USERNAME($UID) Account=$ACCOUNT JobState=COMPLETED \
 StartTime=$START EndTime=$END Partition=main NumCPUs=$PROCS \
 TRES=cpu=$PROCS,node=1,billing=$PROCS,gres/gpu=1,gres/gpu:h100=1 \
 AdminComment=bench slurm-quota:00000000-0000-4000-8000-$(printf %012d $BENCH_I)  StdErr=/dev/null"

@@ -19,7 +19,6 @@ correct GPU count matters more than charging within the second). A never-started
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from dataclasses import dataclass, field
 from slurm_quota import ledger
 from slurm_quota import slurm as slurm_mod
 from slurm_quota.errors import InvalidInput, SlurmUnavailable
-
-log = logging.getLogger(__name__)
 
 NO_VAL = 4294967294
 # Bounded retry while sacct may still be stale right after a job ended (seen ≤ 0.57 s).
@@ -429,10 +426,4 @@ def charge_env(
     label = f"{source}:{allocation.source}"
     if dry_run:
         return preview_charge(conn, run, allocation, label)
-    result = apply_charge(conn, run, allocation, label)
-    log.info(
-        "job %s run %s: %s cpu_min=%s gpu_min=%s released=%s",
-        run.job_id, run.charge_key, "charged" if result.charged else "already charged",
-        result.charge.cpu_minutes, result.charge.gpu_minutes, result.released,
-    )  # fmt: skip
-    return result
+    return apply_charge(conn, run, allocation, label)
