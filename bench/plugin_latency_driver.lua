@@ -2,7 +2,7 @@
 -- LuaDBI, as slurmctld calls it (proxy job_desc, part_list keyed by name).
 -- usage: lua5.1 plugin_latency_driver.lua PLUGIN USERS_FILE N WARMUP
 -- prints one line per measured call: "<microseconds> <rc>", then "OPEN <microseconds>" lines
--- (connection open + schema check + close alone, for the breakdown).
+-- (open + schema check + close of a lone connection: what an uncached call would pay).
 local plugin_path, users_file, n, warmup = arg[1], arg[2], tonumber(arg[3]), tonumber(arg[4])
 local ptime = require "posix.time"
 local function now()
@@ -49,6 +49,8 @@ for i = 1, n do
     out[#out + 1] = string.format("%.1f %d", now() - t0, rc)
 end
 local path = slurm_quota.db_path()
+-- never open a second descriptor of the file while the cached connection holds its locks
+slurm_quota.drop_connection()
 for _ = 1, 200 do
     local t0 = now()
     local s = slurm_quota.open_db(path)

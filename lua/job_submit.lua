@@ -41,9 +41,9 @@ local BUSY_TIMEOUT_MS = 200
 local ADMIN_UIDS = {}
 -- Keep one connection open across calls. Closing the last connection of a WAL database
 -- checkpoints and deletes the -wal file, which cost ~5-10 ms (fsync + unlink) per submission
--- when measured; a cached connection avoids it. It is re-validated on every call (file still
--- there and, with luaposix, still the same inode; schema version) and reopened every
--- REOPEN_S seconds and after any error.
+-- when measured; a cached connection avoids it. It is re-validated on every call (schema
+-- version; with luaposix, same device/inode via stat) and reopened every REOPEN_S seconds
+-- and after any error.
 local CACHE_CONNECTION = true
 local REOPEN_S = 60
 local LOG_PREFIX = "slurm-quota: "
@@ -1241,6 +1241,8 @@ local function check_exists(path)
 end
 
 --- Open the ledger: must exist, bounded lock wait, known schema. Raises a db error.
+--- (The existence check opens the file: only ever call this with no cached connection to
+--- it open, see M.session.)
 function M.open_db(path)
     check_exists(path)
     local ok, DBI = pcall(require, "DBI")
@@ -1290,14 +1292,17 @@ function M.session()
     local c = cached.session
     if c then
         local now = os.time()
+        local gone = posix_stat and file_id(path) ~= cached.id
         if cached.path ~= path or now - cached.opened_at >= REOPEN_S or now < cached.opened_at
-            or (posix_stat and file_id(path) ~= cached.id) then
+            or gone then
             M.drop_connection()
         else
-            local ok, err = pcall(function()
-                check_exists(path)
-                check_schema(c, path)
-            end)
+            -- Never io.open() the file here: closing any other descriptor of the database
+            -- file drops every POSIX lock this process holds on it, SQLite's included, and
+            -- another process may then reset the WAL under the cached connection (seen on the
+            -- lab as stale reads, then "database disk image is malformed"). Identity and
+            -- existence come from stat() (luaposix) above; without it, from REOPEN_S.
+            local ok, err = pcall(check_schema, c, path)
             if ok then return c, true end
             M.drop_connection()
             error(err, 0)

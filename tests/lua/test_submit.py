@@ -415,11 +415,34 @@ def test_cached_connection_follows_a_replaced_file(runtime, db_path, tmp_path):
     assert prealloc(db_path, second.uuid) is not None
 
 
-def test_deleted_file_is_noticed_by_the_cached_connection(plugin, db_path):
+def test_deleted_file_is_noticed_by_the_cached_connection(runtime, db_path):
     import os
 
+    from tests.lua.harness import Plugin
+
+    plugin = Plugin(runtime, db_path, preload_posix_stat=True)  # luaposix, as on Debian
     assert plugin.submit(submit_case("c01_plain")).rc == 0
     os.remove(db_path)
     res = plugin.submit(submit_case("c01_plain"))
     assert res.rc == 0 and res.admin_comment is None
     assert "missing or unreadable" in res.log_text("error")
+
+
+def test_cached_connection_never_reopens_the_file_with_another_descriptor(runtime, db_path):
+    """close() of any other fd of the DB file drops SQLite's POSIX locks of the process: with a
+    cached connection the plugin must never io.open() the database (seen on the lab as stale
+    reads and a corrupted file)."""
+    from tests.lua.harness import Plugin
+
+    p = Plugin(runtime, db_path, preload_posix_stat=True)
+    p.lua.execute("""
+        local real_open, target = io.open, ...
+        OPENED = 0
+        io.open = function(path, mode)
+            if path == target then OPENED = OPENED + 1 end
+            return real_open(path, mode)
+        end
+    """, str(db_path))
+    for _ in range(3):
+        assert p.submit(submit_case("c01_plain")).rc == 0
+    assert p.lua.globals().OPENED == 1  # only before the first connection existed
