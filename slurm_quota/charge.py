@@ -3,8 +3,8 @@
 Owns: reading the jobcomp environment, asking Slurm (through slurm_quota.slurm) for what the
 environment lacks (the token in admin_comment and the allocated GPUs), computing the minutes
 with slurm_quota.ledger, and writing the `charges` row, the consumption and the release of
-one preallocated element in ONE transaction. Must not run subprocesses itself nor format
-output for people.
+one preallocated element in ONE transaction. Must not run subprocesses itself; its only
+output for people is the one-line summary the jobcomp wrapper logs.
 
 Exactly once: a run is identified by "<JOBID>:<START>" (a requeued job runs again with a new
 START and is charged again). The charges row is inserted first inside a BEGIN IMMEDIATE
@@ -334,6 +334,24 @@ class ChargeResult:
             "dry_run": self.dry_run,
         }
 
+    def describe(self) -> str:
+        """One log line: what was charged to whom, from which inputs."""
+        d = self.as_dict()
+        gpus = ",".join(f"{t}={n}" for t, n in sorted(self.charge.gpus_by_type.items()))
+        verb = "would charge" if self.dry_run else "charged"
+        if not self.charged:
+            verb = "already charged, nothing changed for"
+        text = (
+            f"job {d['job_id']} run {d['charge_key']} ({d['job_state'] or '?'}): {verb} "
+            f"{d['username']}/{d['account'] or '-'}: {d['cpu_minutes']} CPU-min "
+            f"({d['cpus']} CPUs x {d['elapsed_s']} s), {d['gpu_minutes']} GPU-min "
+            f"(GPUs {gpus or 'none'})"
+        )
+        if self.charged:
+            text += f"; token {d['token'] or 'none'}, released {self.released} element(s)"
+            text += f" [{d['source']}]"
+        return text
+
 
 def compute_charge(
     run: Run, allocation: Allocation, factors: Mapping[str, float], source: str
@@ -427,3 +445,66 @@ def charge_env(
     if dry_run:
         return preview_charge(conn, run, allocation, label)
     return apply_charge(conn, run, allocation, label)
+
+
+def require_ledger_writer(db_path: str) -> None:
+    """Charging writes the ledger: only root or the ledger file's owner (SlurmUser) may.
+
+    The file mode (0644, owned by slurm) already stops others from writing; refusing first
+    gives a clear message instead of a SQLite error halfway.
+    """
+    import os
+
+    from slurm_quota.errors import NotPermitted
+
+    uid = os.getuid()
+    if uid == 0:
+        return
+    try:
+        owner = os.stat(db_path).st_uid
+    except OSError:
+        return  # a missing file: opening it reports that more clearly
+    if owner != uid:
+        raise NotPermitted(
+            f"`slurm-quota charge` is run by Slurm's jobcomp script as SlurmUser (root or the "
+            f"owner of {db_path}); you are uid {uid}. Nothing was charged."
+        )
+
+
+def main() -> int:
+    """`python -m slurm_quota.charge`: `slurm-quota charge` without loading the click CLI.
+
+    Same behaviour, output and exit codes (the CLI's single error mapping is imported only on
+    the error path); the database comes from SLURM_QUOTA_DB. Exists because slurmctld runs one
+    charge after another and click's import is most of the start-up time.
+    """
+    import os
+    import sys
+
+    from slurm_quota import DEFAULT_DB_PATH
+    from slurm_quota.errors import SlurmQuotaError
+
+    if len(sys.argv) > 1:
+        sys.stderr.write("usage: python -m slurm_quota.charge (reads the jobcomp environment)\n")
+        return 2
+    db_path = os.environ.get("SLURM_QUOTA_DB") or DEFAULT_DB_PATH
+    try:
+        from slurm_quota import db
+
+        require_ledger_writer(db_path)
+        conn = db.connect(db_path)
+        try:
+            result = charge_env(conn, os.environ)
+        finally:
+            conn.close()
+    except SlurmQuotaError as exc:
+        from slurm_quota.cli import exit_code_for
+
+        sys.stderr.write(f"slurm-quota: error: {exc}\n")
+        return exit_code_for(exc)
+    sys.stdout.write(result.describe() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

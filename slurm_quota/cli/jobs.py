@@ -26,40 +26,6 @@ SPOOL_ENV = "SLURM_QUOTA_SPOOL"
 DEFAULT_SPOOL_DIR = "/var/spool/slurm-quota/charge"
 
 
-def _require_ledger_writer(db_path: str) -> None:
-    """`charge` writes the ledger: root or the ledger file's owner (SlurmUser) only."""
-    from slurm_quota.errors import NotPermitted
-
-    uid = os.getuid()
-    if uid == 0:
-        return
-    try:
-        owner = os.stat(db_path).st_uid
-    except OSError:
-        return  # missing file: opening it reports that more clearly
-    if owner != uid:
-        raise NotPermitted(
-            f"`slurm-quota charge` is run by Slurm's jobcomp script as SlurmUser (root or the "
-            f"owner of {db_path}); you are uid {uid}. Nothing was charged."
-        )
-
-
-def _describe_charge(d: dict) -> str:
-    gpus = ",".join(f"{t}={n}" for t, n in sorted(d["gpus"].items())) or "none"
-    verb = "would charge" if d["dry_run"] and d["charged"] else "charged"
-    if not d["charged"]:
-        verb = "already charged, nothing changed for"
-    text = (
-        f"job {d['job_id']} run {d['charge_key']} ({d['job_state'] or '?'}): {verb} "
-        f"{d['username']}/{d['account'] or '-'}: {d['cpu_minutes']} CPU-min "
-        f"({d['cpus']} CPUs x {d['elapsed_s']} s), {d['gpu_minutes']} GPU-min (GPUs {gpus})"
-    )
-    if d["charged"]:
-        text += f"; token {d['token'] or 'none'}, released {d['released_elements']} element(s)"
-        text += f" [{d['source']}]"
-    return text
-
-
 @cli.command("charge")
 @click.option("--dry-run", is_flag=True, help="Compute and print the charge; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -79,9 +45,10 @@ def charge_cmd(settings: Settings, dry_run: bool, as_json: bool) -> None:
       JOBID=31 START=1795264170 END=1795264171 PROCS=1 USERNAME=alice \\
         ACCOUNT=research JOBSTATE=COMPLETED slurm-quota charge
     """
-    if not dry_run:
-        _require_ledger_writer(settings.db_path)
     from slurm_quota import charge
+
+    if not dry_run:
+        charge.require_ledger_writer(settings.db_path)
 
     conn = open_db(settings, readonly=dry_run)
     try:
@@ -91,7 +58,7 @@ def charge_cmd(settings: Settings, dry_run: bool, as_json: bool) -> None:
     if as_json:
         echo_json(result.as_dict())
     else:
-        click.echo(_describe_charge(result.as_dict()))
+        click.echo(result.describe())
 
 
 def _parse_since(text: str | None) -> int | None:

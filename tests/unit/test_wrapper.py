@@ -174,3 +174,38 @@ def test_capture_files_are_json_with_real_commands():
     d = json.loads((CHARGE / "plain.json").read_text())
     assert d["scontrol"]["argv"] == ["scontrol", "show", "job", "-o", "5"]
     assert d["sacct"]["argv"][:3] == ["sacct", "-j", "5"]
+
+
+def test_fast_entry_charges_like_the_cli_and_maps_errors_the_same(tmp_path, db_path):
+    # `python -m slurm_quota.charge` (no click) must print the same line and use the same codes
+    bindir = tmp_path / "bin"
+    _fake_slurm(bindir, "gres_h100")
+    env = dict(case("gres_h100")["env"], PATH=f"{bindir}:{JOBCOMP_PATH}",
+               SLURM_QUOTA_DB=str(db_path))  # fmt: skip
+    fast = subprocess.run([sys.executable, "-m", "slurm_quota.charge"], env=env,
+                          capture_output=True, text=True, cwd=str(REPO))  # fmt: skip
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout.startswith("job 8 run 8:1795265544 (COMPLETED): charged alice/research")
+    again = subprocess.run([str(QUOTA_BIN), "charge"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0
+    assert again.stdout.startswith("job 8 run 8:1795265544 (COMPLETED): already charged")
+    env["SLURM_QUOTA_DB"] = str(tmp_path / "absent.db")
+    missing = subprocess.run([sys.executable, "-m", "slurm_quota.charge"], env=env,
+                             capture_output=True, text=True, cwd=str(REPO))  # fmt: skip
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    env["SLURM_QUOTA_DB"] = str(db_path)
+    del env["JOBID"]
+    bad = subprocess.run([sys.executable, "-m", "slurm_quota.charge"], env=env,
+                         capture_output=True, text=True, cwd=str(REPO))  # fmt: skip
+    assert bad.returncode == 2 and "no JOBID" in bad.stderr
+
+
+def test_wrapper_uses_the_fast_entry_when_slurm_quota_python_is_set(tmp_path, db_path):
+    bindir = tmp_path / "bin"
+    _fake_slurm(bindir, "n4")
+    conf = _config(tmp_path, db_path=db_path, bindir=bindir, quota_bin=tmp_path / "absent")
+    conf.write_text(conf.read_text() + f"SLURM_QUOTA_PYTHON={sys.executable}\n")
+    assert _run_wrapper(conf, case("n4")["env"]).returncode == 0
+    lines = _log(tmp_path).splitlines()
+    assert lines[1].startswith("job 6 run 6:1795265538 (COMPLETED): charged alice/research")
+    assert not (tmp_path / "spool").exists() or not any((tmp_path / "spool").iterdir())
