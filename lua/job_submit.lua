@@ -82,7 +82,7 @@ M.config = {
 
 local unpack = table.unpack or unpack -- luacheck: ignore 143
 local floor, ceil = math.floor, math.ceil
-local toint = math.tointeger or function(x) return x end
+local toint = math.tointeger or function(x) return x end -- luacheck: ignore 143
 
 ----------------------------------------------------------------------------------------------
 -- 1. pure functions: no slurm.*, no DB
@@ -1028,8 +1028,8 @@ function M.submit(env, job_desc, part_list, submit_uid)
     local token = TOKEN_TAG .. uuid
     job_desc.admin_comment = M.append_token(view.admin_comment, token)
     if M.config.log_accepts then
-        log(env, "log_info", string.format("%saccepted %s uuid=%s %s%s%s", LOG_PREFIX,
-            job_ident(view), uuid, describe_request(r),
+        log(env, "log_info", string.format("%saccepted %s uuid=%s %s submit_uid=%s%s%s",
+            LOG_PREFIX, job_ident(view), uuid, describe_request(r), int_str(submit_uid),
             view.het_offset and (" het_offset=" .. int_str(view.het_offset)) or "",
             (fail and " (root: over quota, not refused)") or ""))
     end
