@@ -61,6 +61,11 @@ def _is_locked(err: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _is_damaged(err: sqlite3.Error) -> bool:
+    text = str(err).lower()
+    return "not a database" in text or "malformed" in text
+
+
 def connect(
     path: str | os.PathLike[str],
     *,
@@ -90,6 +95,12 @@ def connect(
     except sqlite3.Error as err:
         if _is_locked(err):
             raise DatabaseUnavailable(f"The database {db_path} is locked: {err}.") from err
+        if _is_damaged(err):
+            # Not worth retrying: exit 1, not 75.
+            raise SchemaError(
+                f"{db_path} is not a SQLite database or is damaged: {err}. Restore it from a "
+                f"backup (sqlite3 .backup) or point --db at the right file."
+            ) from err
         raise DatabaseUnavailable(f"Cannot open the database {db_path}: {err}.") from err
     if check_schema:
         latest = latest_version()
