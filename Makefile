@@ -27,6 +27,10 @@ test: venv
 unit: venv
 	$(BIN)/python -m pytest tests/unit tests/lua -m 'not integration'
 
+# The main job: a real Slurm lab showing accept, refusal with its message, charge and stats.
+demo: venv
+	$(BIN)/python -m tests.integration.demo
+
 lint: venv
 	$(BIN)/ruff check slurm_quota tests bench
 
