@@ -145,7 +145,9 @@ def run_demo(lab: Lab) -> None:
                     break
             except OSError:
                 if serve.poll() is not None or time.monotonic() > deadline:
-                    raise DemoFailed(f"slurm-quota serve did not start: {serve.stderr.read()}")
+                    raise DemoFailed(
+                        f"slurm-quota serve did not start: {serve.stderr.read()}"
+                    ) from None
                 time.sleep(0.1)
 
         say("While the jobs are queued or running, alice sees her reservations")
@@ -199,9 +201,8 @@ def main() -> int:
         print("make demo needs root: it starts a private Slurm lab (slurmctld, slurmd, "
               "slurmdbd, MariaDB, munge) and submits jobs as other users.", file=sys.stderr)
         return 1
-    from tests.integration.lab import _ensure_packages
-
     from tests import syspkgs
+    from tests.integration.lab import _ensure_packages
 
     reason = _ensure_packages() or syspkgs.ensure(LOGIN_NODE_PACKAGES)
     if reason:
