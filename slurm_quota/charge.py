@@ -471,7 +471,7 @@ def require_ledger_writer(db_path: str) -> None:
         )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """`python -m slurm_quota.charge`: `slurm-quota charge` without loading the click CLI.
 
     Same behaviour, output and exit codes (the CLI's single error mapping is imported only on
@@ -484,7 +484,8 @@ def main() -> int:
     from slurm_quota import DEFAULT_DB_PATH
     from slurm_quota.errors import SlurmQuotaError
 
-    if len(sys.argv) > 1:
+    args = sys.argv[1:] if argv is None else argv
+    if args:
         sys.stderr.write("usage: python -m slurm_quota.charge (reads the jobcomp environment)\n")
         return 2
     db_path = os.environ.get("SLURM_QUOTA_DB") or DEFAULT_DB_PATH

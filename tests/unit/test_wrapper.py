@@ -198,14 +198,3 @@ def test_fast_entry_charges_like_the_cli_and_maps_errors_the_same(tmp_path, db_p
     bad = subprocess.run([sys.executable, "-m", "slurm_quota.charge"], env=env,
                          capture_output=True, text=True, cwd=str(REPO))  # fmt: skip
     assert bad.returncode == 2 and "no JOBID" in bad.stderr
-
-
-def test_wrapper_uses_the_fast_entry_when_slurm_quota_python_is_set(tmp_path, db_path):
-    bindir = tmp_path / "bin"
-    _fake_slurm(bindir, "n4")
-    conf = _config(tmp_path, db_path=db_path, bindir=bindir, quota_bin=tmp_path / "absent")
-    conf.write_text(conf.read_text() + f"SLURM_QUOTA_PYTHON={sys.executable}\n")
-    assert _run_wrapper(conf, case("n4")["env"]).returncode == 0
-    lines = _log(tmp_path).splitlines()
-    assert lines[1].startswith("job 6 run 6:1795265538 (COMPLETED): charged alice/research")
-    assert not (tmp_path / "spool").exists() or not any((tmp_path / "spool").iterdir())
