@@ -1,13 +1,17 @@
 """Benchmark the job_submit plugin: decision latency, and sbatch throughput on the lab.
 
 1. Latency: lua/job_submit.lua under the real lua5.1 + LuaDBI + SQLite (WAL), on a ledger with
-   10k users (finite quotas, so every check runs in full), 100 accounts and 1k vs 100k open
-   preallocations spread over the users. bench/plugin_latency_driver.lua times each
-   slurm_job_submit call (monotonic clock around the call only) and the connection open alone.
+   10k users and 1k accounts (finite quotas, so every check runs in full) and 1k vs 100k open
+   preallocations spread over them. bench/plugin_latency_driver.lua times each
+   slurm_job_submit call (monotonic clock around the call only), counts the statements
+   prepared per call, and times a connection open alone. Each size is measured --runs times,
+   each run on a fresh copy of the same ledger; the median and the spread are reported.
 2. Throughput (--lab): sequential `sbatch --hold --uid=alice` into the project's Slurm lab,
-   with our plugin vs a no-op job_submit.lua, interleaved rounds; ratio = ours / no-op.
+   with our plugin vs a no-op job_submit.lua, interleaved rounds; ratio = ours / no-op. The
+   jobcomp script is a no-op meanwhile (the cancelled jobs would otherwise start one charge
+   process each during the next round) and is restored afterwards.
 
-    .venv/bin/python bench/plugin_latency.py [--calls 2000] [--lab] [--lab-jobs 100]
+    .venv/bin/python bench/plugin_latency.py [--calls 3000] [--runs 3] [--lab] [--lab-rounds 5]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -51,7 +56,7 @@ def build_ledger(path: Path, users: int, accounts: int, preallocs: int, seed: in
     conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO accounts (account, quota_cpu_minutes, quota_gpu_minutes) VALUES (?, ?, ?)",
-        [(f"acct{a:03d}", 10**12, 10**12) for a in range(accounts)],
+        [(f"acct{a:04d}", 10**12, 10**12) for a in range(accounts)],
     )
     conn.executemany(
         "INSERT INTO users (username, quota_cpu_minutes, total_consumed_cpu_minutes, "
@@ -67,7 +72,7 @@ def build_ledger(path: Path, users: int, accounts: int, preallocs: int, seed: in
         "preallocated_cpu_minutes, preallocated_gpu_minutes, array_size) VALUES (?, ?, ?, ?, ?, ?)",
         [
             (f"{i:08x}-0000-4000-8000-000000000000", f"user{rnd.randrange(users):05d}",
-             f"acct{rnd.randrange(accounts):03d}", rnd.randrange(1, 5000), rnd.randrange(0, 500),
+             f"acct{rnd.randrange(accounts):04d}", rnd.randrange(1, 5000), rnd.randrange(0, 500),
              rnd.choice([1, 1, 1, 10]))
             for i in range(preallocs)
         ],
@@ -83,25 +88,29 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-def latency(preallocs: int, calls: int, users: int = 10_000, accounts: int = 100) -> dict:
-    """Run the driver on a fresh ledger; return p50/p99/mean (µs) and the open cost."""
+def load() -> str:
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def latency_run(ledger: Path, users_file: Path, calls: int, plugin: Path = PLUGIN) -> dict:
+    """One driver run on a fresh copy of ledger; p50/p99/mean/max (µs), prepares, open cost."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_ledger(Path(tmp) / "bench.db", users, accounts, preallocs)
-        users_file = Path(tmp) / "users.txt"
-        rnd = random.Random(2)
-        users_file.write_text("".join(
-            f"user{u:05d} acct{rnd.randrange(accounts):03d}\n" for u in range(users)))
+        path = Path(tmp) / "bench.db"
+        shutil.copyfile(ledger, path)
         env = dict(os.environ, SLURM_QUOTA_DB=str(path))
+        load_before = load()
         proc = subprocess.run(
-            ["lua5.1", str(DRIVER), str(PLUGIN), str(users_file), str(calls), "200"],
+            ["lua5.1", str(DRIVER), str(plugin), str(users_file), str(calls), "200"],
             capture_output=True, text=True, env=env, check=True,
         )
         if proc.stderr.strip():
             raise SystemExit(f"plugin logged errors:\n{proc.stderr[-2000:]}")
-        times, opens, rcs = [], [], set()
+        times, opens, rcs, prepares = [], [], set(), None
         for line in proc.stdout.splitlines():
             if line.startswith("OPEN "):
                 opens.append(float(line.split()[1]))
+            elif line.startswith("PREPARES "):
+                prepares = float(line.split()[1])
             else:
                 us, rc = line.split()
                 times.append(float(us))
@@ -110,14 +119,35 @@ def latency(preallocs: int, calls: int, users: int = 10_000, accounts: int = 100
         final = conn.execute("SELECT COUNT(*) FROM jobs_preallocations").fetchone()[0]
         conn.close()
     return {
-        "preallocations": preallocs, "final_preallocations": final, "calls": len(times),
+        "final_preallocations": final, "calls": len(times),
         "p50_us": statistics.median(times), "p99_us": pct(times, 99),
         "mean_us": statistics.fmean(times), "max_us": max(times), "rcs": sorted(rcs),
-        "open_p50_us": statistics.median(opens),
+        "prepares_per_call": prepares, "open_p50_us": statistics.median(opens),
+        "load_before": load_before,
     }
 
 
-def lab_throughput(jobs: int, rounds: int) -> dict:
+def latency(preallocs: int, calls: int, runs: int, users: int, accounts: int,
+            plugin: Path = PLUGIN) -> dict:
+    """`runs` driver runs on one ledger (copied fresh for each); every run and the medians."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = build_ledger(Path(tmp) / "ledger.db", users, accounts, preallocs)
+        users_file = Path(tmp) / "users.txt"
+        rnd = random.Random(2)
+        users_file.write_text("".join(
+            f"user{u:05d} acct{rnd.randrange(accounts):04d}\n" for u in range(users)))
+        all_runs = [latency_run(ledger, users_file, calls, plugin) for _ in range(runs)]
+    out: dict = {"preallocations": preallocs, "users": users, "accounts": accounts,
+                 "runs": all_runs}
+    for key in ("p50_us", "p99_us", "mean_us", "max_us", "open_p50_us"):
+        values = [r[key] for r in all_runs]
+        out[key] = statistics.median(values)
+        out[key.replace("_us", "_spread_us")] = (min(values), max(values))
+    out["prepares_per_call"] = all_runs[-1]["prepares_per_call"]
+    return out
+
+
+def lab_throughput(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
     """Sequential held sbatch per second on the lab: our plugin vs a no-op plugin."""
     from tests.integration.lab import Lab
 
@@ -129,9 +159,13 @@ def lab_throughput(jobs: int, rounds: int) -> dict:
     noop = Path(tempfile.mkdtemp()) / "noop.lua"
     noop.write_text(NOOP_PLUGIN)
     rates: dict[str, list[float]] = {"ours": [], "noop": []}
+    loads: list[str] = []
+    jobcomp_was = lab.jobcomp_enabled()
+    lab.set_jobcomp(False)
     try:
+        lab.cancel_all()
         for _ in range(rounds):
-            for name, path in (("ours", PLUGIN), ("noop", noop)):
+            for name, path in (("ours", plugin), ("noop", noop)):
                 lab.install_plugin(path)
                 time.sleep(1.1)  # slurmctld reloads on an mtime newer in whole seconds
                 warm = lab.sbatch("--hold", "--wrap=true", script="")
@@ -139,6 +173,7 @@ def lab_throughput(jobs: int, rounds: int) -> dict:
                 ac = lab.run("scontrol", "-o", "show", "job", str(warm.job_id)).stdout
                 marker = "slurm-quota:" if name == "ours" else "AdminComment=noop"
                 assert marker in ac, f"{name} plugin not active: {ac}"
+                loads.append(load())
                 t0 = time.monotonic()
                 for _ in range(jobs):
                     res = lab.sbatch("--hold", "--time=10", "-n", "2", script="#!/bin/sh\ntrue\n")
@@ -147,46 +182,74 @@ def lab_throughput(jobs: int, rounds: int) -> dict:
                 lab.cancel_all()
         lab.install_plugin(PLUGIN)
     finally:
+        lab.set_jobcomp(jobcomp_was)
         if started:
             lab.down()
     ours, noop_rate = statistics.median(rates["ours"]), statistics.median(rates["noop"])
+    pair_ratios = [o / n for o, n in zip(rates["ours"], rates["noop"])]
     return {"jobs_per_round": jobs, "rounds": rounds, "ours_per_s": ours,
-            "noop_per_s": noop_rate, "ratio": ours / noop_rate, "all": rates}
+            "noop_per_s": noop_rate, "ratio": ours / noop_rate,
+            "pair_ratios": pair_ratios, "all": rates, "load_before_rounds": loads}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--runs", type=int, default=3, help="latency runs per ledger size")
+    ap.add_argument("--users", type=int, default=10_000)
+    ap.add_argument("--accounts", type=int, default=1_000)
+    ap.add_argument("--plugin", type=Path, default=PLUGIN, help="the job_submit.lua to measure")
+    ap.add_argument("--no-latency", action="store_true", help="only the lab throughput")
     ap.add_argument("--lab", action="store_true", help="also measure sbatch throughput")
     ap.add_argument("--lab-jobs", type=int, default=100)
-    ap.add_argument("--lab-rounds", type=int, default=3)
+    ap.add_argument("--lab-rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    small = latency(1_000, args.calls)
-    large = latency(100_000, args.calls)
-    result = {
+    result: dict = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
-                   f"{platform.platform()}",
-        "small": small, "large": large, "ratio_p99": large["p99_us"] / small["p99_us"],
-        "ratio_p50": large["p50_us"] / small["p50_us"],
+                   f"{platform.platform()}, SQLite {sqlite3.sqlite_version}",
+        "load_start": load(),
     }
+    if not args.no_latency:
+        for key, size in (("small", 1_000), ("large", 100_000)):
+            result[key] = latency(size, args.calls, args.runs, args.users, args.accounts,
+                                  args.plugin)
+        result["ratio_p99"] = result["large"]["p99_us"] / result["small"]["p99_us"]
+        result["ratio_p50"] = result["large"]["p50_us"] / result["small"]["p50_us"]
     if args.lab:
-        result["lab"] = lab_throughput(args.lab_jobs, args.lab_rounds)
+        result["lab"] = lab_throughput(args.lab_jobs, args.lab_rounds, args.plugin)
+    result["load_end"] = load()
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
+    print(f"machine: {result['machine']}; load average at start {result['load_start']}")
     for key in ("small", "large"):
+        if key not in result:
+            continue
         r = result[key]
-        print(f"{r['preallocations']:>7} open preallocations: p50 {r['p50_us'] / 1000:.3f} ms, "
-              f"p99 {r['p99_us'] / 1000:.3f} ms, mean {r['mean_us'] / 1000:.3f} ms, "
-              f"max {r['max_us'] / 1000:.3f} ms over {r['calls']} calls "
-              f"(connection open+check+close p50 {r['open_p50_us'] / 1000:.3f} ms)")
-    print(f"100k/1k ratio: p99 {result['ratio_p99']:.2f}, p50 {result['ratio_p50']:.2f}")
+        print(f"{r['preallocations']:>7} open preallocations, {r['users']} users, "
+              f"{r['accounts']} accounts:")
+        for i, run in enumerate(r["runs"], 1):
+            print(f"  run {i}: p50 {run['p50_us'] / 1000:.3f} ms, p99 {run['p99_us'] / 1000:.3f} "
+                  f"ms, mean {run['mean_us'] / 1000:.3f} ms, max {run['max_us'] / 1000:.3f} ms "
+                  f"over {run['calls']} calls; {run['prepares_per_call']:.2f} prepares/call; "
+                  f"open {run['open_p50_us'] / 1000:.3f} ms; load {run['load_before']}")
+        lo50, hi50 = r["p50_spread_us"]
+        lo99, hi99 = r["p99_spread_us"]
+        print(f"  median: p50 {r['p50_us'] / 1000:.3f} ms ({lo50 / 1000:.3f}-{hi50 / 1000:.3f}), "
+              f"p99 {r['p99_us'] / 1000:.3f} ms ({lo99 / 1000:.3f}-{hi99 / 1000:.3f})")
+    if "ratio_p99" in result:
+        print(f"100k/1k ratio of the medians: p99 {result['ratio_p99']:.2f}, "
+              f"p50 {result['ratio_p50']:.2f}")
     if "lab" in result:
         lab = result["lab"]
+        print("lab sbatch/s per round: ours " + ", ".join(f"{x:.1f}" for x in lab["all"]["ours"])
+              + "; no-op " + ", ".join(f"{x:.1f}" for x in lab["all"]["noop"]))
+        print("lab per-round ratios: " + ", ".join(f"{x:.3f}" for x in lab["pair_ratios"]))
         print(f"lab sbatch: ours {lab['ours_per_s']:.1f}/s, no-op {lab['noop_per_s']:.1f}/s, "
-              f"ratio {lab['ratio']:.2f} (median of {lab['rounds']} rounds x "
-              f"{lab['jobs_per_round']} jobs)")
+              f"ratio {lab['ratio']:.3f} (medians of {lab['rounds']} rounds x "
+              f"{lab['jobs_per_round']} jobs); loads {', '.join(lab['load_before_rounds'])}")
+    print(f"load average at end {result['load_end']}")
     return 0
 
 

@@ -1,8 +1,10 @@
 -- Benchmark driver: time slurm_job_submit of lua/job_submit.lua under the real lua5.1 +
 -- LuaDBI, as slurmctld calls it (proxy job_desc, part_list keyed by name).
 -- usage: lua5.1 plugin_latency_driver.lua PLUGIN USERS_FILE N WARMUP
--- prints one line per measured call: "<microseconds> <rc>", then "OPEN <microseconds>" lines
--- (open + schema check + close of a lone connection: what an uncached call would pay).
+-- prints one line per measured call: "<microseconds> <rc>", then "PREPARES <per call>" (the
+-- statements the plugin prepared per call over 100 further calls, counted outside the timed
+-- loop), then "OPEN <microseconds>" lines (open + schema check + close of a lone connection:
+-- what an uncached call would pay).
 local plugin_path, users_file, n, warmup = arg[1], arg[2], tonumber(arg[3]), tonumber(arg[4])
 local ptime = require "posix.time"
 local function now()
@@ -48,6 +50,26 @@ for i = 1, n do
     local rc = slurm_job_submit(jd, parts, 0)
     out[#out + 1] = string.format("%.1f %d", now() - t0, rc)
 end
+
+-- Count prepares (not timed): wrap the shared method table of LuaDBI's SQLite3 connections,
+-- found through a throw-away in-memory connection (never a second handle on the ledger).
+do
+    local DBI = require "DBI"
+    local probe = assert(DBI.Connect("SQLite3", ":memory:"))
+    local methods = getmetatable(probe).__index
+    local real_prepare, prepares = methods.prepare, 0
+    methods.prepare = function(...)
+        prepares = prepares + 1
+        return real_prepare(...)
+    end
+    for i = 1, 100 do
+        slurm_job_submit(proxy(job(warmup + n + i)), { main = part }, 0)
+    end
+    methods.prepare = real_prepare
+    probe:close()
+    out[#out + 1] = string.format("PREPARES %.2f", prepares / 100)
+end
+
 local path = slurm_quota.db_path()
 -- never open a second descriptor of the file while the cached connection holds its locks
 slurm_quota.drop_connection()

@@ -30,6 +30,13 @@ SLURM_QUOTA = str(Path(sys.executable).parent / "slurm-quota")
 SIZES: list[int] = []  # bytes of each answer (headers + body, gzip when offered)
 
 
+# Column lists, not positional VALUES: migration 0003 appends columns to users and accounts.
+_OWNER_COLUMNS = (
+    "total_consumed_cpu_minutes, quota_cpu_minutes, total_consumed_gpu_minutes, "
+    "quota_gpu_minutes, last_updated"
+)
+
+
 def build_ledger(path: Path, users: int, accounts: int, preallocs: int, charges: int) -> None:
     """A migrated ledger with the given number of rows (deterministic)."""
     rnd = random.Random(42)
@@ -37,7 +44,8 @@ def build_ledger(path: Path, users: int, accounts: int, preallocs: int, charges:
     conn = db.connect(path)
     with db.write_transaction(conn):
         conn.executemany(
-            "INSERT INTO users VALUES (?, ?, ?, ?, ?, '2024-05-01 10:00:00')",
+            f"INSERT INTO users (username, {_OWNER_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, '2024-05-01 10:00:00')",
             [
                 (f"user{i:05d}", rnd.randrange(0, 10**6), rnd.choice([-1, 10**6, 2 * 10**6]),
                  rnd.randrange(0, 10**4), rnd.choice([-1, 10**4]))
@@ -45,7 +53,8 @@ def build_ledger(path: Path, users: int, accounts: int, preallocs: int, charges:
             ],
         )
         conn.executemany(
-            "INSERT INTO accounts VALUES (?, ?, ?, ?, ?, '2024-05-01 10:00:00')",
+            f"INSERT INTO accounts (account, {_OWNER_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, '2024-05-01 10:00:00')",
             [
                 (f"acct{i:04d}", rnd.randrange(0, 10**8), rnd.choice([-1, 10**8]),
                  rnd.randrange(0, 10**6), rnd.choice([-1, 10**6]))

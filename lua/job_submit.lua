@@ -32,8 +32,8 @@ slurm_quota.job_modify(...) from its own entry points.
 local FAIL_OPEN = true
 local DEFAULT_DB_PATH = "/var/lib/state/slurm-quota/slurm-quota.db"
 local DB_PATH_ENV = "SLURM_QUOTA_DB"
--- The only schema this plugin knows (PRAGMA user_version after migrations 0001..0002).
-local SCHEMA_VERSION = 2
+-- The only schema this plugin knows (PRAGMA user_version after migrations 0001..0003).
+local SCHEMA_VERSION = 3
 -- Longest wait for the write lock; slurmctld is stalled meanwhile (budget: 250 ms).
 local BUSY_TIMEOUT_MS = 200
 -- Uids treated as administrators in job_modify besides 0 and SlurmUser (the uid slurmctld
@@ -41,9 +41,9 @@ local BUSY_TIMEOUT_MS = 200
 local ADMIN_UIDS = {}
 -- Keep one connection open across calls. Closing the last connection of a WAL database
 -- checkpoints and deletes the -wal file, which cost ~5-10 ms (fsync + unlink) per submission
--- when measured; a cached connection avoids it. It is re-validated on every call (schema
--- version; with luaposix, same device/inode via stat) and reopened every REOPEN_S seconds
--- and after any error.
+-- when measured; a cached connection avoids it. It keeps its prepared statements too. It is
+-- re-validated on every call (schema version; with luaposix, same device/inode via stat) and
+-- reopened, with fresh statements, every REOPEN_S seconds and after any error.
 local CACHE_CONNECTION = true
 local REOPEN_S = 60
 local LOG_PREFIX = "slurm-quota: "
@@ -684,10 +684,14 @@ local function part_minutes(v)
 end
 
 -- Read fields from a Slurm proxy table; a failing __index reads as nil.
+local function index(rec, key)
+    return rec[key]
+end
+
 local function getter(rec)
     return function(key)
         if rec == nil then return nil end
-        local ok, v = pcall(function() return rec[key] end)
+        local ok, v = pcall(index, rec, key)
         if ok then return v end
         return nil
     end
@@ -713,7 +717,7 @@ function M.read_partitions(partition, part_list)
     if names then
         for name in split_commas(names) do
             name = trim(name)
-            local ok, p = pcall(function() return part_list[name] end)
+            local ok, p = pcall(index, part_list, name)
             if name ~= "" and ok and p ~= nil then parts[#parts + 1] = read_partition(name, p) end
         end
         return parts
@@ -858,18 +862,15 @@ local SQL = {
     rollback = "ROLLBACK",
     settings = "SELECT key, value FROM settings",
     gpu_factors = "SELECT gpu_type, factor FROM gpu_factors",
+    -- One row per owner: quota, consumed and the running totals of its open reservations
+    -- (reserved_*, kept exact by the triggers of migration 0003 on jobs_preallocations), so
+    -- the check costs the same whatever the number of open jobs.
     user = "SELECT quota_cpu_minutes, total_consumed_cpu_minutes, quota_gpu_minutes, "
-        .. "total_consumed_gpu_minutes FROM users WHERE username = ?",
+        .. "total_consumed_gpu_minutes, reserved_jobs, reserved_cpu_minutes, "
+        .. "reserved_gpu_minutes FROM users WHERE username = ?",
     account = "SELECT quota_cpu_minutes, total_consumed_cpu_minutes, quota_gpu_minutes, "
-        .. "total_consumed_gpu_minutes FROM accounts WHERE account = ?",
-    -- "* 1.0": sums as floats, which cannot overflow the way SQLite's integer SUM does.
-    user_reserved = "SELECT SUM(array_size), SUM(preallocated_cpu_minutes * 1.0 * array_size), "
-        .. "SUM(preallocated_gpu_minutes * 1.0 * array_size) FROM jobs_preallocations "
-        .. "WHERE username = ?",
-    account_reserved = "SELECT SUM(array_size), "
-        .. "SUM(preallocated_cpu_minutes * 1.0 * array_size), "
-        .. "SUM(preallocated_gpu_minutes * 1.0 * array_size) FROM jobs_preallocations "
-        .. "WHERE account = ?",
+        .. "total_consumed_gpu_minutes, reserved_jobs, reserved_cpu_minutes, "
+        .. "reserved_gpu_minutes FROM accounts WHERE account = ?",
     insert_user = "INSERT INTO users (username, quota_cpu_minutes, quota_gpu_minutes) "
         .. "VALUES (?, ?, ?) ON CONFLICT (username) DO NOTHING",
     insert_account = "INSERT INTO accounts (account, quota_cpu_minutes, quota_gpu_minutes) "
@@ -924,21 +925,21 @@ local function load_ledger(db, owner, name, settings)
     local rows = db:query(owner, name)
     local l = { owner = owner, name = name }
     local prefix = "default_" .. owner .. "_quota_"
-    if rows[1] then
-        local r = rows[1]
+    local r = rows[1]
+    if r then
         l.exists = true
         l.quota_cpu, l.consumed_cpu = num_or(r[1], -1), num_or(r[2], 0)
         l.quota_gpu, l.consumed_gpu = num_or(r[3], -1), num_or(r[4], 0)
+        l.open_jobs, l.reserved_cpu, l.reserved_gpu = num_or(r[5], 0), num_or(r[6], 0),
+            num_or(r[7], 0)
     else
+        -- no row yet: nothing consumed, nothing reserved (the row is created on acceptance)
         l.exists = false
         l.quota_cpu = settings[prefix .. "cpu_minutes"] or -1
         l.quota_gpu = settings[prefix .. "gpu_minutes"] or -1
         l.consumed_cpu, l.consumed_gpu = 0, 0
+        l.open_jobs, l.reserved_cpu, l.reserved_gpu = 0, 0, 0
     end
-    local s = db:query(owner .. "_reserved", name)[1] or {}
-    l.open_jobs = num_or(s[1], 0)
-    l.reserved_cpu = num_or(s[2], 0)
-    l.reserved_gpu = num_or(s[3], 0)
     return l
 end
 
@@ -1178,43 +1179,75 @@ local function db_error(message)
     })
 end
 
+-- A session: one LuaDBI connection and its prepared statements by SQL name. A statement is
+-- prepared on first use and re-executed afterwards (LuaDBI 0.7: execute() resets it and
+-- re-binds), so a call on a cached connection prepares nothing. Statements live and die with
+-- their connection: closing the session finalizes them first (sqlite3_close() leaves a
+-- connection with unfinalized statements open, file descriptors and locks included).
 local Session = {}
 Session.__index = Session
 
+local function statement_error(name, err)
+    return db_error(string.format("%s: %s", name, tostring(err)))
+end
+
 local function run(self, name, ...)
-    local sql = SQL[name]
-    local stmt, err = self.conn:prepare(sql)
-    if not stmt then error(db_error(string.format("%s: %s", name, tostring(err))), 0) end
+    local stmt = self.stmts[name]
+    if not stmt then
+        local err
+        stmt, err = self.conn:prepare(SQL[name])
+        if not stmt then error(statement_error(name, err), 0) end
+        self.stmts[name] = stmt
+    end
     local ok, eerr = stmt:execute(...)
     if not ok then
+        -- LuaDBI's next execute() of this statement would report the same error again
+        -- (sqlite3_reset returns it): a statement that failed is never reused.
+        self.stmts[name] = nil
         pcall(stmt.close, stmt)
-        error(db_error(string.format("%s: %s", name, tostring(eerr))), 0)
+        error(statement_error(name, eerr), 0)
     end
     return stmt
 end
 
+--- The rows of a query, as arrays. Always fetched to the end: the statement is then done
+--- and keeps no read snapshot open on the cached connection between calls.
 function Session:query(name, ...)
     local stmt = run(self, name, ...)
-    local rows = {}
+    local rows, n = {}, 0
     while true do
         local row = stmt:fetch(false)
         if not row then break end
-        rows[#rows + 1] = row
+        n = n + 1
+        rows[n] = row
     end
-    stmt:close()
     return rows
 end
 
 function Session:exec(name, ...)
     local stmt = run(self, name, ...)
-    stmt:close()
-    if name == "begin" then self.in_txn = true end
-    if name == "commit" or name == "rollback" then self.in_txn = false end
+    -- A statement that returned a row (PRAGMA busy_timeout = N does) is stepped to its end.
+    while stmt:fetch(false) do end
+    if name == "begin" then
+        self.in_txn = true
+    elseif name == "commit" or name == "rollback" then
+        self.in_txn = false
+    end
     return true
+end
+
+--- Run a statement once without keeping it (connection set-up).
+function Session:exec_once(name)
+    self:exec(name)
+    local stmt = self.stmts[name]
+    self.stmts[name] = nil
+    if stmt then pcall(stmt.close, stmt) end
 end
 
 function Session:close()
     if self.in_txn then pcall(self.exec, self, "rollback") end
+    for _, stmt in pairs(self.stmts) do pcall(stmt.close, stmt) end
+    self.stmts = {}
     if self.conn then pcall(self.conn.close, self.conn) end
     self.conn = nil
 end
@@ -1224,12 +1257,12 @@ function M.db_path()
     return M.config.db_path or os.getenv(DB_PATH_ENV) or DEFAULT_DB_PATH
 end
 
-local function check_schema(s, path)
+local function check_schema(s)
     local v = s:query("user_version")[1]
     local version = v and tonumber(v[1])
     if version ~= SCHEMA_VERSION then
         error(db_error(string.format("the database %s has schema version %s, this plugin "
-            .. "knows %s (run `slurm-quota migrate`, or update the plugin)", path,
+            .. "knows %s (run `slurm-quota migrate`, or update the plugin)", s.path,
             tostring(version), int_str(SCHEMA_VERSION))), 0)
     end
 end
@@ -1250,12 +1283,12 @@ function M.open_db(path)
     local conn, err = DBI.Connect("SQLite3", path)
     if not conn then error(db_error("cannot open " .. path .. ": " .. tostring(err)), 0) end
     pcall(conn.autocommit, conn, true)
-    local s = setmetatable({ conn = conn, in_txn = false }, Session)
+    local s = setmetatable({ conn = conn, path = path, in_txn = false, stmts = {} }, Session)
     local okv, verr = pcall(function()
-        s:exec("busy_timeout")
-        s:exec("foreign_keys")
-        s:exec("synchronous")
-        check_schema(s, path)
+        s:exec_once("busy_timeout")
+        s:exec_once("foreign_keys")
+        s:exec_once("synchronous")
+        check_schema(s)
     end)
     if not okv then
         s:close()
@@ -1285,10 +1318,13 @@ function M.drop_connection()
     cached.session = nil
 end
 
---- A session on the ledger: the cached one when still valid, else a new one.
+--- A session on the ledger: the cached one when still valid, else a new one. Returns the
+--- session, whether it is the cached one, and whether its schema version is still to be
+--- checked (a reused connection: the caller checks it once, inside its write transaction;
+--- a new one was checked by open_db).
 function M.session()
     local path = M.db_path()
-    if not M.config.cache_connection then return M.open_db(path), false end
+    if not M.config.cache_connection then return M.open_db(path), false, false end
     local c = cached.session
     if c then
         local now = os.time()
@@ -1302,15 +1338,12 @@ function M.session()
             -- another process may then reset the WAL under the cached connection (seen on the
             -- lab as stale reads, then "database disk image is malformed"). Identity and
             -- existence come from stat() (luaposix) above; without it, from REOPEN_S.
-            local ok, err = pcall(check_schema, c, path)
-            if ok then return c, true end
-            M.drop_connection()
-            error(err, 0)
+            return c, true, true
         end
     end
     local s = M.open_db(path)
     cached.session, cached.path, cached.opened_at, cached.id = s, path, os.time(), file_id(path)
-    return s, true
+    return s, true, false
 end
 
 local urandom
@@ -1385,27 +1418,60 @@ M.make_env = make_env
 
 -- The DB is opened on first use: updates that do not touch the reservation (hold,
 -- release, priority, ...) never open it, so a DB outage cannot block them.
+-- A reused connection's schema version is checked once per call, right after BEGIN
+-- IMMEDIATE: inside the write transaction, so no migration can slip in between the check and
+-- the reads, and without a read transaction of its own. (On an error the call fails and the
+-- connection is dropped, see close.)
+local Lazy = {}
+Lazy.__index = Lazy
+
+function Lazy:get()
+    local s = self.session
+    if not s then
+        s, self.cached, self.unchecked = M.session()
+        self.session = s
+    end
+    return s
+end
+
+function Lazy:query(name, ...)
+    local s = self:get()
+    if self.unchecked then
+        self.unchecked = false
+        check_schema(s)
+    end
+    return s:query(name, ...)
+end
+
+function Lazy:exec(name, ...)
+    local s = self:get()
+    if self.unchecked and name ~= "begin" then
+        self.unchecked = false
+        check_schema(s)
+    end
+    s:exec(name, ...)
+    if self.unchecked then
+        self.unchecked = false
+        check_schema(s)
+    end
+    return true
+end
+
+-- ok = the call ended normally: a cached connection stays open (with no transaction).
+function Lazy:close(ok)
+    local s = self.session
+    self.session = nil
+    if not s then return end
+    if s.in_txn then
+        pcall(s.exec, s, "rollback")
+        ok = false
+    end
+    if self.cached and ok then return end
+    if self.cached then M.drop_connection() else s:close() end
+end
+
 local function lazy_db()
-    local lazy = {}
-    function lazy:get()
-        if not self.session then self.session, self.cached = M.session() end
-        return self.session
-    end
-    function lazy:query(...) return self:get():query(...) end
-    function lazy:exec(...) return self:get():exec(...) end
-    -- ok = the call ended normally: a cached connection stays open (with no transaction).
-    function lazy:close(ok)
-        local s = self.session
-        self.session = nil
-        if not s then return end
-        if s.in_txn then
-            pcall(s.exec, s, "rollback")
-            ok = false
-        end
-        if self.cached and ok then return end
-        if self.cached then M.drop_connection() else s:close() end
-    end
-    return lazy
+    return setmetatable({}, Lazy)
 end
 
 -- Run fn(env); close the DB on every path; apply the failure policy to errors.

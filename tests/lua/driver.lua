@@ -2,7 +2,11 @@
 -- slurmctld does: proxy tables for job_desc/job_rec/part entries (pairs() yields nothing),
 -- a slurm table with 22.05's constants, log functions that print.
 -- usage: lua5.1 driver.lua PLUGIN CASES   (CASES is a Lua file returning a list of calls)
--- output: "CALL <n> rc=<rc> ms=<wall ms> admin_comment=<%q>" and "LOG <n> <level> <msg>" lines.
+-- output: "CALL <n> rc=<rc> ms=<wall ms> admin_comment=<%q>" and "LOG <n> <level> <msg>" lines;
+-- a case {kind = "shell", cmd = ...} runs cmd between two calls (another process touching the
+-- ledger while the plugin's connection stays cached) and reports its exit status as rc. At the
+-- end the cached connection is dropped and "DBFDS <n>" gives the descriptors of this process
+-- still open on the ledger's files (0 when the connection and its statements were closed).
 local plugin_path, cases_path = arg[1], arg[2]
 
 local current = 0
@@ -60,6 +64,8 @@ for i, c in ipairs(cases) do
     local t0 = clock()
     if c.kind == "submit" then
         rc = slurm_job_submit(proxy(c.desc, writes), parts, c.uid or 1001)
+    elseif c.kind == "shell" then
+        rc = os.execute(c.cmd)
     else
         local rec = c.rec
         if c.token_of then
@@ -71,6 +77,19 @@ for i, c in ipairs(cases) do
     tokens[i] = writes.admin_comment
     io.write(string.format("CALL %d rc=%s ms=%.3f admin_comment=%q\n", i, tostring(rc), ms,
         tostring(writes.admin_comment)))
+end
+
+slurm_quota.drop_connection()
+do
+    local db = os.getenv("SLURM_QUOTA_DB")
+    local pid = require("posix.unistd").getpid()
+    local ls = io.popen("ls -l /proc/" .. tostring(pid) .. "/fd")
+    local n = 0
+    for line in ls:lines() do
+        if db and line:find(" -> " .. db, 1, true) then n = n + 1 end
+    end
+    ls:close()
+    io.write(string.format("DBFDS %d\n", n))
 end
 
 local leaked = {}

@@ -3,7 +3,11 @@
 - `slurm` is a fake table with the exact constants dumped by a real Slurm 22.05 slurmctld
   (fixtures/lua_constants.txt) and log functions (printf semantics) that record.
 - `require "DBI"` returns a Python-backed adapter: DBI.Connect/prepare/execute/fetch/close run
-  the plugin's own SQL with Python's sqlite3 on the real migrated file (a real temp file).
+  the plugin's own SQL with Python's sqlite3 on the real migrated file (a real temp file). It
+  keeps LuaDBI 0.7's (dbd/sqlite3) rules that matter to a plugin re-using statements: execute()
+  re-runs a statement; after a failed execute() the next one of that statement reports the same
+  error again (sqlite3_reset returns it); a closed statement cannot execute; closing a
+  connection with statements still open leaves it open (sqlite3_close: SQLITE_BUSY).
 - job_desc, job_rec and part_list entries are proxy tables: pairs() yields nothing and fields
   come through __index, from the captured 22.05 values (fixtures/job_desc_table*.md,
   fixtures/job_modify_full.txt). Numbers are passed as floats, as lua_pushnumber does.
@@ -252,7 +256,11 @@ class _Bridge:
     stmts: dict[int, list] = field(default_factory=dict)
     next_id: int = 1
     lua: Any = None
+    # SQL of every execute() in order, and of every prepare()
     statements: list[str] = field(default_factory=list)
+    prepared: list[str] = field(default_factory=list)
+    # connections whose close() found unfinalized statements (left open, as SQLite does)
+    leaked: list[int] = field(default_factory=list)
 
     def stat(self, path: str):
         try:
@@ -277,25 +285,40 @@ class _Bridge:
         return True
 
     def prepare(self, cid: int, sql: str):
+        if cid not in self.conns:
+            return None, "Database not available"
         self.next_id += 1
-        self.stmts[self.next_id] = [cid, sql, []]
-        self.statements.append(sql)
+        # [connection id, sql, pending rows, error a failed execute left behind]
+        self.stmts[self.next_id] = [cid, sql, [], None]
+        self.prepared.append(sql)
         return self.next_id
 
     def execute(self, sid: int, args, n: int):
-        cid, sql, _ = self.stmts[sid]
+        if sid not in self.stmts:
+            return False, "Execute called on a closed or invalid statement"
+        cid, sql, _, pending = self.stmts[sid]
+        if cid not in self.conns:
+            raise RuntimeError("Database handle has been closed")
+        if pending is not None:
+            self.stmts[sid][3] = None
+            return False, pending
         values = []
         for i in range(1, int(n) + 1):
             v = args[i]
             values.append(v)
+        self.statements.append(sql)
         try:
             cur = self.conns[cid].execute(sql, values)
             self.stmts[sid][2] = list(cur.fetchall())
         except sqlite3.Error as err:
+            self.stmts[sid][2] = []
+            self.stmts[sid][3] = f"Execute failed {err}"
             return False, f"Execute failed {err}"
         return True
 
     def fetch(self, sid: int):
+        if sid not in self.stmts:
+            raise RuntimeError("Fetch called on a closed or invalid statement")
         rows = self.stmts[sid][2]
         if not rows:
             return None
@@ -311,10 +334,17 @@ class _Bridge:
         return True
 
     def close_conn(self, cid: int) -> bool:
+        if any(st[0] == cid for st in self.stmts.values()):
+            self.leaked.append(cid)  # sqlite3_close() -> SQLITE_BUSY: the connection stays
+            return True
         conn = self.conns.pop(cid, None)
         if conn is not None:
             conn.close()
         return True
+
+    def open_statements(self) -> int:
+        """Statements prepared and not yet closed, over every connection."""
+        return len(self.stmts)
 
 
 class Plugin:

@@ -71,6 +71,7 @@ class Run:
     calls: list[Call]
     globals: list[str]
     stderr: str
+    db_fds: int = -1  # descriptors still open on the ledger after drop_connection()
 
 
 def run_cases(cases: list[dict[str, Any]], tmp_path: Path, db_path: Path | str,
@@ -84,7 +85,7 @@ def run_cases(cases: list[dict[str, Any]], tmp_path: Path, db_path: Path | str,
     assert proc.returncode == 0, proc.stderr
     calls: dict[int, Call] = {}
     logs: dict[int, list[tuple[str, str]]] = {}
-    load_rc, globs = "", []
+    load_rc, globs, db_fds = "", [], -1
     for line in proc.stdout.splitlines():
         if line.startswith("LOAD "):
             load_rc = line.split("rc=", 1)[1]
@@ -99,9 +100,11 @@ def run_cases(cases: list[dict[str, Any]], tmp_path: Path, db_path: Path | str,
                                           None if ac == "nil" else ac)
         elif line.startswith("GLOBALS "):
             globs = [g for g in line[len("GLOBALS "):].split(",") if g]
+        elif line.startswith("DBFDS "):
+            db_fds = int(line.split()[1])
     out = []
     for n in sorted(calls):
         c = calls[n]
         c.logs = logs.get(n, [])
         out.append(c)
-    return Run(load_rc, out, globs, proc.stderr)
+    return Run(load_rc, out, globs, proc.stderr, db_fds)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm_quota import db
 from tests.lua.harness import execute, prealloc, rows, submit_case
 
 HOLD_LOCK = """
@@ -47,15 +48,35 @@ def test_missing_database(plugin, tmp_path, fail_open, rc):
     assert not missing.exists()  # the plugin never creates the ledger
 
 
-@pytest.mark.parametrize("version", [0, 1, 3])
+LATEST = db.latest_version()
+
+
+def test_plugin_knows_the_latest_schema(plugin):
+    assert plugin.m.SCHEMA_VERSION == LATEST
+
+
+@pytest.mark.parametrize("version", [0, 1, LATEST - 1, LATEST + 1])
 @pytest.mark.parametrize("fail_open, rc", [(True, 0), (False, -1)])
 def test_unknown_schema(plugin, db_path, version, fail_open, rc):
     execute(db_path, f"PRAGMA user_version = {version}")
     plugin.m.config.fail_open = fail_open
     res = plugin.submit(submit_case("c01_plain"))
     assert res.rc == rc
-    assert f"schema version {version}, this plugin knows 2" in res.log_text("error")
+    assert f"schema version {version}, this plugin knows {LATEST}" in res.log_text("error")
     assert rows(db_path, "SELECT COUNT(*) FROM jobs_preallocations") == [(0,)]
+
+
+@pytest.mark.parametrize("fail_open, rc", [(True, 0), (False, -1)])
+def test_schema_change_under_a_cached_connection(plugin, db_path, fail_open, rc):
+    """The reused connection's check runs inside the write transaction, every call."""
+    assert plugin.submit(submit_case("c01_plain")).rc == 0
+    execute(db_path, f"PRAGMA user_version = {LATEST - 1}")  # e.g. a restored older file
+    plugin.m.config.fail_open = fail_open
+    res = plugin.submit(submit_case("c01_plain"))
+    assert res.rc == rc and res.admin_comment is None
+    assert f"schema version {LATEST - 1}, this plugin knows {LATEST}" in res.log_text("error")
+    assert rows(db_path, "SELECT COUNT(*) FROM jobs_preallocations") == [(1,)]
+    assert plugin.bridge.conns == {} and plugin.bridge.leaked == []
 
 
 @pytest.mark.parametrize("fail_open, rc", [(True, 0), (False, -1)])

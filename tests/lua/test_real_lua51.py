@@ -131,3 +131,88 @@ def test_no_time_no_partition_default_under_real_lua51(tmp_path, db_path):
                     tmp_path, db_path)
     assert run.calls[0].rc == 8000
     assert "add --time" in run.calls[0].log_text("user")
+
+
+WRITER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)
+conn.execute(sys.argv[2])
+# TRUNCATE waits (up to the 5 s timeout) for every reader: busy=1 if a snapshot stays pinned
+busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+with open(sys.argv[3], "a") as out:
+    out.write(f"{busy}\\n")
+"""
+
+
+def test_cached_statements_see_other_writers_and_pin_no_snapshot(tmp_path, db_path):
+    """Between two calls on the cached connection and its cached statements, another process
+    changes a quota and truncates the WAL: the next call sees the change, and no statement
+    left a read snapshot open (the checkpoint is not blocked). At the end, dropping the
+    connection leaves no descriptor open on the ledger."""
+    import sys
+
+    writer = tmp_path / "writer.py"
+    writer.write_text(WRITER)
+    busy = tmp_path / "busy.txt"
+
+    def shell(sql):
+        return {"kind": "shell", "cmd": f"{sys.executable} {writer} {db_path} \"{sql}\" {busy}"}
+
+    cases = [
+        submit("c01_plain"),  # creates alice (unlimited)
+        submit("c01_plain"),
+        shell("UPDATE users SET quota_cpu_minutes = 10 WHERE username = 'alice'"),
+        submit("c01_plain"),  # 30 > 10: refused
+        shell("UPDATE users SET quota_cpu_minutes = -1 WHERE username = 'alice'"),
+        submit("c01_plain"),
+    ]
+    run = run_cases(cases, tmp_path, db_path)
+    assert [c.rc for c in run.calls] == [0, 0, 0, 2050, 0, 0], [c.logs for c in run.calls]
+    assert busy.read_text().split() == ["0", "0"]
+    assert rows(db_path, "SELECT reserved_cpu_minutes, reserved_jobs FROM users") == [(90, 3)]
+    assert run.db_fds == 0
+
+
+FAILED_STATEMENT = """
+slurm = { SUCCESS = 0, ERROR = -1, log_info = print, log_error = print, log_user = print }
+dofile(arg[1])
+local DBI = require "DBI"
+-- LuaDBI itself: after a failed execute(), the next execute() of that statement reports the
+-- same error again (sqlite3_reset returns it), even with good values.
+local conn = assert(DBI.Connect("SQLite3", arg[2]))
+conn:autocommit(true)
+local raw = assert(conn:prepare("INSERT INTO settings (key, value) VALUES (?, ?)"))
+print("RAW", raw:execute("bad", "x"))
+print("RAW", raw:execute("fine", "x"))
+raw:close()
+conn:close()
+-- the plugin's session drops a statement that failed and prepares it again
+local s = slurm_quota.open_db(arg[2])
+print("SESSION", pcall(s.exec, s, "insert_user", "bad", -1, -1))
+print("SESSION", pcall(s.exec, s, "insert_user", "good", -1, -1))
+s:close()
+"""
+
+
+def test_a_failed_statement_is_prepared_again_under_real_luadbi(tmp_path, db_path):
+    import os
+    import subprocess
+
+    from tests.lua.harness import PLUGIN
+
+    execute(db_path, "CREATE TRIGGER bad_key BEFORE INSERT ON settings WHEN NEW.key = 'bad' "
+                     "BEGIN SELECT RAISE(ABORT, 'bad key'); END")
+    execute(db_path, "CREATE TRIGGER bad_user BEFORE INSERT ON users WHEN NEW.username = 'bad' "
+                     "BEGIN SELECT RAISE(ABORT, 'bad user'); END")
+    script = tmp_path / "failed.lua"
+    script.write_text(FAILED_STATEMENT)
+    proc = subprocess.run(["lua5.1", str(script), str(PLUGIN), str(db_path)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("RAW\tfalse") and "bad key" in lines[0]
+    assert lines[1].startswith("RAW\tfalse") and "bad key" in lines[1]  # the quirk
+    assert lines[2].startswith("SESSION\tfalse") and "bad user" in lines[2]
+    assert lines[3] == "SESSION\ttrue\ttrue"
+    assert rows(db_path, "SELECT key FROM settings") == []
+    assert rows(db_path, "SELECT username FROM users") == [("good",)]

@@ -381,13 +381,52 @@ def test_connection_is_cached_across_calls(plugin, db_path):
     assert plugin.bridge.statements.count("PRAGMA user_version") == 5  # checked every call
 
 
+def test_statements_are_prepared_once_per_connection(plugin, db_path):
+    set_factor(db_path, "h100", 2.0)
+    assert plugin.submit(submit_case("c10_gres_h100x2")).rc == 0  # opens, prepares
+    first = list(plugin.bridge.prepared)
+    assert len(first) == len(set(first))  # nothing prepared twice within a call
+    plugin.bridge.prepared.clear()
+    plugin.bridge.statements.clear()
+    for _ in range(3):
+        assert plugin.submit(submit_case("c10_gres_h100x2")).rc == 0
+    assert plugin.bridge.prepared == []  # every statement re-executed from the cache
+    # one call = schema check, begin, settings, factors, user, account, insert, commit
+    assert len(plugin.bridge.statements) == 3 * 8
+    assert plugin.bridge.statements[:2] == ["BEGIN IMMEDIATE", "PRAGMA user_version"]
+    # the open-time pragmas are not kept; the per-call statements are
+    assert "PRAGMA busy_timeout = 200" not in plugin.bridge.prepared
+    kept = plugin.bridge.open_statements()
+    assert kept == len(set(first)) - 3
+    # a reopen prepares afresh and finalizes the old statements before closing
+    plugin.m.drop_connection()
+    assert plugin.bridge.open_statements() == 0
+    assert plugin.bridge.conns == {} and plugin.bridge.leaked == []
+    assert plugin.submit(submit_case("c10_gres_h100x2")).rc == 0
+    owners = ("INSERT INTO users ", "INSERT INTO accounts ")  # both rows exist by now
+    assert sorted(plugin.bridge.prepared) == sorted(s for s in first if not s.startswith(owners))
+
+
+def test_one_row_read_per_owner(plugin, db_path):
+    """The check reads quota, consumed and reserved from one user row and one account row:
+    no statement of a submission reads jobs_preallocations."""
+    plugin.bridge.statements.clear()
+    assert plugin.submit(submit_case("c01_plain")).rc == 0
+    reads = [s for s in plugin.bridge.statements if s.startswith("SELECT")]
+    assert not any("jobs_preallocations" in s for s in reads)
+    assert sum(" FROM users " in s for s in reads) == 1
+    assert sum(" FROM accounts " in s for s in reads) == 1
+
+
 def test_cached_connection_rechecks_the_schema(plugin, db_path):
     assert plugin.submit(submit_case("c01_plain")).rc == 0
-    execute(db_path, "PRAGMA user_version = 3")
+    newer = int(plugin.m.SCHEMA_VERSION) + 1
+    execute(db_path, f"PRAGMA user_version = {newer}")
     plugin.m.config.fail_open = False
     res = plugin.submit(submit_case("c01_plain"))
-    assert res.rc == -1 and "schema version 3" in res.log_text("error")
+    assert res.rc == -1 and f"schema version {newer}" in res.log_text("error")
     assert plugin.bridge.conns == {}  # dropped after the error
+    assert plugin.bridge.leaked == [] and plugin.bridge.open_statements() == 0
 
 
 def test_cached_connection_follows_a_replaced_file(runtime, db_path, tmp_path):

@@ -16,12 +16,18 @@ from pathlib import Path
 
 import pytest
 
+from slurm_quota import db
 from tests.unit.fixtures_seed import SEED_ROWS, make_seed_db, read_rows
 
 pytestmark = pytest.mark.wheel
 
 SOURCE = Path(__file__).resolve().parents[2]
 MIGRATIONS = sorted(p.name for p in (SOURCE / "migrations").glob("*.sql"))
+LATEST = db.latest_version()
+APPLIED_ALL = (
+    f"Applied migrations {', '.join(str(v) for v in range(1, LATEST + 1))}; "
+    f"schema version {LATEST}.\n"
+)
 
 
 def _run(cmd: list[str], *, env: dict[str, str], timeout: int = 600) -> str:
@@ -100,13 +106,13 @@ def test_installed_cli_migrates_a_new_database_and_runs_admin_commands(installed
     path = tmp_path / "new.db"
     sq = [str(venv / "bin" / "slurm-quota"), "--db", str(path)]
 
-    assert _run([*sq, "migrate"], env=env) == "Applied migrations 1, 2; schema version 2.\n"
+    assert _run([*sq, "migrate"], env=env) == APPLIED_ALL
     assert _run([*sq, "user-quota", "alice", "-1"], env=env).startswith("User alice created")
     out = _run([*sq, "gpu-factors"], env=env)  # tabulate comes from the installed deps
     assert out.splitlines()[2].split()[:2] == ["default", "1.0"]
 
     conn = sqlite3.connect(str(path))
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST
     assert conn.execute("SELECT quota_cpu_minutes FROM users").fetchall() == [(-1,)]
     conn.close()
 
@@ -116,11 +122,13 @@ def test_installed_cli_upgrades_a_seed_database_in_place(installed, tmp_path):
     path = make_seed_db(tmp_path / "seed.db")
     sq = [str(venv / "bin" / "slurm-quota"), "--db", str(path)]
 
-    assert _run([*sq, "migrate"], env=env) == "Applied migrations 1, 2; schema version 2.\n"
-    assert _run([*sq, "migrate"], env=env) == "Schema already at version 2; nothing to do.\n"
+    assert _run([*sq, "migrate"], env=env) == APPLIED_ALL
+    again = _run([*sq, "migrate"], env=env)
+    assert again == f"Schema already at version {LATEST}; nothing to do.\n"
 
     for table, rows in SEED_ROWS.items():
-        assert read_rows(path, table) == sorted(rows, key=lambda r: r[0]), table
+        kept = [r[: len(rows[0])] for r in read_rows(path, table)]  # 0003 appends columns
+        assert kept == sorted(rows, key=lambda r: r[0]), table
     conn = sqlite3.connect(str(path))
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()

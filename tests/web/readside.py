@@ -29,13 +29,18 @@ SEED_USER_KEYS = [
 SEED_ACCOUNT_KEYS = ["account", *SEED_USER_KEYS[1:]]
 
 SEED_SQL = """
-INSERT INTO users VALUES ('alice', 1200, 5000, 30, 100, '2024-05-01 10:00:00');
-INSERT INTO users VALUES ('bob', 9000, 10000, 0, -1, '2024-05-02 11:00:00');
-INSERT INTO users VALUES ('carol', 0, -1, 0, -1, '2024-05-03 12:00:00');
-INSERT INTO users VALUES ('dave', 0, 0, 0, 0, '2024-05-04 13:00:00');
-INSERT INTO accounts VALUES ('hpc', 10200, 100000, 30, 1000, '2024-05-01 10:00:00');
-INSERT INTO accounts VALUES ('phys', 0, 50, 0, 0, '2024-05-01 10:00:00');
-INSERT INTO accounts VALUES ('bio', 500, -1, 0, -1, '2024-05-01 10:00:00');
+-- (column lists: migration 0003 appends the reserved_* totals to users and accounts)
+INSERT INTO users (username, total_consumed_cpu_minutes, quota_cpu_minutes,
+                   total_consumed_gpu_minutes, quota_gpu_minutes, last_updated) VALUES
+    ('alice', 1200, 5000, 30, 100, '2024-05-01 10:00:00'),
+    ('bob', 9000, 10000, 0, -1, '2024-05-02 11:00:00'),
+    ('carol', 0, -1, 0, -1, '2024-05-03 12:00:00'),
+    ('dave', 0, 0, 0, 0, '2024-05-04 13:00:00');
+INSERT INTO accounts (account, total_consumed_cpu_minutes, quota_cpu_minutes,
+                      total_consumed_gpu_minutes, quota_gpu_minutes, last_updated) VALUES
+    ('hpc', 10200, 100000, 30, 1000, '2024-05-01 10:00:00'),
+    ('phys', 0, 50, 0, 0, '2024-05-01 10:00:00'),
+    ('bio', 500, -1, 0, -1, '2024-05-01 10:00:00');
 -- alice: an array of 2 elements in hpc, one job in phys
 INSERT INTO jobs_preallocations VALUES ('u1', 'alice', 'hpc', 100, 10, 2, '2024-05-01 10:00:00');
 INSERT INTO jobs_preallocations VALUES ('u2', 'alice', 'phys', 50, 0, 1, '2024-05-01 10:00:00');
