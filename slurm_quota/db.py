@@ -444,54 +444,24 @@ def read_charges(
 # Section: read models (stats for CLI, serve, dashboard)
 # ---------------------------------------------------------------------------------------
 
-# One statement per view, whole tables aggregated with GROUP BY (never one query per row):
-# the server answers /stats for 10k users and 100k preallocations with three statements.
-# Amounts are per array element, so an open job reserves amount × array_size; a NULL
-# array_size (seed rows) counts as one element. Columns, in order: name, consumed cpu,
+# One statement per view. The reservations come from the per-owner running totals that the
+# triggers of migration 0003 keep exact (reserved_* = Σ amount × array_size, reserved_jobs =
+# Σ array_size), so no view sums jobs_preallocations. Columns, in order: name, consumed cpu,
 # preallocated cpu, quota cpu, consumed gpu, preallocated gpu, quota gpu, last_updated,
 # job_count.
-_PREALLOC_SUMS = """
-    SUM(preallocated_cpu_minutes * COALESCE(array_size, 1)) AS cpu,
-    SUM(COALESCE(preallocated_gpu_minutes, 0) * COALESCE(array_size, 1)) AS gpu,
-    SUM(COALESCE(array_size, 1)) AS jobs
-"""
 _USAGE_COLUMNS = """
-    COALESCE(t.total_consumed_cpu_minutes, 0), COALESCE(p.cpu, 0),
+    COALESCE(t.total_consumed_cpu_minutes, 0), t.reserved_cpu_minutes,
     COALESCE(t.quota_cpu_minutes, -1),
-    COALESCE(t.total_consumed_gpu_minutes, 0), COALESCE(p.gpu, 0),
+    COALESCE(t.total_consumed_gpu_minutes, 0), t.reserved_gpu_minutes,
     COALESCE(t.quota_gpu_minutes, -1),
-    t.last_updated, COALESCE(p.jobs, 0)
+    t.last_updated, t.reserved_jobs
 """
-SQL_STATS_USERS_ALL = f"""
-SELECT t.username, {_USAGE_COLUMNS}
-FROM users AS t
-LEFT JOIN (SELECT username, {_PREALLOC_SUMS} FROM jobs_preallocations GROUP BY username) AS p
-    ON p.username = t.username
-ORDER BY t.username
-"""
-SQL_STATS_USER = f"""
-SELECT t.username, {_USAGE_COLUMNS}
-FROM users AS t
-LEFT JOIN (SELECT username, {_PREALLOC_SUMS} FROM jobs_preallocations
-           WHERE username = ? GROUP BY username) AS p
-    ON p.username = t.username
-WHERE t.username = ?
-"""
-SQL_STATS_ACCOUNTS_ALL = f"""
-SELECT t.account, {_USAGE_COLUMNS}
-FROM accounts AS t
-LEFT JOIN (SELECT account, {_PREALLOC_SUMS} FROM jobs_preallocations GROUP BY account) AS p
-    ON p.account = t.account
-ORDER BY t.account
-"""
-SQL_STATS_ACCOUNT = f"""
-SELECT t.account, {_USAGE_COLUMNS}
-FROM accounts AS t
-LEFT JOIN (SELECT account, {_PREALLOC_SUMS} FROM jobs_preallocations
-           WHERE account = ? GROUP BY account) AS p
-    ON p.account = t.account
-WHERE t.account = ?
-"""
+SQL_STATS_USERS_ALL = f"SELECT t.username, {_USAGE_COLUMNS} FROM users AS t ORDER BY t.username"
+SQL_STATS_USER = f"SELECT t.username, {_USAGE_COLUMNS} FROM users AS t WHERE t.username = ?"
+SQL_STATS_ACCOUNTS_ALL = (
+    f"SELECT t.account, {_USAGE_COLUMNS} FROM accounts AS t ORDER BY t.account"
+)
+SQL_STATS_ACCOUNT = f"SELECT t.account, {_USAGE_COLUMNS} FROM accounts AS t WHERE t.account = ?"
 # A user's accounts: those they have open jobs (preallocations) or charged runs in. The
 # ledger has no association table; Slurm's associations would need sacctmgr.
 SQL_STATS_ACCOUNTS_OF_USER = f"""
@@ -503,9 +473,6 @@ WITH mine(account) AS (
 SELECT t.account, {_USAGE_COLUMNS}
 FROM accounts AS t
 JOIN mine ON mine.account = t.account
-LEFT JOIN (SELECT account, {_PREALLOC_SUMS} FROM jobs_preallocations
-           WHERE account IN (SELECT account FROM mine) GROUP BY account) AS p
-    ON p.account = t.account
 ORDER BY t.account
 """
 SQL_LEDGER_ROW_COUNTS = """
@@ -551,14 +518,14 @@ def stats_users(conn: sqlite3.Connection, username: str | None = None) -> list[U
     """Usage rows of every user (by name), or of one user (zero or one row)."""
     if username is None:
         return _usage_rows(conn, SQL_STATS_USERS_ALL)
-    return _usage_rows(conn, SQL_STATS_USER, (username, username))
+    return _usage_rows(conn, SQL_STATS_USER, (username,))
 
 
 def stats_accounts(conn: sqlite3.Connection, account: str | None = None) -> list[UsageTuple]:
     """Usage rows of every account (by name), or of one account (zero or one row)."""
     if account is None:
         return _usage_rows(conn, SQL_STATS_ACCOUNTS_ALL)
-    return _usage_rows(conn, SQL_STATS_ACCOUNT, (account, account))
+    return _usage_rows(conn, SQL_STATS_ACCOUNT, (account,))
 
 
 def stats_accounts_of_user(conn: sqlite3.Connection, username: str) -> list[UsageTuple]:
