@@ -493,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         from slurm_quota import db
 
         require_ledger_writer(db_path)
-        conn = db.connect(db_path)
+        # Not fsynced at COMMIT (WAL, synchronous=NORMAL): a power loss can only drop the last
+        # charges, which `reconcile` charges again from accounting (DESIGN §6).
+        conn = db.connect(db_path, durable=False)
         try:
             result = charge_env(conn, os.environ)
         finally:

@@ -12,48 +12,97 @@ BEGIN IMMEDIATE and keep transactions short.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import re
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
+from functools import cache
 
 from slurm_quota.errors import DatabaseMissing, DatabaseUnavailable, SchemaError
+
+# pathlib is imported only where a Path is handed out (migrate, migration_files): opening the
+# ledger for a charge must not pay its import (slurmctld runs one charge after another).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # How long a CLI/charge writer waits for the plugin or another writer to release the lock.
 BUSY_TIMEOUT_MS = 5000
 DB_FILE_MODE = 0o644
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_MIGRATION_NAME = r"^(\d{4})_[a-z0-9_]+\.sql$"
+# The errors pathlib's Path.exists() takes for "absent" (any other OSError propagates).
+_ABSENT_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+
+
+def _migrations_dir_path() -> str:
+    here = os.path.dirname(os.path.realpath(__file__))
+    installed = os.path.join(here, "_data", "migrations")
+    if os.path.isdir(installed):
+        return installed
+    return os.path.join(os.path.dirname(here), "migrations")
 
 
 def migrations_dir() -> Path:
     """Return the folder holding NNNN_name.sql (installed wheel, else the source tree)."""
-    here = Path(__file__).resolve().parent
-    installed = here / "_data" / "migrations"
-    if installed.is_dir():
-        return installed
-    return here.parent / "migrations"
+    from pathlib import Path
+
+    return Path(_migrations_dir_path())
+
+
+def _migration_names() -> list[tuple[int, str]]:
+    """(version, file name) of every migration, in order; refuses gaps."""
+    directory = _migrations_dir_path()
+    found = []
+    for name in os.listdir(directory):
+        m = re.match(_MIGRATION_NAME, name)
+        if m:
+            found.append((int(m.group(1)), name))
+    found.sort()
+    versions = [v for v, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise SchemaError(f"Migrations in {directory} are not numbered 1..N: {versions}.")
+    return found
 
 
 def migration_files() -> list[tuple[int, Path]]:
     """Return (version, path) of every migration, in order."""
-    found = []
-    for path in migrations_dir().iterdir():
-        m = _MIGRATION_NAME.match(path.name)
-        if m:
-            found.append((int(m.group(1)), path))
-    found.sort()
-    versions = [v for v, _ in found]
-    if versions != list(range(1, len(versions) + 1)):
-        raise SchemaError(f"Migrations in {migrations_dir()} are not numbered 1..N: {versions}.")
-    return found
+    directory = migrations_dir()
+    return [(version, directory / name) for version, name in _migration_names()]
 
 
 def latest_version() -> int:
     """Return the schema version this code writes and understands."""
-    files = migration_files()
-    return files[-1][0] if files else 0
+    names = _migration_names()
+    return names[-1][0] if names else 0
+
+
+@cache
+def _code_schema_version() -> int:
+    # latest_version() once per process: the code loaded cannot change under it, and a
+    # long-running reader (serve) connects per request.
+    return latest_version()
+
+
+def _exists(path: str) -> bool:
+    # pathlib's Path.exists() without importing pathlib (same errors ignored, others raised).
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno in _ABSENT_ERRNOS:
+            return False
+        raise
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(path: str | os.PathLike[str]) -> str:
+    """A database path as messages print it (pathlib's normal form, as before)."""
+    from pathlib import PurePath
+
+    return str(PurePath(path))
 
 
 def _is_locked(err: sqlite3.Error) -> bool:
@@ -73,26 +122,38 @@ def connect(
     create: bool = False,
     check_schema: bool = True,
     busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    durable: bool = True,
 ) -> sqlite3.Connection:
-    """Open the ledger; refuse a missing file unless create=True, and an unknown schema."""
-    db_path = Path(path)
-    if not db_path.exists() and not create:
+    """Open the ledger; refuse a missing file unless create=True, and an unknown schema.
+
+    durable=False sets `PRAGMA synchronous = NORMAL` on this connection (WAL: a commit is not
+    fsynced until the next checkpoint; a power loss may drop the last commits, never corrupts
+    the file). Only for writers whose rows `reconcile` rebuilds from Slurm (the jobcomp charge),
+    as the plugin's connection does (DESIGN §6).
+    """
+    db_file = os.fspath(path)
+    if not _exists(db_file) and not create:
         raise DatabaseMissing(
-            f"The database {db_path} does not exist. Create it with `slurm-quota migrate`."
+            f"The database {_shown(path)} does not exist. Create it with `slurm-quota migrate`."
         )
     try:
         if readonly:
-            uri = f"file:{db_path.resolve()}?mode=ro"
+            uri = f"file:{os.path.realpath(db_file)}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         else:
             if create:
-                db_path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(db_path), isolation_level=None)
+                from pathlib import Path
+
+                Path(db_file).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(db_file, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
+        if not durable:
+            conn.execute("PRAGMA synchronous = NORMAL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as err:
+        db_path = _shown(path)
         if _is_locked(err):
             raise DatabaseUnavailable(f"The database {db_path} is locked: {err}.") from err
         if _is_damaged(err):
@@ -103,9 +164,10 @@ def connect(
             ) from err
         raise DatabaseUnavailable(f"Cannot open the database {db_path}: {err}.") from err
     if check_schema:
-        latest = latest_version()
+        latest = _code_schema_version()
         if version != latest:
             conn.close()
+            db_path = _shown(path)
             if version > latest:
                 raise SchemaError(
                     f"The database {db_path} has schema version {version}, newer than this "
@@ -148,6 +210,8 @@ def migrate(path: str | os.PathLike[str]) -> list[int]:
     Each step runs atomically with its version stamp (the BEGIN/COMMIT are in the SQL file,
     because executescript() commits any open transaction first). Idempotent.
     """
+    from pathlib import Path
+
     db_path = Path(path)
     conn = connect(db_path, create=True, check_schema=False)
     applied: list[int] = []
@@ -232,6 +296,8 @@ def schema_version(path: str | os.PathLike[str]) -> int:
 
 def fix_file_permissions(db_path: Path) -> None:
     """Mode 0644 on the DB and its -wal/-shm; owned by slurm:slurm when we are root."""
+    from pathlib import Path
+
     owner = None
     if os.geteuid() == 0:
         try:

@@ -11,10 +11,16 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
-from fractions import Fraction
+from functools import cache
 
 from slurm_quota.errors import InvalidInput
+
+# decimal and fractions are imported where they are needed: a charge of a CPU-only job (the
+# common case, paid once per finished job in slurmctld's jobcomp queue) needs neither.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from decimal import Decimal
+    from fractions import Fraction
 
 UNLIMITED = -1
 DEFAULT_GPU_TYPE = "default"
@@ -29,13 +35,22 @@ GPU = "gpu"
 RESOURCES = (CPU, GPU)
 
 
+# Below this, product / 60 keeps ≥ 2 decimals within Decimal's 28 digits, so the Decimal
+# rounding below and the exact integer form agree (the nearest k/60 under one half is 29/60).
+_EXACT_INT_PRODUCT_MAX = 10**25
+
+
 def _round_half_up(value: Decimal) -> int:
+    from decimal import ROUND_HALF_UP
+
     return int(value.to_integral_value(rounding=ROUND_HALF_UP))
 
 
 def _exact_factor(factor: float) -> Fraction:
     # The factor as the decimal an admin typed (0.1 means 1/10), kept exact: Decimal sums
     # round to 28 digits, which lost e.g. 1 + 5e-324 and under-reserved by a minute.
+    from fractions import Fraction
+
     return Fraction(repr(float(factor)))
 
 
@@ -43,6 +58,12 @@ def cpu_minutes_charged(cpus: int, elapsed_s: int) -> int:
     """CPU minutes of one run: round(cpus × elapsed / 60), half up, on the product."""
     if cpus < 0 or elapsed_s < 0:
         raise InvalidInput(f"Negative CPUs ({cpus}) or elapsed seconds ({elapsed_s}).")
+    if type(cpus) is int and type(elapsed_s) is int:
+        product = cpus * elapsed_s
+        if product < _EXACT_INT_PRODUCT_MAX:
+            return (2 * product + 60) // 120  # floor(product / 60 + 1/2), exactly
+    from decimal import Decimal
+
     return _round_half_up(Decimal(cpus) * Decimal(elapsed_s) / Decimal(60))
 
 
@@ -59,6 +80,10 @@ def gpu_minutes_charged(
     """GPU minutes of one run: round(Σ count × factor(type) × elapsed / 60), half up."""
     if elapsed_s < 0:
         raise InvalidInput(f"Negative elapsed seconds ({elapsed_s}).")
+    if not gpus_by_type:
+        return 0  # the sum below is 0: floor(0 / 60 + 1/2)
+    from fractions import Fraction
+
     total = Fraction(0)
     for gpu_type, count in gpus_by_type.items():
         if count < 0:
@@ -76,6 +101,8 @@ def gpu_minutes_requested(
     gpus_by_type: Mapping[str, int], factors: Mapping[str, float], time_limit_min: int
 ) -> int:
     """GPU minutes a submission reserves per element: ceil(Σ count × factor × time)."""
+    from fractions import Fraction
+
     total = Fraction(0)
     for gpu_type, count in gpus_by_type.items():
         total += count * _exact_factor(factor_for(gpu_type, factors)) * time_limit_min
@@ -110,15 +137,22 @@ def usage_fraction(quota: int, consumed: int, preallocated: int) -> float | None
 
 # ASCII digits only: \d would also match e.g. Arabic-Indic or full-width digits, which
 # int() accepts; `\Z` because `$` also matches before a trailing newline.
-_INT_RE = re.compile(r"^[+-]?[0-9]+\Z")
-_SIGNED_RE = re.compile(r"^[+-][0-9]+(\.[0-9]+)?\Z")
-_DECIMAL_RE = re.compile(r"^[+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
+# Compiled on first use (_regex): only admin commands parse typed values.
+_INT_RE = r"^[+-]?[0-9]+\Z"
+_SIGNED_RE = r"^[+-][0-9]+(\.[0-9]+)?\Z"
+_DECIMAL_RE = r"^[+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z"
+
+
+@cache
+def _regex(pattern: str) -> re.Pattern[str]:
+    """The compiled form of one of the patterns above (compiled once, when first needed)."""
+    return re.compile(pattern)
 
 
 def parse_quota(text: str) -> int:
     """A quota in minutes: an integer ≥ −1 (−1 = unlimited), at most MAX_MINUTES."""
     value = str(text).strip()
-    if not _INT_RE.match(value):
+    if not _regex(_INT_RE).match(value):
         raise InvalidInput(
             f"Quota {text!r} is not a whole number of minutes (use -1 for unlimited)."
         )
@@ -143,7 +177,7 @@ def parse_factor(text: str) -> float:
         raise InvalidInput(f"GPU factor {factor} is negative; it must be 0 or more.")
     if factor > 1e6:
         raise InvalidInput(f"GPU factor {factor} is implausibly large (maximum 1e6).")
-    if not _DECIMAL_RE.match(value):
+    if not _regex(_DECIMAL_RE).match(value):
         # float() also takes "1_0" and non-ASCII digits; the Lua side and people read ASCII.
         raise InvalidInput(f"GPU factor {text!r} is not a plain decimal number (e.g. 0.5).")
     return factor
@@ -152,13 +186,15 @@ def parse_factor(text: str) -> float:
 def parse_signed_minutes(text: str, *, hours: bool = False) -> int:
     """An explicitly signed delta (`+30`, `-2`; hours may be `+1.5`) converted to minutes."""
     value = str(text).strip()
-    if not _SIGNED_RE.match(value) or (not hours and "." in value):
+    if not _regex(_SIGNED_RE).match(value) or (not hours and "." in value):
         unit = "hours" if hours else "minutes"
         raise InvalidInput(
             f"Adjustment {text!r} must be an explicitly signed whole number of {unit}, "
             f"e.g. +30 or -30" + (" (or +1.5 hours)" if hours else "") + "."
         )
     if hours:
+        from decimal import Decimal
+
         minutes_dec = Decimal(value) * 60
         if minutes_dec != minutes_dec.to_integral_value():
             raise InvalidInput(f"Adjustment {text!r} hours is not a whole number of minutes.")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import cache
 
 from slurm_quota.errors import SlurmUnavailable
 
@@ -53,9 +53,16 @@ RECONCILE_STATES = "BF,CA,CD,DL,F,NF,OOM,PR,TO,RQ"
 NO_VAL = 4294967294
 _UUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
 TOKEN_PREFIX = "slurm-quota:"
-_TOKEN_RE = re.compile(re.escape(TOKEN_PREFIX) + "(" + _UUID + ")")
-_BARE_UUID_RE = re.compile("^" + _UUID + "$")
-_ANY_UUID_RE = re.compile(_UUID)
+# Patterns are compiled on first use (_regex): a charge needs two of them, not all.
+_TOKEN_RE = re.escape(TOKEN_PREFIX) + "(" + _UUID + ")"
+_BARE_UUID_RE = "^" + _UUID + "$"
+_ANY_UUID_RE = _UUID
+
+
+@cache
+def _regex(pattern: str) -> re.Pattern[str]:
+    """The compiled form of one of this module's patterns (compiled once, when first needed)."""
+    return re.compile(pattern)
 
 
 @dataclass(frozen=True)
@@ -114,18 +121,18 @@ def find_token(admin_comment: str | None) -> str | None:
     whole comment when it is exactly a bare UUID (the seed system's format)."""
     if not admin_comment:
         return None
-    tagged = _TOKEN_RE.findall(admin_comment)
+    tagged = _regex(_TOKEN_RE).findall(admin_comment)
     if tagged:
         return tagged[-1]
     text = admin_comment.strip()
-    if _BARE_UUID_RE.match(text):
+    if _regex(_BARE_UUID_RE).match(text):
         return text
     return None
 
 
 def tokens_in(text: str) -> set[str]:
     """Every UUID-looking string in a text (tagged or bare): used to decide what is alive."""
-    return set(_ANY_UUID_RE.findall(text))
+    return set(_regex(_ANY_UUID_RE).findall(text))
 
 
 def parse_tres(tres: str | None) -> dict[str, str]:
@@ -207,13 +214,13 @@ def is_final(state: str) -> bool:
 # ---------------------------------------------------------------------------------------
 
 # A key starts a field only after a space; values may contain spaces (JobName, Comment...).
-_SCONTROL_KEY = re.compile(r"(?:^| )([A-Za-z][A-Za-z0-9_:/]*)=")
+_SCONTROL_KEY = r"(?:^| )([A-Za-z][A-Za-z0-9_:/]*)="
 
 
 def parse_scontrol_line(line: str) -> dict[str, str]:
     """Split one `scontrol show job -o` line into {Key: value} (values may hold spaces)."""
     fields: dict[str, str] = {}
-    matches = list(_SCONTROL_KEY.finditer(line))
+    matches = list(_regex(_SCONTROL_KEY).finditer(line))
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(line)
         key = m.group(1)
@@ -363,8 +370,8 @@ class AccountingJob:
         return is_final(self.state) and self.end_time is not None
 
 
-_ARRAY_ID = re.compile(r"^(\d+)_(\d+)$")
-_HET_ID = re.compile(r"^(\d+)\+(\d+)$")
+_ARRAY_ID = r"^(\d+)_(\d+)$"
+_HET_ID = r"^(\d+)\+(\d+)$"
 
 
 def _sacct_row(parts: Sequence[str]) -> AccountingJob | None:
@@ -373,10 +380,10 @@ def _sacct_row(parts: Sequence[str]) -> AccountingJob | None:
         return None  # a step row (12.batch) or garbage
     text = parts[1].strip()
     array_job_id = array_task_id = het_job_id = het_job_offset = None
-    m = _ARRAY_ID.match(text)
+    m = _regex(_ARRAY_ID).match(text)
     if m:
         array_job_id, array_task_id = int(m.group(1)), int(m.group(2))
-    m = _HET_ID.match(text)
+    m = _regex(_HET_ID).match(text)
     if m:
         het_job_id, het_job_offset = int(m.group(1)), int(m.group(2))
     return AccountingJob(
