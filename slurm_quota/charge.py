@@ -15,13 +15,20 @@ When Slurm cannot tell the allocation in time, nothing is charged: SlurmUnavaila
 the wrapper spool the environment and `reconcile` charges it later from accounting (the
 correct GPU count matters more than charging within the second). A never-started job
 (START == END or PROCS == 0) costs 0 whatever Slurm says; Slurm is asked only for its token.
+
+Start-up time is part of the contract: slurmctld runs `slurm-quota charge` once per finished
+job, one after another (budget 100 ms per job, bench/charge_startup.py). So this module and
+what it imports avoid dataclasses, typing, pathlib, decimal and fractions at import time; its
+records are collections.namedtuple subclasses (immutable, named fields, same construction
+and defaults, equality and repr as the frozen dataclasses STYLE.md asks for; see
+slurm_quota.slurm).
 """
 
 from __future__ import annotations
 
 import time
+from collections import namedtuple
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from slurm_quota import ledger
 from slurm_quota import slurm as slurm_mod
@@ -60,23 +67,31 @@ def _id_or_none(value: int | None) -> int | None:
     return value
 
 
-@dataclass(frozen=True)
-class Run:
+_RunFields = namedtuple(
+    "Run",
+    (
+        "job_id",  # int
+        "start_time",  # int (epoch s)
+        "end_time",  # int (epoch s)
+        "cpus",  # int
+        "username",  # str
+        "account",  # str
+        "partition",  # str = ""
+        "job_state",  # str = ""
+        "array_job_id",  # int | None = None
+        "array_task_id",  # int | None = None
+        "het_job_id",  # int | None = None
+        "het_job_offset",  # int | None = None
+        "array_meta",  # bool = False: a pending, never-split array record (all elements end)
+    ),
+    defaults=("", "", None, None, None, None, False),
+)
+
+
+class Run(_RunFields):
     """One ended run of a job, as slurmctld's jobcomp environment or sacct describes it."""
 
-    job_id: int
-    start_time: int
-    end_time: int
-    cpus: int
-    username: str
-    account: str
-    partition: str = ""
-    job_state: str = ""
-    array_job_id: int | None = None
-    array_task_id: int | None = None
-    het_job_id: int | None = None
-    het_job_offset: int | None = None
-    array_meta: bool = False  # a pending, never-split array record: all its elements end here
+    __slots__ = ()
 
     @property
     def charge_key(self) -> str:
@@ -184,13 +199,19 @@ def run_from_sacct(row: slurm_mod.AccountingJob) -> Run | None:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Allocation:
-    """What Slurm knows about one run that the jobcomp environment does not carry."""
+class Allocation(namedtuple("Allocation", ("token", "gpus_by_type", "source"))):
+    """What Slurm knows about one run that the jobcomp environment does not carry.
 
-    token: str | None
-    gpus_by_type: Mapping[str, int] = field(default_factory=dict)
-    source: str = "none"  # scontrol | sacct | none
+    token: str | None; gpus_by_type: Mapping[str, int] (a new empty dict when not given);
+    source: "scontrol" | "sacct" | "none" (the default).
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, token: str | None, gpus_by_type: Mapping[str, int] | None = None, source: str = "none"
+    ) -> Allocation:
+        return super().__new__(cls, token, {} if gpus_by_type is None else gpus_by_type, source)
 
 
 def _from_sacct_rows(run: Run, rows: list[slurm_mod.AccountingJob]) -> Allocation | None:
@@ -264,17 +285,24 @@ def lookup_allocation(
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Charge:
+_ChargeFields = namedtuple(
+    "Charge",
+    (
+        "run",  # Run
+        "token",  # str | None
+        "gpus_by_type",  # Mapping[str, int]
+        "gpu_factors",  # Mapping[str, float]
+        "cpu_minutes",  # int
+        "gpu_minutes",  # int
+        "source",  # str
+    ),
+)
+
+
+class Charge(_ChargeFields):
     """The computed charge of one run (what goes into the `charges` row)."""
 
-    run: Run
-    token: str | None
-    gpus_by_type: Mapping[str, int]
-    gpu_factors: Mapping[str, float]
-    cpu_minutes: int
-    gpu_minutes: int
-    source: str
+    __slots__ = ()
 
     def row(self, released: int) -> dict[str, object]:
         """The `charges` row (column -> value)."""
@@ -304,14 +332,22 @@ class Charge:
         }
 
 
-@dataclass(frozen=True)
-class ChargeResult:
+_ChargeResultFields = namedtuple(
+    "ChargeResult",
+    (
+        "charge",  # Charge
+        "charged",  # bool; False: this run was already charged, nothing changed
+        "released",  # int: preallocated elements released by this call
+        "dry_run",  # bool = False
+    ),
+    defaults=(False,),
+)
+
+
+class ChargeResult(_ChargeResultFields):
     """What charging one run did."""
 
-    charge: Charge
-    charged: bool  # False: this run was already charged, nothing changed
-    released: int  # preallocated elements released by this call
-    dry_run: bool = False
+    __slots__ = ()
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly summary."""

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections import namedtuple
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cache
 
 from slurm_quota.errors import InvalidInput
 
-# decimal and fractions are imported where they are needed: a charge of a CPU-only job (the
-# common case, paid once per finished job in slurmctld's jobcomp queue) needs neither.
+# Imported by every `slurm-quota charge` (slurmctld runs one after another): decimal and
+# fractions are imported where they are needed (a CPU-only charge needs neither), and the one
+# record is a namedtuple, not a dataclass (see slurm_quota.charge).
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from decimal import Decimal
@@ -206,13 +207,10 @@ def parse_signed_minutes(text: str, *, hours: bool = False) -> int:
     return minutes
 
 
-@dataclass(frozen=True)
-class Adjusted:
-    """Result of applying a signed delta to a consumed total."""
+class Adjusted(namedtuple("Adjusted", ("old", "new", "clamped"))):
+    """Result of applying a signed delta to a consumed total: old, new (int), clamped (bool)."""
 
-    old: int
-    new: int
-    clamped: bool
+    __slots__ = ()
 
 
 def apply_adjustment(consumed: int, delta_minutes: int) -> Adjusted:

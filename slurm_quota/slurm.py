@@ -1,7 +1,7 @@
 """Talking to Slurm: the only module that runs sacct, squeue and scontrol.
 
 Owns: running the Slurm client commands under a hard timeout and parsing what they print
-into frozen dataclasses. Must not touch the database nor decide about money: callers (charge,
+into immutable records. Must not touch the database nor decide about money: callers (charge,
 reconcile, prune) do that.
 
 Every call goes through a *runner* (a callable), so tests feed captured real outputs instead
@@ -12,6 +12,15 @@ so only SIGKILL is sure to end a hung sacct. Times are asked as epoch seconds
 
 A command that cannot be run, times out, or fails raises SlurmUnavailable: callers must never
 take "no answer" for "no jobs".
+
+Records are not dataclasses here (STYLE.md says frozen dataclasses): this module is imported
+by every `slurm-quota charge`, which slurmctld runs once per finished job, one after another,
+and importing dataclasses (it imports inspect) plus building each class cost that path about
+a quarter of its time. The parsed records are collections.namedtuple subclasses; RunResult,
+which runners and test fakes must tell apart from a sequence of results, is a small slotted
+class. Both keep what callers use of a frozen dataclass: named fields, keyword or positional
+construction with the same defaults, immutability, equality, hashing and the
+`Name(field=value, ...)` repr.
 """
 
 from __future__ import annotations
@@ -19,8 +28,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cache
 
 from slurm_quota.errors import SlurmUnavailable
@@ -65,13 +74,41 @@ def _regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-@dataclass(frozen=True)
 class RunResult:
-    """What one Slurm command returned."""
+    """What one Slurm command returned: returncode (int), stdout and stderr (str).
 
-    returncode: int
-    stdout: str
-    stderr: str
+    Immutable like a frozen dataclass, and deliberately not a tuple (see the module docstring).
+    """
+
+    __slots__ = ("returncode", "stdout", "stderr")
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        object.__setattr__(self, "returncode", returncode)
+        object.__setattr__(self, "stdout", stdout)
+        object.__setattr__(self, "stderr", stderr)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _values(self) -> tuple[int, str, str]:
+        return (self.returncode, self.stdout, self.stderr)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return (
+            f"RunResult(returncode={self.returncode!r}, stdout={self.stdout!r}, "
+            f"stderr={self.stderr!r})"
+        )
 
 
 # runner(argv, timeout_s) -> RunResult; raises SlurmUnavailable when it cannot run or times out.
@@ -229,24 +266,31 @@ def parse_scontrol_line(line: str) -> dict[str, str]:
     return fields
 
 
-@dataclass(frozen=True)
-class ControllerJob:
+_ControllerJobFields = namedtuple(
+    "ControllerJob",
+    (
+        "job_id",  # int
+        "array_job_id",  # int | None
+        "array_task_id",  # int | None
+        "het_job_id",  # int | None
+        "het_job_offset",  # int | None
+        "username",  # str
+        "account",  # str
+        "partition",  # str
+        "job_state",  # str
+        "start_time",  # int | None (epoch s)
+        "end_time",  # int | None (epoch s)
+        "num_cpus",  # int | None
+        "tres",  # str
+        "admin_comment",  # str
+    ),
+)
+
+
+class ControllerJob(_ControllerJobFields):
     """One job record as slurmctld reports it (`scontrol show job -o`)."""
 
-    job_id: int
-    array_job_id: int | None
-    array_task_id: int | None
-    het_job_id: int | None
-    het_job_offset: int | None
-    username: str
-    account: str
-    partition: str
-    job_state: str
-    start_time: int | None
-    end_time: int | None
-    num_cpus: int | None
-    tres: str
-    admin_comment: str
+    __slots__ = ()
 
     @property
     def token(self) -> str | None:
@@ -333,26 +377,34 @@ SACCT_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class AccountingJob:
+_AccountingJobFields = namedtuple(
+    "AccountingJob",
+    (
+        "job_id",  # int
+        "job_id_text",  # str: "7_0", "9+1", "12"
+        "username",  # str
+        "account",  # str
+        "partition",  # str
+        "state",  # str
+        "alloc_cpus",  # int
+        "elapsed_s",  # int | None
+        "start_time",  # int | None (epoch s)
+        "end_time",  # int | None (epoch s)
+        "alloc_tres",  # str
+        "admin_comment",  # str
+        "array_job_id",  # int | None = None
+        "array_task_id",  # int | None = None
+        "het_job_id",  # int | None = None
+        "het_job_offset",  # int | None = None
+    ),
+    defaults=(None, None, None, None),
+)
+
+
+class AccountingJob(_AccountingJobFields):
     """One job allocation row of sacct (-X), one run of one job."""
 
-    job_id: int
-    job_id_text: str  # "7_0", "9+1", "12"
-    username: str
-    account: str
-    partition: str
-    state: str
-    alloc_cpus: int
-    elapsed_s: int | None
-    start_time: int | None
-    end_time: int | None
-    alloc_tres: str
-    admin_comment: str
-    array_job_id: int | None = field(default=None)
-    array_task_id: int | None = field(default=None)
-    het_job_id: int | None = field(default=None)
-    het_job_offset: int | None = field(default=None)
+    __slots__ = ()
 
     @property
     def token(self) -> str | None:
@@ -466,12 +518,13 @@ def _sacct_time(epoch: int) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QueueSnapshot:
-    """Tokens referenced by every job slurmctld currently holds (queued, running, recent)."""
+class QueueSnapshot(namedtuple("QueueSnapshot", ("tokens", "job_count"))):
+    """Tokens referenced by every job slurmctld currently holds (queued, running, recent).
 
-    tokens: frozenset[str]
-    job_count: int
+    tokens: frozenset[str]; job_count: int.
+    """
+
+    __slots__ = ()
 
 
 # One line per job slurmctld holds: id, state, then the free-text admin comment (last, so a
