@@ -133,7 +133,8 @@ def reconcile_cmd(
     ledger; then spooled jobcomp failures are replayed (a spool file is deleted only after
     its charge committed); then preallocations older than the grace period whose token is
     neither queued/running (squeue) nor in that accounting window are released (journaled).
-    Nothing is released unless squeue and sacct both answered. Root only.
+    Nothing is released unless squeue and sacct both answered. Runs as root or as the
+    owner of the ledger file (SlurmUser), like `charge`.
 
     \b
     Examples:
@@ -141,7 +142,9 @@ def reconcile_cmd(
       slurm-quota reconcile --since 2d --dry-run
     """
     if not dry_run:
-        require_root("reconcile")
+        from slurm_quota.access import require_ledger_writer
+
+        require_ledger_writer(settings.db_path, "reconcile")
     from pathlib import Path
 
     from slurm_quota import reconcile
