@@ -1,6 +1,6 @@
 """Wall time of the jobcomp call `slurm-quota charge`, start-up included, one job at a time.
 
-    .venv/bin/python bench/charge_startup.py [--runs 40] [--importtime]
+    .venv/bin/python bench/charge_startup.py [--runs 40] [--importtime] [--source DIR]
 
 Method (the budget is ≤ 100 ms per job, slurmctld runs one charge after another):
   * a temp ledger migrated by `.venv/bin/slurm-quota --db X migrate`;
@@ -9,10 +9,13 @@ Method (the budget is ≤ 100 ms per job, slurmctld runs one charge after anothe
   * env = that fixture's jobcomp "env" + PATH + SLURM_QUOTA_DB, nothing else (as slurmctld);
   * before each run (not timed) `DELETE FROM charges`, so every run really charges (one write
     transaction) instead of stopping at "already charged";
-  * each run is a fresh `.venv/bin/slurm-quota charge` process, timed from spawn to exit.
+  * each run is a fresh `.venv/bin/slurm-quota charge` process, timed from spawn to exit
+    (after one charge that is not counted, so .pyc files exist).
 Prints p50/p90/min/max of the wall time (p90 = statistics.quantiles(n=10)[8]), the median
 CPU time of the child, the fake scontrol's own cost and the load average. --importtime adds
-the top cumulative entries of one `python -X importtime` run of the same charge.
+the top cumulative entries of one `python -X importtime` run of the same charge. --source DIR
+runs the slurm_quota package of DIR instead (PYTHONPATH, same venv and console script), e.g.
+`git archive <commit> | tar -x -C DIR`, to interleave before/after runs on the same machine.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ QUOTA_BIN = VENV_BIN / "slurm-quota"
 FIXTURE = REPO / "tests" / "fixtures" / "slurm-22.05" / "charge" / "plain.json"
 
 
-def _setup(tmp: Path) -> tuple[Path, dict[str, str], Path]:
+def _setup(tmp: Path, source: str | None) -> tuple[Path, dict[str, str], Path]:
     case = json.loads(FIXTURE.read_text())
     bindir = tmp / "bin"
     bindir.mkdir()
@@ -45,9 +48,11 @@ def _setup(tmp: Path) -> tuple[Path, dict[str, str], Path]:
     scontrol.write_text(f"#!/bin/sh\ncat '{bindir / 'scontrol.out'}'\n")
     scontrol.chmod(0o755)
     db_path = tmp / "ledger.db"
-    subprocess.run([str(QUOTA_BIN), "--db", str(db_path), "migrate"], check=True,
-                   capture_output=True)  # fmt: skip
     env = dict(case["env"], PATH=f"{bindir}:/usr/bin:/bin", SLURM_QUOTA_DB=str(db_path))
+    if source:
+        env["PYTHONPATH"] = str(Path(source).resolve())
+    subprocess.run([str(QUOTA_BIN), "--db", str(db_path), "migrate"], check=True,
+                   capture_output=True, env=env)  # fmt: skip
     return db_path, env, scontrol
 
 
@@ -83,9 +88,11 @@ def _summary(label: str, walls: list[float]) -> str:
     )
 
 
-def bench(runs: int) -> None:
+def bench(runs: int, source: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="charge-startup-") as tmp_name:
-        db_path, env, scontrol = _setup(Path(tmp_name))
+        db_path, env, scontrol = _setup(Path(tmp_name), source)
+        _clear_charges(db_path)
+        _timed([str(QUOTA_BIN), "charge"], env)  # warm-up, not counted (writes .pyc files)
         load_before = os.getloadavg()
         walls: list[float] = []
         cpus: list[float] = []
@@ -100,16 +107,16 @@ def bench(runs: int) -> None:
         python = shutil.which("python3", path=str(VENV_BIN)) or sys.executable
         pass_walls = [_timed([python, "-c", "pass"], env)[0] for _ in range(20)]
         load_after = os.getloadavg()
-    print(_summary("slurm-quota charge", walls))
+    print(_summary("slurm-quota charge" + (f" [{source}]" if source else ""), walls))
     print(f"  child CPU p50 {statistics.median(cpus):.1f} ms")
     print(f"  fake scontrol alone: p50 {statistics.median(scontrol_walls):.1f} ms; "
           f"python -c pass: p50 {statistics.median(pass_walls):.1f} ms")  # fmt: skip
     print(f"  load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
 
 
-def importtime(top: int) -> None:
+def importtime(top: int, source: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="charge-startup-") as tmp_name:
-        db_path, env, _ = _setup(Path(tmp_name))
+        _, env, _ = _setup(Path(tmp_name), source)
         python = str(VENV_BIN / "python")
         proc = subprocess.run([python, "-X", "importtime", str(QUOTA_BIN), "charge"], env=env,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -132,10 +139,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--importtime", action="store_true", help="also show -X importtime")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--source", help="directory holding another slurm_quota to measure")
     args = parser.parse_args()
-    bench(args.runs)
+    bench(args.runs, args.source)
     if args.importtime:
-        importtime(args.top)
+        importtime(args.top, args.source)
 
 
 if __name__ == "__main__":
