@@ -85,6 +85,22 @@ def _code_schema_version() -> int:
     return latest_version()
 
 
+def _pathlib_form(path: str | os.PathLike[str]) -> str:
+    """str(Path(path)) without importing pathlib: "" -> ".", no "." parts, no trailing "/".
+
+    connect() opened and named the file by this form before; e.g. `--db ledger.db/` worked.
+    """
+    text = os.fspath(path)
+    if text.startswith("//") and not text.startswith("///"):
+        root = "//"  # POSIX keeps exactly two leading slashes
+    elif text.startswith("/"):
+        root = "/"
+    else:
+        root = ""
+    parts = [part for part in text.split("/") if part and part != "."]
+    return (root + "/".join(parts)) or "."
+
+
 def _exists(path: str) -> bool:
     # pathlib's Path.exists() without importing pathlib (same errors ignored, others raised).
     try:
@@ -96,13 +112,6 @@ def _exists(path: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _shown(path: str | os.PathLike[str]) -> str:
-    """A database path as messages print it (pathlib's normal form, as before)."""
-    from pathlib import PurePath
-
-    return str(PurePath(path))
 
 
 def _is_locked(err: sqlite3.Error) -> bool:
@@ -131,21 +140,21 @@ def connect(
     the file). Only for writers whose rows `reconcile` rebuilds from Slurm (the jobcomp charge),
     as the plugin's connection does (DESIGN §6).
     """
-    db_file = os.fspath(path)
-    if not _exists(db_file) and not create:
+    db_path = _pathlib_form(path)
+    if not _exists(db_path) and not create:
         raise DatabaseMissing(
-            f"The database {_shown(path)} does not exist. Create it with `slurm-quota migrate`."
+            f"The database {db_path} does not exist. Create it with `slurm-quota migrate`."
         )
     try:
         if readonly:
-            uri = f"file:{os.path.realpath(db_file)}?mode=ro"
+            uri = f"file:{os.path.realpath(db_path)}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         else:
             if create:
                 from pathlib import Path
 
-                Path(db_file).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(db_file, isolation_level=None)
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(db_path, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -153,7 +162,6 @@ def connect(
             conn.execute("PRAGMA synchronous = NORMAL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as err:
-        db_path = _shown(path)
         if _is_locked(err):
             raise DatabaseUnavailable(f"The database {db_path} is locked: {err}.") from err
         if _is_damaged(err):
@@ -167,7 +175,6 @@ def connect(
         latest = _code_schema_version()
         if version != latest:
             conn.close()
-            db_path = _shown(path)
             if version > latest:
                 raise SchemaError(
                     f"The database {db_path} has schema version {version}, newer than this "
