@@ -483,30 +483,6 @@ def charge_env(
     return apply_charge(conn, run, allocation, label)
 
 
-def require_ledger_writer(db_path: str) -> None:
-    """Charging writes the ledger: only root or the ledger file's owner (SlurmUser) may.
-
-    The file mode (0644, owned by slurm) already stops others from writing; refusing first
-    gives a clear message instead of a SQLite error halfway.
-    """
-    import os
-
-    from slurm_quota.errors import NotPermitted
-
-    uid = os.getuid()
-    if uid == 0:
-        return
-    try:
-        owner = os.stat(db_path).st_uid
-    except OSError:
-        return  # a missing file: opening it reports that more clearly
-    if owner != uid:
-        raise NotPermitted(
-            f"`slurm-quota charge` is run by Slurm's jobcomp script as SlurmUser (root or the "
-            f"owner of {db_path}); you are uid {uid}. Nothing was charged."
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m slurm_quota.charge`: `slurm-quota charge` without loading the click CLI.
 
@@ -527,8 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     db_path = os.environ.get("SLURM_QUOTA_DB") or DEFAULT_DB_PATH
     try:
         from slurm_quota import db
+        from slurm_quota.access import require_ledger_writer
 
-        require_ledger_writer(db_path)
+        require_ledger_writer(db_path, "charge")
         # Not fsynced at COMMIT (WAL, synchronous=NORMAL): a power loss can only drop the last
         # charges, which `reconcile` charges again from accounting (DESIGN §6).
         conn = db.connect(db_path, durable=False)

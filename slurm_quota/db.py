@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Iterator
 from functools import cache
 
-from slurm_quota.errors import DatabaseMissing, DatabaseUnavailable, SchemaError
+from slurm_quota.errors import DatabaseMissing, DatabaseUnavailable, NotPermitted, SchemaError
 
 # pathlib is imported only where a Path is handed out (migrate, migration_files): opening the
 # ledger for a charge must not pay its import (slurmctld runs one charge after another).
@@ -141,7 +141,14 @@ def connect(
     as the plugin's connection does (DESIGN §6).
     """
     db_path = _pathlib_form(path)
-    if not _exists(db_path) and not create:
+    try:
+        present = _exists(db_path)
+    except PermissionError as err:
+        raise NotPermitted(
+            f"The database {db_path} cannot be accessed by uid {os.getuid()}: {err.strerror}. "
+            f"Users read the ledger through the service (`slurm-quota stats`)."
+        ) from err
+    if not present and not create:
         raise DatabaseMissing(
             f"The database {db_path} does not exist. Create it with `slurm-quota migrate`."
         )

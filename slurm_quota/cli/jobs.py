@@ -46,9 +46,10 @@ def charge_cmd(settings: Settings, dry_run: bool, as_json: bool) -> None:
         ACCOUNT=research JOBSTATE=COMPLETED slurm-quota charge
     """
     from slurm_quota import charge
+    from slurm_quota.access import require_ledger_writer
 
     if not dry_run:
-        charge.require_ledger_writer(settings.db_path)
+        require_ledger_writer(settings.db_path, "charge")
 
     conn = open_db(settings, readonly=dry_run)
     try:

@@ -270,13 +270,13 @@ def test_reconcile_command_exits_75_when_the_queue_cannot_be_read(db_path, monke
     assert "orphan sweep skipped" in capsys.readouterr().err
 
 
-def test_reconcile_command_is_root_only(db_path, monkeypatch, capsys):
+def test_reconcile_command_is_root_or_ledger_owner_only(db_path, monkeypatch, capsys):
     monkeypatch.setattr(os, "getuid", lambda: 65534)
     fake = slurm()
     monkeypatch.setattr(S, "run_command", fake)
     assert main(["--db", str(db_path), "reconcile"]) == 1
     assert fake.calls == []
-    assert "restricted to root" in capsys.readouterr().err
+    assert "runs as root or as the owner of" in capsys.readouterr().err
 
 
 def test_reconcile_command_rejects_a_bad_since(db_path, monkeypatch):
