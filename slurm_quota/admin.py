@@ -42,6 +42,7 @@ ACTION_SET_QUOTA = "set-quota"
 ACTION_ADJUST = "adjust"
 ACTION_SET_DEFAULT = "set-default-quota"
 ACTION_SET_GPU_FACTOR = "set-gpu-factor"
+ACTION_SET_SETTING = "set-setting"
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,6 +404,95 @@ def set_default_quotas(
             )
             changes.append(DefaultChange(key=key, old_minutes=old, new_minutes=new))
     return changes
+
+
+# ---------------------------------------------------------------------------------------
+# Plugin settings: the keys job_submit.lua reads besides the default quotas
+# ---------------------------------------------------------------------------------------
+
+SETTING_DEFAULT_TIME = "default_time_minutes"
+SETTING_NODE_GPUS = "node_gpus"
+_NODE_GPUS_KEY_RE = re.compile(r"node_gpus(?:\.([A-Za-z0-9_.-]{1,64}))?")
+_NODE_GPU_ENTRY_RE = re.compile(r"gpu(?::([A-Za-z0-9_.-]{1,64}))?:(\d{1,4})")
+
+
+@dataclass(frozen=True)
+class SettingChange:
+    """One plugin setting changed (None = not set)."""
+
+    key: str
+    old: str | None
+    new: str | None
+
+
+def parse_setting(key: str, value: str | None) -> tuple[str, str | None]:
+    """Validate a plugin setting; return (key, normalised value), value None to unset.
+
+    default_time_minutes: the time limit of a job that has none and whose partition has
+    neither DefaultTime nor MaxTime (whole minutes, 1 or more). node_gpus and
+    node_gpus.<partition>: the GPUs of one node (`gpu:h100:2,gpu:a100:2`), which an
+    --exclusive job takes; slurmctld does not tell the plugin.
+    """
+    if key.startswith("default_") and key.endswith("_minutes") and key != SETTING_DEFAULT_TIME:
+        raise InvalidInput(
+            f"{_shown(key)} is a default quota: use `slurm-quota set-default-quotas`."
+        )
+    if key == SETTING_DEFAULT_TIME:
+        if value is None:
+            return key, None
+        text = value.strip()
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 10**7:
+            raise InvalidInput(
+                f"{key} must be a whole number of minutes from 1 to 10000000, not {_shown(value)}."
+            )
+        return key, str(int(text))
+    if _NODE_GPUS_KEY_RE.fullmatch(key):
+        if value is None:
+            return key, None
+        entries = [e.strip() for e in value.split(",")]
+        for entry in entries:
+            m = _NODE_GPU_ENTRY_RE.fullmatch(entry)
+            if not m or int(m.group(2)) < 1:
+                raise InvalidInput(
+                    f"{key}: {_shown(entry)} is not a GPU entry like gpu:h100:2 or gpu:4 "
+                    f"(comma-separated, as in the node's Gres=)."
+                )
+        return key, ",".join(entries)
+    raise InvalidInput(
+        f"Unknown setting {_shown(key)}: the settings are {SETTING_DEFAULT_TIME}, "
+        f"{SETTING_NODE_GPUS} and {SETTING_NODE_GPUS}.<partition>."
+    )
+
+
+def list_settings(conn: Any) -> dict[str, str]:
+    """Every stored setting (default quotas and plugin settings), by key."""
+    return {str(row[0]): str(row[1]) for row in db.list_settings(conn)}
+
+
+def set_setting(
+    conn: Any, key: str, value: str | None, *, reason: str | None = None
+) -> SettingChange:
+    """Set (or, with value None, unset) one plugin setting, journaled."""
+    key, new = parse_setting(key, value)
+    reason = parse_reason(reason)
+    with db.write_transaction(conn):
+        old = db.get_setting(conn, key)
+        if new is None:
+            db.delete_setting(conn, key)
+        else:
+            db.set_setting(conn, key, new)
+        db.insert_journal(
+            conn,
+            actor=current_actor(),
+            action=ACTION_SET_SETTING,
+            target_kind="setting",
+            target=key,
+            field="value",
+            old_value=old,
+            new_value=new,
+            reason=reason,
+        )
+    return SettingChange(key=key, old=old, new=new)
 
 
 # ---------------------------------------------------------------------------------------

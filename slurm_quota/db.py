@@ -423,6 +423,16 @@ def set_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
     )
 
 
+def delete_setting(conn: sqlite3.Connection, key: str) -> bool:
+    """Remove a settings key; False when it was not set."""
+    return conn.execute("DELETE FROM settings WHERE key = ?", (key,)).rowcount == 1
+
+
+def list_settings(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every stored (key, value) row, by key."""
+    return conn.execute("SELECT key, value FROM settings ORDER BY key").fetchall()
+
+
 def list_gpu_factors(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Every stored (gpu_type, factor) row, unordered (callers sort: collations differ)."""
     return conn.execute("SELECT gpu_type, factor FROM gpu_factors").fetchall()

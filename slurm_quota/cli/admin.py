@@ -322,6 +322,70 @@ def set_default_quotas_cmd(
     click.echo("Applies to users/accounts created from now on; existing rows are unchanged.")
 
 
+@cli.command("settings")
+@_json_option
+@pass_settings
+def settings_cmd(settings: Settings, as_json: bool) -> None:
+    """Show every stored setting: default quotas and what the plugin reads.
+
+    \b
+    Example:
+      slurm-quota settings
+      slurm-quota settings --json
+    """
+    from slurm_quota import admin
+
+    with _ledger(settings, readonly=True) as conn:
+        values = admin.list_settings(conn)
+    if as_json:
+        echo_json(values)
+        return
+    if not values:
+        click.echo("No settings stored (default quotas are unlimited; no plugin settings).")
+        return
+    from tabulate import tabulate
+
+    click.echo(tabulate(sorted(values.items()), headers=["SETTING", "VALUE"]))
+
+
+@cli.command("set-setting")
+@click.argument("key")
+@click.argument("value", required=False)
+@click.option("--unset", is_flag=True, help="Remove the setting instead of setting it.")
+@_reason_option
+@pass_settings
+def set_setting_cmd(
+    settings: Settings, key: str, value: str | None, unset: bool, reason: str | None
+) -> None:
+    """Set a plugin setting. Root only.
+
+    \b
+    KEY is one of:
+      default_time_minutes     time limit (minutes) of a job that gives none, when its
+                               partition has neither DefaultTime nor MaxTime
+      node_gpus                GPUs of one node (e.g. gpu:h100:2,gpu:a100:2), taken by an
+                               --exclusive job; slurmctld does not tell the plugin
+      node_gpus.PARTITION      the same for one partition
+    Default quotas are set with `set-default-quotas`.
+
+    \b
+    Examples:
+      sudo slurm-quota set-setting node_gpus gpu:h100:4
+      sudo slurm-quota set-setting node_gpus.gpu gpu:a100:8 --reason "new nodes"
+      sudo slurm-quota set-setting --unset default_time_minutes
+    """
+    require_root("set-setting")
+    if unset == (value is not None):
+        raise click.UsageError("Give KEY VALUE, or --unset KEY.")
+    from slurm_quota import admin
+
+    with _ledger(settings) as conn:
+        change = admin.set_setting(conn, key, None if unset else value, reason=reason)
+    shown = {None: "not set"}
+    click.echo(f"{change.key}: {shown.get(change.old, change.old)} -> "
+               f"{shown.get(change.new, change.new)}")
+
+
 @cli.command("gpu-factors")
 @_json_option
 @pass_settings
