@@ -114,6 +114,18 @@ def _exists(path: str) -> bool:
     return True
 
 
+def _where(*filters: tuple[str, object]) -> tuple[str, list[object]]:
+    """` WHERE a AND b` from (condition, value) pairs whose value is not None; one value is
+    bound to every `?` of its condition."""
+    parts: list[str] = []
+    params: list[object] = []
+    for condition, value in filters:
+        if value is not None:
+            parts.append(condition)
+            params += [value] * condition.count("?")
+    return (" WHERE " + " AND ".join(parts) if parts else ""), params
+
+
 def _is_locked(err: sqlite3.Error) -> bool:
     text = str(err).lower()
     return "locked" in text or "busy" in text
@@ -512,22 +524,13 @@ def read_charges(
         "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
         "released_prealloc, source, charged_at FROM charges"
     )
-    where: list[str] = []
-    params: list[object] = []
-    if username is not None:
-        where.append("username = ?")
-        params.append(username)
-    if account is not None:
-        where.append("account = ?")
-        params.append(account)
-    if job_id is not None:
-        where.append("(job_id = ? OR array_job_id = ? OR het_job_id = ?)")
-        params += [job_id, job_id, job_id]
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC LIMIT ?"
-    params.append(int(limit))
-    return conn.execute(sql, params).fetchall()
+    clause, params = _where(
+        ("username = ?", username),
+        ("account = ?", account),
+        ("(job_id = ? OR array_job_id = ? OR het_job_id = ?)", job_id),
+    )
+    sql += clause + " ORDER BY id DESC LIMIT ?"
+    return conn.execute(sql, [*params, int(limit)]).fetchall()
 
 
 # ---------------------------------------------------------------------------------------
@@ -752,17 +755,8 @@ def list_preallocations(
         "SELECT job_uuid, username, account, preallocated_cpu_minutes, "
         "preallocated_gpu_minutes, array_size, created_at FROM jobs_preallocations"
     )
-    where: list[str] = []
-    params: list[object] = []
-    if username is not None:
-        where.append("username = ?")
-        params.append(username)
-    if account is not None:
-        where.append("account = ?")
-        params.append(account)
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    return conn.execute(sql, params).fetchall()
+    clause, params = _where(("username = ?", username), ("account = ?", account))
+    return conn.execute(sql + clause, params).fetchall()
 
 
 def delete_preallocation(conn: sqlite3.Connection, job_uuid: str) -> bool:
