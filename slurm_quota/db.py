@@ -557,16 +557,25 @@ SQL_STATS_ACCOUNTS_ALL = (
 SQL_STATS_ACCOUNT = f"SELECT t.account, {_USAGE_COLUMNS} FROM accounts AS t WHERE t.account = ?"
 # A user's accounts: those they have open jobs (preallocations) or charged runs in. The
 # ledger has no association table; Slurm's associations would need sacctmgr.
-SQL_STATS_ACCOUNTS_OF_USER = f"""
+_MY_ACCOUNTS = """
 WITH mine(account) AS (
-    SELECT account FROM jobs_preallocations WHERE username = ?
+    SELECT account FROM jobs_preallocations WHERE username = :username
     UNION
-    SELECT account FROM charges WHERE username = ?
-)
+    SELECT account FROM charges WHERE username = :username
+)"""
+SQL_STATS_ACCOUNTS_OF_USER = f"""{_MY_ACCOUNTS}
 SELECT t.account, {_USAGE_COLUMNS}
 FROM accounts AS t
 JOIN mine ON mine.account = t.account
 ORDER BY t.account
+"""
+# A user and their accounts in one statement (one statement reads one consistent state,
+# without the BEGIN and COMMIT of read_snapshot): the first column tells which is which.
+SQL_STATS_USER_VIEW = f"""{_MY_ACCOUNTS}
+SELECT 0, t.username, {_USAGE_COLUMNS} FROM users AS t WHERE t.username = :username
+UNION ALL
+SELECT 1, t.account, {_USAGE_COLUMNS} FROM accounts AS t JOIN mine ON mine.account = t.account
+ORDER BY 1, 2
 """
 SQL_LEDGER_ROW_COUNTS = """
 SELECT 'users', COUNT(*) FROM users
@@ -598,9 +607,13 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             conn.execute("COMMIT")
 
 
-def _usage_rows(conn: sqlite3.Connection, sql: str, params: tuple = ()) -> list[UsageTuple]:
+def _usage_rows(
+    conn: sqlite3.Connection, sql: str, params: tuple | dict[str, str] = ()
+) -> list[UsageTuple]:
     try:
-        return [tuple(row) for row in conn.execute(sql, params)]
+        cursor = conn.cursor()
+        cursor.row_factory = None  # plain tuples: sqlite3.Row costs 2-3 us a row here
+        return cursor.execute(sql, params).fetchall()
     except sqlite3.Error as err:
         if _is_locked(err):
             raise DatabaseUnavailable(f"The database is locked: {err}.") from err
@@ -623,7 +636,15 @@ def stats_accounts(conn: sqlite3.Connection, account: str | None = None) -> list
 
 def stats_accounts_of_user(conn: sqlite3.Connection, username: str) -> list[UsageTuple]:
     """Usage rows of the accounts a user has open jobs or charged runs in, by name."""
-    return _usage_rows(conn, SQL_STATS_ACCOUNTS_OF_USER, (username, username))
+    return _usage_rows(conn, SQL_STATS_ACCOUNTS_OF_USER, {"username": username})
+
+
+def stats_user_view(
+    conn: sqlite3.Connection, username: str
+) -> tuple[list[UsageTuple], list[UsageTuple]]:
+    """(the user's usage row or none, the usage rows of their accounts), read at once."""
+    rows = _usage_rows(conn, SQL_STATS_USER_VIEW, {"username": username})
+    return [r[1:] for r in rows if r[0] == 0], [r[1:] for r in rows if r[0] == 1]
 
 
 def ledger_row_counts(conn: sqlite3.Connection) -> dict[str, int]:

@@ -68,20 +68,23 @@ def _percent(quota: int, consumed: int, preallocated: int) -> float | None:
 
 def _row(name_key: str, row: Sequence[Any]) -> dict[str, Any]:
     name, cpu_used, cpu_pre, cpu_quota, gpu_used, gpu_pre, gpu_quota, updated, jobs = row
+    # int() once per value: a seed ledger may hold REAL minutes (its columns are untyped).
+    cpu_used, cpu_pre, cpu_quota = int(cpu_used), int(cpu_pre), int(cpu_quota)
+    gpu_used, gpu_pre, gpu_quota = int(gpu_used), int(gpu_pre), int(gpu_quota)
     return {
         name_key: name,
-        "total_consumed_cpu_minutes": int(cpu_used),
-        "total_preallocated_cpu_minutes": int(cpu_pre),
-        "quota_cpu_minutes": int(cpu_quota),
-        "total_consumed_gpu_minutes": int(gpu_used),
-        "total_preallocated_gpu_minutes": int(gpu_pre),
-        "quota_gpu_minutes": int(gpu_quota),
+        "total_consumed_cpu_minutes": cpu_used,
+        "total_preallocated_cpu_minutes": cpu_pre,
+        "quota_cpu_minutes": cpu_quota,
+        "total_consumed_gpu_minutes": gpu_used,
+        "total_preallocated_gpu_minutes": gpu_pre,
+        "quota_gpu_minutes": gpu_quota,
         "last_updated": None if updated is None else str(updated),
         "job_count": int(jobs),
-        "available_cpu_minutes": available(int(cpu_quota), int(cpu_used), int(cpu_pre)),
-        "available_gpu_minutes": available(int(gpu_quota), int(gpu_used), int(gpu_pre)),
-        "usage_cpu_percent": _percent(int(cpu_quota), int(cpu_used), int(cpu_pre)),
-        "usage_gpu_percent": _percent(int(gpu_quota), int(gpu_used), int(gpu_pre)),
+        "available_cpu_minutes": available(cpu_quota, cpu_used, cpu_pre),
+        "available_gpu_minutes": available(gpu_quota, gpu_used, gpu_pre),
+        "usage_cpu_percent": _percent(cpu_quota, cpu_used, cpu_pre),
+        "usage_gpu_percent": _percent(gpu_quota, gpu_used, gpu_pre),
     }
 
 
@@ -115,14 +118,12 @@ def stats_payload(
     users, as the seed system answers.
     """
     check_selector(username, account, all_)
-    with db.read_snapshot(conn):
-        if username is not None:
-            users = db.stats_users(conn, username)
-            accounts = db.stats_accounts_of_user(conn, username)
-        elif account is not None:
-            users = []
-            accounts = db.stats_accounts(conn, account)
-        else:
+    if username is not None:
+        users, accounts = db.stats_user_view(conn, username)
+    elif account is not None:
+        users, accounts = [], db.stats_accounts(conn, account)
+    else:
+        with db.read_snapshot(conn):
             users = db.stats_users(conn)
             accounts = db.stats_accounts(conn)
     return {

@@ -144,15 +144,28 @@ def stats_cmd(
     metavar="SECONDS",
     help="Exit after this long without a request (0 = never).",
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=None,
+    metavar="N",
+    help="Server processes sharing the socket [default: one per CPU, at most 4].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request to stderr.")
 @pass_settings
 def serve_cmd(
-    settings: Settings, host: str, port: int, idle_timeout_s: float, verbose: bool
+    settings: Settings,
+    host: str,
+    port: int,
+    idle_timeout_s: float,
+    processes: int | None,
+    verbose: bool,
 ) -> None:
     """Serve /health, /stats and /metrics over HTTP (read-only), for `stats` and dashboards.
 
     With systemd socket activation (LISTEN_PID/LISTEN_FDS) the socket passed on fd 3 is
-    used and --host/--port are ignored.
+    used and --host/--port are ignored. Each process answers its clients one at a time
+    in an event loop; --processes N forks N of them on one socket to use N CPUs.
 
     \b
     Examples:
@@ -173,4 +186,5 @@ def serve_cmd(
         port=port,
         idle_timeout_s=idle_timeout_s,
         log_requests=verbose,
+        processes=processes,
     )

@@ -31,7 +31,8 @@ NEW_INDEXES = {
     "charges_job_id",
     "charges_end_time",
     "journal_target",
-    "jobs_preallocations_username",
+    "jobs_preallocations_username_account",
+    "charges_username_account",
     "jobs_preallocations_account",
     "jobs_preallocations_created_at",
 }
