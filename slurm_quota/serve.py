@@ -342,13 +342,15 @@ class Request:
 class Connection:
     """One client connection: socket, peer, bytes read but not parsed, answer not yet sent."""
 
-    __slots__ = ("sock", "peer", "buffer", "last_activity", "pending", "keep")
+    __slots__ = ("sock", "peer", "buffer", "last_activity", "pending", "keep", "writing")
 
     def __init__(self, sock: socket.socket, peer: Any) -> None:
         self.sock, self.peer, self.buffer = sock, peer, b""
         self.last_activity = time.monotonic()
-        self.pending: memoryview | None = None  # the rest of an answer the socket did not take
+        # What the socket has not taken yet of an answer: [head, body] or their rests.
+        self.pending: list[memoryview] | None = None
         self.keep = False  # whether to read another request once `pending` is sent
+        self.writing = False  # waiting in the selector for the socket to be writable
 
 
 def parse_head(head: bytes) -> Request:
@@ -603,35 +605,45 @@ class QuotaHTTPServer:
             lines.append("Connection: close")
         elif request is not None and request.version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if request is None or request.method != "HEAD":
-            data += body
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if self.log_requests:
             what = "-" if request is None else f"{request.method} {request.target[:200]}"
             log.info("%s \"%s\" %d %d", conn.peer[0], what, response.status, len(body))
-        conn.pending, conn.keep = memoryview(data), keep
+        conn.pending = [memoryview(head)]
+        if body and (request is None or request.method != "HEAD"):
+            # Sent from the cached bytes with the head in one sendmsg: no copy of a 0.4 MB
+            # whole-ledger answer per request.
+            conn.pending.append(memoryview(body))
+        conn.keep = keep
         self._write(conn)
 
     def _write(self, conn: Connection) -> None:
         assert conn.pending is not None
         try:
-            sent = conn.sock.send(conn.pending)
+            sent = conn.sock.sendmsg(conn.pending)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:  # the client went away
             self._close(conn)
             return
-        conn.pending = conn.pending[sent:]
         conn.last_activity = time.monotonic()
-        if len(conn.pending):
-            self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        pending = conn.pending
+        while sent:
+            if sent >= len(pending[0]):
+                sent -= len(pending.pop(0))
+            else:
+                pending[0], sent = pending[0][sent:], 0
+        if pending:
+            if not conn.writing:
+                conn.writing = True
+                self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
             return
-        was_waiting = self._selector.get_key(conn.sock).events == selectors.EVENT_WRITE
         conn.pending = None
         if not conn.keep:
             self._close(conn)
             return
-        if was_waiting:
+        if conn.writing:
+            conn.writing = False
             self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
             self._answer_buffered(conn)  # requests pipelined behind the one just finished
 
