@@ -1,12 +1,14 @@
 """Benchmark of the read side: `slurm-quota serve` under 100 concurrent clients.
 
 Builds a ledger of 10k users, 1k accounts, 100k open preallocations (and 50k charges), starts
-`slurm-quota serve` on a loopback port, and sends a bounded number of requests per route with
-100 concurrent clients (asyncio, one TCP connection per request as `slurm-quota stats` does).
-Prints p50/p99/max latency and requests/s per route, and the wall time of
-`slurm-quota --help`. Loopback only; nothing leaves the machine.
+`slurm-quota serve` on a loopback port, and loads each route with 100 concurrent clients, one
+TCP connection per request as `slurm-quota stats` does, gzip offered: in a closed loop with
+the asyncio client (Python, bounded number of requests) and with wrk (C, for a duration, when
+installed: `apt-get install wrk`), then in an open loop at a fixed rate. Prints p50/p99/max
+latency, requests/s and the CPU time per request of the server processes and of the client
+(both share this machine's CPUs), and the wall time of `slurm-quota --help`. Loopback only.
 
-    .venv/bin/python bench/serve.py [--requests 2000] [--concurrency 100] [--markdown]
+    .venv/bin/python bench/serve.py [--processes N] [--client both|python|wrk] [--markdown]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import asyncio
 import os
 import random
 import re
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,10 +88,12 @@ def build_ledger(path: Path, users: int, accounts: int, preallocs: int, charges:
     conn.close()
 
 
-def start_server(db_path: Path) -> tuple[subprocess.Popen, int]:
+def start_server(db_path: Path, processes: int | None) -> tuple[subprocess.Popen, int]:
     """`slurm-quota serve --port 0`; return the process and the port it logged."""
+    extra = [] if processes is None else ["--processes", str(processes)]
     proc = subprocess.Popen(
-        [SLURM_QUOTA, "--db", str(db_path), "serve", "--port", "0", "--idle-timeout", "0"],
+        [SLURM_QUOTA, "--db", str(db_path), "serve", "--port", "0", "--idle-timeout", "0",
+         *extra],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -98,6 +104,76 @@ def start_server(db_path: Path) -> tuple[subprocess.Popen, int]:
         proc.kill()
         raise SystemExit(f"serve did not start: {line!r}")
     return proc, int(m.group(1))
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of the serve process and its forked server processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for p in [str(pid), *children]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def own_cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    """CPU seconds of this process (RUSAGE_SELF) or of its waited-for children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+_WRK_SCRIPT = """
+local targets = {%s}
+local i = 0
+request = function()
+  i = i %% #targets + 1
+  return wrk.format("GET", targets[i])
+end
+"""
+_WRK_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _wrk_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(m.group(1)) * _WRK_MS[m.group(2)]
+
+
+def run_wrk(
+    port: int, targets: list[str], connections: int, seconds: float, tmp: Path
+) -> dict[str, float]:
+    """wrk (C, one thread) with `connections` connections in a closed loop, one TCP connection
+    per request, cycling through targets; p50/p99/max ms, requests/s, errors, client CPU."""
+    script = tmp / "targets.lua"
+    script.write_text(_WRK_SCRIPT % ",".join(f'"{t}"' for t in targets))
+    before = own_cpu_s(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script),
+         "-H", "Connection: close", "-H", "Accept-Encoding: gzip",
+         f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    client_cpu = own_cpu_s(resource.RUSAGE_CHILDREN) - before
+    latency = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    total = re.search(r"(\d+) requests in ([\d.]+)s", out)
+    if not (latency and p50 and p99 and total):
+        raise SystemExit(f"cannot read wrk's output:\n{out}")
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    n, wall = int(total.group(1)), float(total.group(2))
+    return {"n": n, "errors": errors, "p50": _wrk_ms(p50.group(1)),
+            "p99": _wrk_ms(p99.group(1)), "max": _wrk_ms(latency.group(1)), "rps": n / wall,
+            "client_cpu_s": client_cpu}
 
 
 async def _one(port: int, target: str) -> tuple[float, int, int]:
@@ -190,8 +266,17 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=1_000)
     parser.add_argument("--preallocs", type=int, default=100_000)
     parser.add_argument("--charges", type=int, default=50_000)
-    parser.add_argument("--requests", type=int, default=2000, help="per route")
+    parser.add_argument("--requests", type=int, default=2000, help="per route (Python client)")
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument(
+        "--processes", type=int, default=None,
+        help="`serve --processes` (default: serve's own default)",
+    )
+    parser.add_argument(
+        "--client", choices=("both", "python", "wrk"), default="both",
+        help="load generator for the closed loop: the asyncio client, wrk (C), or both",
+    )
+    parser.add_argument("--wrk-seconds", type=float, default=8.0, help="per route")
     parser.add_argument(
         "--rate", type=float, default=200.0,
         help="open-loop phase: requests/s shared by the clients (0 = skip)",
@@ -199,8 +284,16 @@ def main() -> int:
     parser.add_argument("--help-runs", type=int, default=20)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args()
+    clients = ["python", "wrk"] if args.client == "both" else [args.client]
+    if "wrk" in clients and shutil.which("wrk") is None:
+        if args.client == "wrk":
+            raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
+        print("wrk is not installed (apt-get install wrk): Python client only", file=sys.stderr)
+        clients.remove("wrk")
 
     rnd = random.Random(7)
+    results = []
+    sizes: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "bench.db"
         t = time.perf_counter()
@@ -208,7 +301,7 @@ def main() -> int:
         print(f"ledger built in {time.perf_counter() - t:.1f} s: {args.users} users, "
               f"{args.accounts} accounts, {args.preallocs} preallocations, {args.charges} charges, "
               f"{os.path.getsize(db_path) / 1e6:.1f} MB", file=sys.stderr)
-        proc, port = start_server(db_path)
+        proc, port = start_server(db_path, args.processes)
         routes = {
             "/stats?username=<random>": lambda: (
                 f"/stats?username=user{rnd.randrange(args.users):05d}"
@@ -220,47 +313,73 @@ def main() -> int:
             "/metrics": lambda: "/metrics",
             "/health": lambda: "/health",
         }
-        results = []
-        sizes: dict[str, float] = {}
+
+        def record(label: str, row: dict[str, float], server_s: float) -> None:
+            row.update(label=label, server_cpu_s=server_s)
+            results.append(row)
+
         try:
             for name, make in routes.items():
-                asyncio.run(_run(port, [make() for _ in range(50)], 10))  # warm-up
-                SIZES.clear()
-                lat, wall, errors = asyncio.run(
-                    _run(port, [make() for _ in range(args.requests)], args.concurrency)
-                )
-                sizes[name] = statistics.mean(SIZES)
-                results.append((f"{name}, closed loop", len(lat), errors,
-                                percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3,
-                                max(lat) * 1e3, len(lat) / wall))
+                # Warm-up: every server process has built its whole-ledger answers.
+                asyncio.run(_run(port, [make() for _ in range(200)], 20))
+                if "python" in clients:
+                    SIZES.clear()
+                    cpu0, srv0 = own_cpu_s(), server_cpu_s(proc.pid)
+                    lat, wall, errors = asyncio.run(
+                        _run(port, [make() for _ in range(args.requests)], args.concurrency)
+                    )
+                    sizes[name] = statistics.mean(SIZES)
+                    record(f"{name}, closed loop, Python client", {
+                        "n": len(lat), "errors": errors, "p50": percentile(lat, 50) * 1e3,
+                        "p99": percentile(lat, 99) * 1e3, "max": max(lat) * 1e3,
+                        "rps": len(lat) / wall, "client_cpu_s": own_cpu_s() - cpu0,
+                    }, server_cpu_s(proc.pid) - srv0)
+                if "wrk" in clients:
+                    srv0 = server_cpu_s(proc.pid)
+                    row = run_wrk(port, [make() for _ in range(2000)], args.concurrency,
+                                  args.wrk_seconds, Path(tmp))
+                    record(f"{name}, closed loop, wrk", row, server_cpu_s(proc.pid) - srv0)
                 if args.rate > 0:
+                    cpu0, srv0 = own_cpu_s(), server_cpu_s(proc.pid)
                     lat, wall, errors = asyncio.run(_paced(
                         port, [make() for _ in range(args.requests)], args.concurrency,
                         args.rate,
                     ))
-                    results.append((f"{name}, {args.rate:g} req/s", len(lat), errors,
-                                    percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3,
-                                    max(lat) * 1e3, len(lat) / wall))
+                    record(f"{name}, {args.rate:g} req/s", {
+                        "n": len(lat), "errors": errors, "p50": percentile(lat, 50) * 1e3,
+                        "p99": percentile(lat, 99) * 1e3, "max": max(lat) * 1e3,
+                        "rps": len(lat) / wall, "client_cpu_s": own_cpu_s() - cpu0,
+                    }, server_cpu_s(proc.pid) - srv0)
         finally:
             proc.terminate()
             proc.wait(timeout=10)
     med, worst = help_wall_time(args.help_runs)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     if args.markdown:
-        print("| route, load | requests | errors | p50 ms | p99 ms | max ms | req/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for name, n, err, p50, p99, mx, rps in results:
-            print(f"| `{name}` | {n} | {err} | {p50:.1f} | {p99:.1f} | {mx:.1f} | {rps:.0f} |")
-        print("\nMean answer size (gzip offered, as requests and Prometheus do): " + ", ".join(
-            f"`{name}` {size / 1e3:.1f} kB" for name, size in sizes.items()) + ".")
+        print("| route, load | requests | errors | p50 ms | p99 ms | max ms | req/s "
+              "| server CPU µs/req | client CPU µs/req |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| `{r['label']}` | {r['n']} | {r['errors']} | {r['p50']:.1f} | "
+                  f"{r['p99']:.1f} | {r['max']:.1f} | {r['rps']:.0f} | "
+                  f"{r['server_cpu_s'] / r['n'] * 1e6:.0f} | "
+                  f"{r['client_cpu_s'] / r['n'] * 1e6:.0f} |")
+        if sizes:
+            print("\nMean answer size (gzip offered, as requests and Prometheus do): "
+                  + ", ".join(f"`{name}` {size / 1e3:.1f} kB" for name, size in sizes.items())
+                  + ".")
         print(f"\n`slurm-quota --help`: median {med * 1e3:.0f} ms, max {worst * 1e3:.0f} ms "
-              f"over {args.help_runs} runs.")
+              f"over {args.help_runs} runs. Load average at the end: {load}.")
     else:
-        for name, n, err, p50, p99, mx, rps in results:
-            print(f"{name:42s} n={n} errors={err} p50={p50:.1f}ms p99={p99:.1f}ms "
-                  f"max={mx:.1f}ms {rps:.0f} req/s")
+        for r in results:
+            print(f"{r['label']:50s} n={r['n']} errors={r['errors']} p50={r['p50']:.1f}ms "
+                  f"p99={r['p99']:.1f}ms max={r['max']:.1f}ms {r['rps']:.0f} req/s "
+                  f"server {r['server_cpu_s'] / r['n'] * 1e6:.0f} us/req "
+                  f"client {r['client_cpu_s'] / r['n'] * 1e6:.0f} us/req")
         for name, size in sizes.items():
             print(f"{name}: mean answer {size / 1e3:.1f} kB")
         print(f"slurm-quota --help: median {med * 1e3:.0f} ms, max {worst * 1e3:.0f} ms")
+        print(f"load average at the end: {load}")
     return 0
 
 

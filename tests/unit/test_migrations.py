@@ -334,3 +334,23 @@ def test_migrate_refuses_a_seed_database_older_than_array_size(tmp_path, capsys)
     assert "Nothing was changed" in result.err
     assert snapshot(path) == before
     assert "charges" not in _schema(path)["table"]
+
+
+def test_a_users_accounts_are_read_from_the_0004_indexes_alone(db_path):
+    # /stats?username= finds the user's accounts from open jobs and charges: with 0004 both
+    # lookups are covering-index range scans, not one table row per job.
+    conn = sqlite3.connect(str(db_path))
+    plan = " | ".join(
+        row[3] for row in conn.execute(
+            "EXPLAIN QUERY PLAN " + db.SQL_STATS_USER_VIEW, {"username": "alice"}
+        )
+    )
+    conn.close()
+    assert "jobs_preallocations USING COVERING INDEX jobs_preallocations_username_account" in plan
+    assert "charges USING COVERING INDEX charges_username_account" in plan
+
+
+def test_0004_replaces_the_old_username_index_of_preallocations(db_path):
+    indexes = _schema(db_path)["index"]
+    assert "jobs_preallocations_username" not in indexes
+    assert "jobs_preallocations_username_account" in indexes
