@@ -425,8 +425,8 @@ class QuotaHTTPServer:
 
     def serve_forever(self, poll_interval: float = 0.25, idle_timeout_s: float = 0.0) -> bool:
         """Serve until shutdown() (returns False) or idle_timeout_s without a connection
-        (returns True; 0 = never)."""
-        self._stop = False
+        (returns True; 0 = never). A shutdown() that came before is not lost: the loop
+        returns at once."""
         self._stopped.clear()
         try:
             while not self._stop:
@@ -444,6 +444,7 @@ class QuotaHTTPServer:
                     return True
             return False
         finally:
+            self._stop = False  # a later serve_forever serves again
             self._stopped.set()
 
     def shutdown(self) -> None:
@@ -562,6 +563,12 @@ class QuotaHTTPServer:
                         431, "request_header_fields_too_large",
                         f"The request head is longer than {MAX_HEAD_BYTES} bytes.",
                     ))
+                return
+            if match.start() > MAX_HEAD_BYTES:  # the end came in the read that passed it
+                self._send(conn, None, error_response(
+                    431, "request_header_fields_too_large",
+                    f"The request head is longer than {MAX_HEAD_BYTES} bytes.",
+                ))
                 return
             head, conn.buffer = conn.buffer[: match.start()], conn.buffer[match.end():]
             try:
@@ -753,6 +760,7 @@ def _run_child(
     """Body of a forked server process: serve on the shared socket until SIGTERM/SIGINT."""
     server = QuotaHTTPServer(sock, App(ReadModel(db_path)), log_requests=log_requests)
     server.on_activity = lambda n, t: board.post(slot, n, t)
+    server.on_activity(*server.activity())
 
     def on_signal(_signum: int, _frame: Any) -> None:
         server.shutdown()
@@ -810,6 +818,7 @@ def serve_processes(
 
     for sig in _STOP_SIGNALS:
         signal.signal(sig, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by serve()
     try:
         for slot in range(processes):
             spawn(slot)
@@ -817,6 +826,8 @@ def serve_processes(
             time.sleep(poll_s)
             for pid, status in _reap(children):
                 slot = children.pop(pid)
+                # A process killed with connections open never reported them closed.
+                board.post(slot, 0, time.monotonic())
                 if stopping:
                     continue
                 deaths.append(time.monotonic())
@@ -876,27 +887,41 @@ def serve(
     processes > 1 forks that many servers sharing the socket (default_processes() if None).
     """
     processes = default_processes() if processes is None else processes
-    inherited = systemd_socket()
-    sock = inherited if inherited is not None else listen_socket(host, port)
-    address = sock.getsockname()
-    origin = "systemd socket (fd 3)" if inherited is not None else "bound"
-    log.info(
-        "slurm-quota %s serving %s on http://%s:%s/ (%s), idle timeout %s, %d process%s",
-        __version__, db_path, address[0], address[1], origin,
-        f"{idle_timeout_s:g} s" if idle_timeout_s else "off", processes,
-        "" if processes == 1 else "es",
-    )
-    if not Path(db_path).exists():
-        log.warning("the database %s does not exist yet: answering 503", db_path)
-    if processes > 1:
-        try:
-            serve_processes(
-                sock, db_path, processes=processes, idle_timeout_s=idle_timeout_s,
-                log_requests=log_requests,
-            )
-        finally:
-            sock.close()
-        return
+    # Held from here until the handlers are in place (then delivered, not lost): a SIGTERM
+    # right after the start line must stop the service cleanly, not kill it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        inherited = systemd_socket()
+        sock = inherited if inherited is not None else listen_socket(host, port)
+        address = sock.getsockname()
+        origin = "systemd socket (fd 3)" if inherited is not None else "bound"
+        log.info(
+            "slurm-quota %s serving %s on http://%s:%s/ (%s), idle timeout %s, %d process%s",
+            __version__, db_path, address[0], address[1], origin,
+            f"{idle_timeout_s:g} s" if idle_timeout_s else "off", processes,
+            "" if processes == 1 else "es",
+        )
+        if not Path(db_path).exists():
+            log.warning("the database %s does not exist yet: answering 503", db_path)
+        if processes > 1:
+            try:
+                serve_processes(
+                    sock, db_path, processes=processes, idle_timeout_s=idle_timeout_s,
+                    log_requests=log_requests,
+                )
+            finally:
+                sock.close()
+        else:
+            _serve_here(sock, db_path, idle_timeout_s=idle_timeout_s, log_requests=log_requests)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _serve_here(
+    sock: socket.socket, db_path: str | os.PathLike[str], *, idle_timeout_s: float,
+    log_requests: bool,
+) -> None:
+    """The one-process service: this process is the server."""
     server = QuotaHTTPServer(sock, App(ReadModel(db_path)), log_requests=log_requests)
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -905,6 +930,7 @@ def serve(
 
     for sig in _STOP_SIGNALS:
         signal.signal(sig, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     poll = 0.25 if not idle_timeout_s else min(0.25, idle_timeout_s / 4)
     try:
         if server.serve_forever(poll_interval=poll, idle_timeout_s=idle_timeout_s):

@@ -405,12 +405,6 @@ def test_an_unfinished_head_longer_than_the_limit_gets_431_and_is_closed(base_ur
         assert client.closed_by_server()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve.py checks MAX_HEAD_BYTES only while the head's blank line has not arrived: "
-    "a head longer than MAX_HEAD_BYTES whose end comes in the same recv() that passes the "
-    "limit is parsed and answered (200), so heads up to MAX_HEAD_BYTES + 64 KiB get through",
-)
 def test_a_complete_head_longer_than_the_limit_gets_431(base_url):
     pads = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(70))
     head = b"GET /health HTTP/1.1\r\nHost: test\r\n" + pads
@@ -427,12 +421,6 @@ def test_a_complete_head_longer_than_the_limit_gets_431(base_url):
 # --- the loop itself -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuotaHTTPServer.serve_forever() starts with `self._stop = False`, so a shutdown() "
-    "that comes before it (the SIGTERM handler of serve() and of each forked server process "
-    "is installed before serve_forever runs) is forgotten and the loop serves on",
-)
 def test_a_shutdown_requested_before_the_loop_starts_is_not_lost(db_path):
     server = serve.make_server(db_path, port=0)
     server.shutdown()  # what the signal handler does when SIGTERM comes early

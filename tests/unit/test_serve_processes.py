@@ -249,13 +249,6 @@ def test_five_deaths_within_ten_seconds_stop_the_service_with_exit_75(seeded):
         assert [pid for pid in seen if alive(pid)] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve_processes: a server process that gets SIGTERM while it starts (before "
-    "serve_forever) loses it: SIGTERM is blocked across fork() and delivered when "
-    "_run_child unblocks it, its handler calls server.shutdown(), then serve_forever() "
-    "resets _stop to False; the parent waits the whole grace period (10 s) and SIGKILLs it",
-)
 def test_a_stop_while_a_server_process_starts_does_not_wait_for_the_grace_period(
     seeded, tmp_path
 ):
@@ -338,13 +331,6 @@ def test_an_open_connection_to_any_process_holds_off_the_idle_exit(seeded):
         assert proc.wait(timeout=15) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve_processes: a server process killed while it had a connection open leaves "
-    "its ActivityBoard slot at 'open connections > 0'; the process started in its place "
-    "posts to the slot only on its first accept/close, so until then board.idle_for() "
-    "stays 0 and the service never exits when idle",
-)
 def test_the_idle_exit_still_comes_after_a_process_with_a_connection_was_killed(seeded):
     with serving(seeded, "--processes", "2", "--idle-timeout", "1") as (proc, url, log, seen):
         first = wait_children(proc.pid, 2)
