@@ -550,28 +550,20 @@ _USAGE_COLUMNS = """
     t.last_updated, t.reserved_jobs
 """
 SQL_STATS_USERS_ALL = f"SELECT t.username, {_USAGE_COLUMNS} FROM users AS t ORDER BY t.username"
-SQL_STATS_USER = f"SELECT t.username, {_USAGE_COLUMNS} FROM users AS t WHERE t.username = ?"
 SQL_STATS_ACCOUNTS_ALL = (
     f"SELECT t.account, {_USAGE_COLUMNS} FROM accounts AS t ORDER BY t.account"
 )
 SQL_STATS_ACCOUNT = f"SELECT t.account, {_USAGE_COLUMNS} FROM accounts AS t WHERE t.account = ?"
-# A user's accounts: those they have open jobs (preallocations) or charged runs in. The
+# A user and their accounts in one statement (one statement reads one consistent state,
+# without the BEGIN and COMMIT of read_snapshot): the first column tells which is which.
+# A user's accounts are those they have open jobs (preallocations) or charged runs in. The
 # ledger has no association table; Slurm's associations would need sacctmgr.
-_MY_ACCOUNTS = """
+SQL_STATS_USER_VIEW = f"""
 WITH mine(account) AS (
     SELECT account FROM jobs_preallocations WHERE username = :username
     UNION
     SELECT account FROM charges WHERE username = :username
-)"""
-SQL_STATS_ACCOUNTS_OF_USER = f"""{_MY_ACCOUNTS}
-SELECT t.account, {_USAGE_COLUMNS}
-FROM accounts AS t
-JOIN mine ON mine.account = t.account
-ORDER BY t.account
-"""
-# A user and their accounts in one statement (one statement reads one consistent state,
-# without the BEGIN and COMMIT of read_snapshot): the first column tells which is which.
-SQL_STATS_USER_VIEW = f"""{_MY_ACCOUNTS}
+)
 SELECT 0, t.username, {_USAGE_COLUMNS} FROM users AS t WHERE t.username = :username
 UNION ALL
 SELECT 1, t.account, {_USAGE_COLUMNS} FROM accounts AS t JOIN mine ON mine.account = t.account
@@ -620,11 +612,9 @@ def _usage_rows(
         raise DatabaseUnavailable(f"Cannot read the database: {err}.") from err
 
 
-def stats_users(conn: sqlite3.Connection, username: str | None = None) -> list[UsageTuple]:
-    """Usage rows of every user (by name), or of one user (zero or one row)."""
-    if username is None:
-        return _usage_rows(conn, SQL_STATS_USERS_ALL)
-    return _usage_rows(conn, SQL_STATS_USER, (username,))
+def stats_users(conn: sqlite3.Connection) -> list[UsageTuple]:
+    """Usage rows of every user, by name (one user and their accounts: stats_user_view)."""
+    return _usage_rows(conn, SQL_STATS_USERS_ALL)
 
 
 def stats_accounts(conn: sqlite3.Connection, account: str | None = None) -> list[UsageTuple]:
@@ -632,11 +622,6 @@ def stats_accounts(conn: sqlite3.Connection, account: str | None = None) -> list
     if account is None:
         return _usage_rows(conn, SQL_STATS_ACCOUNTS_ALL)
     return _usage_rows(conn, SQL_STATS_ACCOUNT, (account,))
-
-
-def stats_accounts_of_user(conn: sqlite3.Connection, username: str) -> list[UsageTuple]:
-    """Usage rows of the accounts a user has open jobs or charged runs in, by name."""
-    return _usage_rows(conn, SQL_STATS_ACCOUNTS_OF_USER, {"username": username})
 
 
 def stats_user_view(

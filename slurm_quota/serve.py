@@ -315,7 +315,7 @@ class BadRequest(Exception):
         self.status, self.error, self.message = status, error, message
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
     """A parsed request head: method, target, version, headers (lower-case names)."""
 

@@ -57,16 +57,8 @@ def small_send_buffer_server(db_path: Path) -> Iterator[str]:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
-    server = serve.make_server(db_path, inherited=listener)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
-        server.app.model.close()
+    with server_thread(db_path, inherited=listener) as url:
+        yield url
 
 
 class RawClient:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -87,9 +88,10 @@ def numbers(row: dict) -> tuple:
 
 
 @contextlib.contextmanager
-def server_thread(db_path: Path) -> Iterator[str]:
-    """The real server (same code as `serve`) on a free loopback port; yields its base URL."""
-    server = serve.make_server(db_path, port=0)
+def server_thread(db_path: Path, inherited: socket.socket | None = None) -> Iterator[str]:
+    """The real server (same code as `serve`) on a free loopback port, or on the given
+    listening socket; yields its base URL."""
+    server = serve.make_server(db_path, port=0, inherited=inherited)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
