@@ -286,8 +286,13 @@ class App:
         if username is not None and account is not None:
             raise InvalidInput("Give either username or account, not both.")
         if username is None and account is None:
-            return self.model.cached("stats", lambda: self._stats(None, None))
+            return self.model.cached("stats", self.whole_stats)
         return self._stats(username, account)
+
+    def whole_stats(self) -> Response:
+        """GET /stats without a selector: every user and every account."""
+        with self.model.connection() as conn:
+            return Response(200, JSON_TYPE, stats.whole_stats_json(conn))
 
     def _stats(self, username: str | None, account: str | None) -> Response:
         with self.model.connection() as conn:

@@ -11,6 +11,7 @@ contract, and the server builds ten thousand of them per full `/stats`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -130,6 +131,59 @@ def stats_payload(
         "users": [_row("username", r) for r in users],
         "accounts": [_row("account", r) for r in accounts],
     }
+
+
+def _json_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _JSON_STRING(value)
+    return json.dumps(value)
+
+
+_JSON_STRING = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
+
+
+def _percent_json(quota: int, used: int) -> str:
+    if quota == UNLIMITED:
+        return "null"
+    return repr(round(used / quota * 100.0, 2)) if quota else "100.0"  # as _percent
+
+
+def rows_json(name_key: str, rows: Iterable[Sequence[Any]]) -> str:
+    """The JSON array of [_row(name_key, r) for r in rows], byte for byte as
+    json.dumps(..., separators=(",", ":"), ensure_ascii=False) writes it, without building
+    the dicts: a whole ledger of 11k rows in a third of the time (the whole-ledger /stats).
+    """
+    key = _JSON_STRING(name_key)
+    parts = []
+    for name, cu, cp, cq, gu, gp, gq, updated, jobs in rows:
+        cu, cp, cq, gu, gp, gq = int(cu), int(cp), int(cq), int(gu), int(gp), int(gq)
+        parts.append(
+            f'{{{key}:{_json_scalar(name)},"total_consumed_cpu_minutes":{cu},'
+            f'"total_preallocated_cpu_minutes":{cp},"quota_cpu_minutes":{cq},'
+            f'"total_consumed_gpu_minutes":{gu},"total_preallocated_gpu_minutes":{gp},'
+            f'"quota_gpu_minutes":{gq},'
+            f'"last_updated":{"null" if updated is None else _JSON_STRING(str(updated))},'
+            f'"job_count":{int(jobs)},'
+            f'"available_cpu_minutes":{"null" if cq == UNLIMITED else cq - cu - cp},'
+            f'"available_gpu_minutes":{"null" if gq == UNLIMITED else gq - gu - gp},'
+            f'"usage_cpu_percent":{_percent_json(cq, cu + cp)},'
+            f'"usage_gpu_percent":{_percent_json(gq, gu + gp)}}}'
+        )
+    return "[" + ",".join(parts) + "]"
+
+
+def whole_stats_json(conn: Any) -> bytes:
+    """The /stats answer without a selector as JSON bytes (every user, every account), equal
+    to json.dumps(stats_payload(conn), separators=(",", ":"), ensure_ascii=False) + "\n"."""
+    with db.read_snapshot(conn):
+        users = db.stats_users(conn)
+        accounts = db.stats_accounts(conn)
+    return (
+        f'{{"users":{rows_json("username", users)},'
+        f'"accounts":{rows_json("account", accounts)}}}\n'
+    ).encode()
 
 
 def validate_payload(payload: Any) -> dict[str, list[dict[str, Any]]]:
@@ -373,13 +427,19 @@ def metrics_text(conn: Any, *, db_path: str | os.PathLike[str] | None = None) ->
             "gauge",
             f"Open jobs (array elements not yet charged) of the {kind}.",
         )
+        # Samples written directly (11k rows, 77k lines at 10k users): the label of a row is
+        # escaped once, not once per sample.
         for name, cu, cp, cq, gu, gp, gq, _updated, njobs in rows:
-            for res, used, pre, quo in (("cpu", cu, cp, cq), ("gpu", gu, gp, gq)):
-                labels = {label: str(name), "resource": res}
-                consumed.add(labels, _number(used))
-                prealloc.add(labels, _number(pre))
-                quota.add(labels, _number(quo))
-            jobs.add({label: str(name)}, str(int(njobs)))
+            owner = f'{label}="{_escape_label(name)}"'
+            cpu, gpu = f'{{{owner},resource="cpu"}} ', f'{{{owner},resource="gpu"}} '
+            consumed.lines += (
+                f"{consumed.name}{cpu}{_number(cu)}", f"{consumed.name}{gpu}{_number(gu)}"
+            )
+            prealloc.lines += (
+                f"{prealloc.name}{cpu}{_number(cp)}", f"{prealloc.name}{gpu}{_number(gp)}"
+            )
+            quota.lines += (f"{quota.name}{cpu}{_number(cq)}", f"{quota.name}{gpu}{_number(gq)}")
+            jobs.lines.append(f"{jobs.name}{{{owner}}} {int(njobs)}")
         families += [consumed, prealloc, quota, jobs]
     total = _Family("slurm_quota_charges_total", "counter", "Job runs charged so far.")
     total.add({}, str(charges))

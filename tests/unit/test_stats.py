@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from slurm_quota import db, stats
 from slurm_quota.errors import InvalidInput
@@ -306,3 +309,35 @@ def test_metrics_escape_label_values(db_path):
         in text.splitlines()
     )
     _samples(text)  # every line still parses
+
+
+# --- the whole-ledger JSON without dicts -------------------------------------------------
+
+_minutes = st.one_of(
+    st.integers(min_value=0, max_value=10**12),
+    st.floats(min_value=0, max_value=1e9, allow_nan=False),  # seed ledgers hold REAL minutes
+)
+_quota = st.one_of(st.just(-1), st.just(0), st.integers(min_value=1, max_value=10**12))
+_usage_row = st.tuples(
+    st.text(min_size=1, max_size=12),  # quotes, backslashes, control and non-ASCII characters
+    _minutes, _minutes, _quota, _minutes, _minutes, _quota,
+    st.one_of(st.none(), st.text(max_size=20)),
+    st.integers(min_value=0, max_value=10**6),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name_key=st.sampled_from(["username", "account"]), rows=st.lists(_usage_row, max_size=8))
+# 23/160 is 14.37 % as (used / quota) * 100 rounds it, 14.38 % as used * 100 / quota would.
+@example(name_key="username", rows=[("u", 23, 0, 160, 49, 0, 160, None, 1)])
+def test_rows_json_is_byte_for_byte_what_json_dumps_writes_for_the_payload_rows(name_key, rows):
+    expected = json.dumps(
+        [stats._row(name_key, r) for r in rows], separators=(",", ":"), ensure_ascii=False
+    )
+    assert stats.rows_json(name_key, rows) == expected
+
+
+def test_whole_stats_json_is_the_payload_as_json(seeded):
+    expected = json.dumps(stats.stats_payload(seeded), separators=(",", ":"), ensure_ascii=False)
+    assert stats.whole_stats_json(seeded) == (expected + "\n").encode()
+    assert json.loads(stats.whole_stats_json(seeded))["users"][0]["username"] == "alice"
