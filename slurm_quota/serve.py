@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import email.utils
+import fcntl
 import gzip
 import json
 import logging
@@ -26,6 +27,8 @@ import selectors
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -63,11 +66,15 @@ MAX_HEADERS = 100
 LISTEN_BACKLOG = 128  # 100 clients connecting at once must not hit a 5-deep backlog
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _VERSION = re.compile(r"HTTP/\d\.\d")
-_LISTENER, _WAKE = object(), object()  # selector keys that are not client connections
+_LISTENER, _WAKE, _BUILDER = object(), object(), object()  # selector keys, not clients
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ROUTE_PARAMS = {"/": (), "/health": (), "/stats": ("username", "account"), "/metrics": ()}
+# Answers about the whole ledger, built by the builder process (slurm_quota.serve_builder).
+WHOLE_LEDGER_ROUTES = {"stats": "/stats", "metrics": "/metrics"}
+BUILD_TIMEOUT_S = 60.0  # a builder busy longer than this is replaced
+BUILDER_RETRY_S = 5.0  # after a builder failed, answers are built in the loop until then
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,15 @@ class Response:
     body: bytes
     gzipped: bytes | None = None
     headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """What App.handle answers, when asked to defer, for a whole-ledger route whose cached
+    answer is older than the ledger: the answer must be built (key) for ledger state seq."""
+
+    key: str
+    seq: int
 
 
 def json_response(status: int, data: Any) -> Response:
@@ -95,10 +111,12 @@ def error_response(status: int, error: str, message: str) -> Response:
 class ReadModel:
     """Pooled read-only connections to the ledger and the cache of whole-ledger answers.
 
-    Whole-ledger answers (/stats without a filter, /metrics) cost 0.1-0.3 s at 10k users, so
+    Whole-ledger answers (/stats without a filter, /metrics) cost 0.1-0.2 s at 10k users, so
     they are kept until the ledger changes. The change probe is exact and cheap: `PRAGMA
     data_version` on a dedicated connection changes whenever any other connection (the
-    plugin, a charge, an admin) commits; the file's inode catches a replaced file.
+    plugin, a charge, an admin) commits; the file's inode catches a replaced file. Each
+    change seen bumps a sequence number (observe()); a cached answer is current while it was
+    built at the latest one.
     """
 
     def __init__(self, db_path: str | os.PathLike[str], pool_size: int = POOL_SIZE) -> None:
@@ -108,7 +126,9 @@ class ReadModel:
         self._inode: int | None = None
         self._probe: Any = None
         self._probe_lock = threading.Lock()
-        self._cache: dict[str, tuple[tuple[int, int], Response]] = {}
+        self._seen: tuple[int, int] | None = None  # the last version() observed
+        self._seq = 0  # bumped whenever version() differs from the last one observed
+        self._cache: dict[str, tuple[int, Response]] = {}  # key -> (seq it was built at, answer)
         self._cache_locks = {"stats": threading.Lock(), "metrics": threading.Lock()}
 
     def _open(self) -> Any:
@@ -139,6 +159,26 @@ class ReadModel:
                 self._probe = None
                 raise
 
+    def observe(self) -> int:
+        """The sequence number of the ledger state now (it grows with every change seen)."""
+        version = self.version()
+        with self._probe_lock:
+            if version != self._seen:
+                self._seen = version
+                self._seq += 1
+            return self._seq
+
+    def current(self, key: str, seq: int) -> Response | None:
+        """The cached answer for key if it was built at ledger state seq, else None."""
+        entry = self._cache.get(key)
+        return entry[1] if entry is not None and entry[0] == seq else None
+
+    def store(self, key: str, seq: int, response: Response) -> None:
+        """Keep an answer built at ledger state seq (or later), unless a newer one is kept."""
+        entry = self._cache.get(key)
+        if entry is None or entry[0] <= seq:
+            self._cache[key] = (seq, response)
+
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
         """A read-only connection used by this thread alone until the block ends."""
@@ -168,24 +208,24 @@ class ReadModel:
         queue behind it (the rebuilding request itself, e.g. a client that just wrote, gets
         the new one).
         """
-        version = self.version()
+        seq = self.observe()
         entry = self._cache.get(key)
-        if entry is not None and entry[0] == version:
+        if entry is not None and entry[0] == seq:
             return entry[1]
         lock = self._cache_locks[key]
         if not lock.acquire(blocking=entry is None):
             assert entry is not None
             return entry[1]
         try:
-            entry = self._cache.get(key)
-            version = self.version()
-            if entry is not None and entry[0] == version:
-                return entry[1]
+            seq = self.observe()  # before the build: the answer holds at least this state
+            response = self.current(key, seq)
+            if response is not None:
+                return response
             response = build()
             if response.status != 200:
                 return response
             response = _with_gzip(response)
-            self._cache[key] = (version, response)
+            self.store(key, seq, response)
             return response
         finally:
             lock.release()
@@ -250,8 +290,12 @@ class App:
     def __init__(self, model: ReadModel) -> None:
         self.model = model
 
-    def handle(self, raw_path: str) -> Response:
-        """Answer a GET of raw_path; every failure becomes a JSON error."""
+    def handle(self, raw_path: str, *, defer: bool = False) -> Response | Deferred:
+        """Answer a GET of raw_path; every failure becomes a JSON error.
+
+        defer: a whole-ledger route whose cached answer is older than the ledger is not
+        built here but answered Deferred (the server has it built by its builder process).
+        """
         try:
             url = urlsplit(raw_path)
             path = url.path.rstrip("/") or "/"
@@ -259,9 +303,14 @@ class App:
                 return error_response(404, "not_found", f"No route {url.path}.")
             params = parse_query(path, url.query)
             if path == "/stats":
-                return self.stats(params.get("username"), params.get("account"))
+                username, account = params.get("username"), params.get("account")
+                if username is not None and account is not None:
+                    raise InvalidInput("Give either username or account, not both.")
+                if username is None and account is None:
+                    return self._whole_ledger("stats", defer)
+                return self._stats(username, account)
             if path == "/metrics":
-                return self.model.cached("metrics", self.metrics)
+                return self._whole_ledger("metrics", defer)
             if path == "/health":
                 return self.health()
             return json_response(
@@ -281,13 +330,12 @@ class App:
             log.exception("request %s failed", raw_path)
             return error_response(500, "internal", "Internal error; see the service log.")
 
-    def stats(self, username: str | None, account: str | None) -> Response:
-        """GET /stats[?username=|?account=]."""
-        if username is not None and account is not None:
-            raise InvalidInput("Give either username or account, not both.")
-        if username is None and account is None:
-            return self.model.cached("stats", self.whole_stats)
-        return self._stats(username, account)
+    def _whole_ledger(self, key: str, defer: bool) -> Response | Deferred:
+        build = self.whole_stats if key == "stats" else self.metrics
+        if not defer:
+            return self.model.cached(key, build)
+        seq = self.model.observe()
+        return self.model.current(key, seq) or Deferred(key, seq)
 
     def whole_stats(self) -> Response:
         """GET /stats without a selector: every user and every account."""
@@ -310,6 +358,110 @@ class App:
         with self.model.connection() as conn:
             version = db.ping(conn)
         return json_response(200, {"status": "ok", "schema_version": version})
+
+
+class Builder:
+    """The server side of a builder process (slurm_quota.serve_builder): start it, ask it for
+    a whole-ledger answer, read its answers without blocking the loop, stop it.
+
+    The loop waits on fileno() and calls read() when it is readable.
+    """
+
+    PIPE_BYTES = 1 << 20  # a 4 MB answer in 4-5 reads instead of 70
+
+    def __init__(
+        self, db_path: str | os.PathLike[str], argv: list[str] | None = None
+    ) -> None:
+        self.argv = argv or [sys.executable, "-m", "slurm_quota.serve_builder", str(db_path)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.asked: collections.deque[str] = collections.deque()  # keys not yet answered
+        self.busy_since = 0.0  # time.monotonic() of the oldest unanswered request
+        self._buffer = bytearray()
+        self._header: dict[str, Any] | None = None
+
+    def start(self) -> None:
+        """Start the builder process (ServiceUnavailable when it cannot be)."""
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                close_fds=True,
+            )
+        except OSError as err:
+            raise ServiceUnavailable(f"Cannot start the builder process: {err}.") from err
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
+
+    def fileno(self) -> int:
+        """The end of the pipe the builder's answers arrive on."""
+        assert self.proc is not None and self.proc.stdout is not None
+        return self.proc.stdout.fileno()
+
+    def ask(self, key: str) -> None:
+        """Ask for the answer of key (OSError when the builder is gone)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(key.encode() + b"\n")  # a few bytes into an empty pipe
+        if not self.asked:
+            self.busy_since = time.monotonic()
+        self.asked.append(key)
+
+    def read(self) -> list[tuple[str, Response]]:
+        """The answers complete so far; EOFError when the builder ended or broke protocol."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            try:
+                chunk = os.read(self.proc.stdout.fileno(), self.PIPE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not chunk:
+                raise EOFError("the builder process ended")
+            self._buffer += chunk
+        done = []
+        while True:
+            if self._header is None:
+                end = self._buffer.find(b"\n")
+                if end < 0:
+                    break
+                try:
+                    header = json.loads(self._buffer[:end])
+                    key, size, zsize = header["key"], int(header["body"]), int(header["gzip"])
+                    int(header["status"]), str(header["type"])
+                except (ValueError, KeyError, TypeError) as err:
+                    raise EOFError(f"the builder sent a malformed header: {err}") from err
+                if not self.asked or key != self.asked[0]:
+                    raise EOFError(f"the builder answered {key!r} unasked")
+                self._header = header
+                del self._buffer[: end + 1]
+            header = self._header
+            size, zsize = int(header["body"]), int(header["gzip"])
+            if len(self._buffer) < size + max(zsize, 0):
+                break
+            body = bytes(self._buffer[:size])
+            gzipped = bytes(self._buffer[size : size + zsize]) if zsize >= 0 else None
+            del self._buffer[: size + max(zsize, 0)]
+            response = Response(int(header["status"]), str(header["type"]), body, gzipped)
+            done.append((self.asked.popleft(), response))
+            self._header = None
+            self.busy_since = time.monotonic()
+        return done
+
+    def stop(self) -> None:
+        """End the builder process: close its input, wait a little, kill it if needed."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.asked.clear()
+        self._buffer.clear()
+        self._header = None
 
 
 class BadRequest(Exception):
@@ -347,7 +499,9 @@ class Request:
 class Connection:
     """One client connection: socket, peer, bytes read but not parsed, answer not yet sent."""
 
-    __slots__ = ("sock", "peer", "buffer", "last_activity", "pending", "keep", "writing")
+    __slots__ = (
+        "sock", "peer", "buffer", "last_activity", "pending", "keep", "writing", "waiting",
+    )
 
     def __init__(self, sock: socket.socket, peer: Any) -> None:
         self.sock, self.peer, self.buffer = sock, peer, b""
@@ -356,6 +510,7 @@ class Connection:
         self.pending: list[memoryview] | None = None
         self.keep = False  # whether to read another request once `pending` is sent
         self.writing = False  # waiting in the selector for the socket to be writable
+        self.waiting = False  # its answer is being built by the builder process
 
 
 def parse_head(head: bytes) -> Request:
@@ -396,14 +551,21 @@ class QuotaHTTPServer:
     times fewer per second, and a dispatcher handing requests to 1-16 worker threads 1.4-2.4
     times fewer, than answering in the loop itself: every hand-over of the GIL costs more than
     a short answer. Parallelism comes from processes sharing the listening socket instead
-    (serve_processes). The price: an answer that takes long (rebuilding the whole-ledger
-    answers, 0.1-0.3 s at 10k users, or waiting for a locked database) holds up this
-    process's other clients meanwhile; the sibling processes keep answering.
+    (serve_processes). Answers that take long to build, the whole-ledger ones (0.1-0.2 s at
+    10k users), are built by a builder process (slurm_quota.serve_builder) when one is given:
+    the client waits for it, the others are served meanwhile. Every whole-ledger answer
+    holds at least the ledger as it was when its request arrived. Without a builder (or
+    while a failed one waits to be replaced), they are built in the loop. A per-client
+    answer waiting for a locked database (at most READ_BUSY_TIMEOUT_MS) still holds up the
+    loop.
     """
 
     MAX_CONNECTIONS = 1024  # past this, new clients wait in the listen backlog
 
-    def __init__(self, sock: socket.socket, app: App, *, log_requests: bool = False) -> None:
+    def __init__(
+        self, sock: socket.socket, app: App, *, log_requests: bool = False,
+        builder: Builder | None = None,
+    ) -> None:
         self.socket = sock
         self.server_address = sock.getsockname()
         self.app = app
@@ -425,6 +587,14 @@ class QuotaHTTPServer:
         sock.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self._listen(True)
+        self.builder: Builder | None = None  # None: whole-ledger answers built in the loop
+        self._spare_builder: Builder | None = None  # failed: started again after a while
+        self._builder_failed_at = 0.0
+        # key -> [(connection, request, keep, ledger state the answer must hold)]
+        self._waiters: dict[str, list[tuple[Connection, Request, bool, int]]] = {}
+        self._building: dict[str, int] = {}  # key -> ledger state the build in progress holds
+        if builder is not None:
+            self._start_builder(builder)
 
     # --- the loop --------------------------------------------------------------------
 
@@ -440,6 +610,8 @@ class QuotaHTTPServer:
                         self._accept()
                     elif key.data is _WAKE:
                         self._drain_wake()
+                    elif key.data is _BUILDER:
+                        self._builder_readable()
                     elif events & selectors.EVENT_WRITE:
                         self._write(key.data)
                     else:
@@ -520,9 +692,17 @@ class QuotaHTTPServer:
             return
         self._next_expiry = now + 0.5
         for conn in list(self._connections):
-            limit = SEND_TIMEOUT_S if conn.pending is not None else CONNECTION_TIMEOUT_S
+            busy = conn.pending is not None or conn.waiting
+            limit = SEND_TIMEOUT_S if busy else CONNECTION_TIMEOUT_S
             if now - conn.last_activity > limit:
                 self._close(conn)
+        builder = self.builder
+        if builder is not None and builder.asked and now - builder.busy_since > BUILD_TIMEOUT_S:
+            self._builder_failed(f"no answer in {BUILD_TIMEOUT_S:g} s")
+        spare = self._spare_builder
+        if spare is not None and now - self._builder_failed_at >= BUILDER_RETRY_S:
+            self._spare_builder = None
+            self._start_builder(spare)
 
     def idle_for(self) -> float:
         """Seconds since the last connection ended; 0 while one is open."""
@@ -534,9 +714,13 @@ class QuotaHTTPServer:
         return len(self._connections), self._last_activity
 
     def server_close(self) -> None:
-        """Close every connection and the listening socket."""
+        """Close every connection, the listening socket and the builder process."""
         for conn in list(self._connections):
             self._close(conn)
+        if self.builder is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(self.builder.fileno())
+            self.builder.stop()
         self._selector.close()
         for sock in (self.socket, self._wake_r, self._wake_w):
             sock.close()
@@ -560,7 +744,7 @@ class QuotaHTTPServer:
 
     def _answer_buffered(self, conn: Connection) -> None:
         """Answer every complete request in the buffer, in order (HTTP pipelining)."""
-        while conn.pending is None and conn in self._connections:
+        while conn.pending is None and not conn.waiting and conn in self._connections:
             match = _HEAD_END.search(conn.buffer)
             if match is None:
                 if len(conn.buffer) > MAX_HEAD_BYTES:
@@ -583,7 +767,10 @@ class QuotaHTTPServer:
                 return
             keep = request.keep_alive and not request.has_body  # a body is never read
             if request.method in ("GET", "HEAD"):
-                response = self.app.handle(request.target)
+                response = self.app.handle(request.target, defer=self.builder is not None)
+                if isinstance(response, Deferred):
+                    self._wait_for_build(conn, request, keep, response)
+                    return
             else:
                 keep = False
                 response = error_response(
@@ -659,6 +846,87 @@ class QuotaHTTPServer:
             self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
             self._answer_buffered(conn)  # requests pipelined behind the one just finished
 
+    # --- whole-ledger answers built by the builder process ------------------------------
+
+    def _start_builder(self, builder: Builder) -> None:
+        try:
+            builder.start()
+        except ServiceUnavailable as err:
+            log.error("%s Whole-ledger answers are built in the server process for %g s.",
+                      err, BUILDER_RETRY_S)
+            self._spare_builder, self._builder_failed_at = builder, time.monotonic()
+            return
+        self.builder = builder
+        self._selector.register(builder.fileno(), selectors.EVENT_READ, _BUILDER)
+
+    def _wait_for_build(
+        self, conn: Connection, request: Request, keep: bool, deferred: Deferred
+    ) -> None:
+        conn.waiting = True
+        self._waiters.setdefault(deferred.key, []).append((conn, request, keep, deferred.seq))
+        if deferred.key not in self._building:
+            self._ask(deferred.key, deferred.seq)
+
+    def _ask(self, key: str, seq: int) -> None:
+        assert self.builder is not None
+        try:
+            self.builder.ask(key)
+        except OSError as err:
+            self._builder_failed(f"cannot send it a request: {err}")
+            return
+        self._building[key] = seq
+
+    def _builder_readable(self) -> None:
+        assert self.builder is not None
+        try:
+            answers = self.builder.read()
+        except EOFError as err:
+            self._builder_failed(str(err))
+            return
+        for key, response in answers:
+            seq = self._building.pop(key)
+            if response.status == 200:
+                self.app.model.store(key, seq, response)
+            waiters = self._waiters.pop(key, [])
+            later = [w for w in waiters if w[3] > seq]  # they saw a change after the ask
+            for conn, request, keep, _seq in waiters:
+                if _seq <= seq:
+                    self._answer_waiting(conn, request, keep, response)
+            if later:
+                self._waiters.setdefault(key, []).extend(later)
+                if self.builder is not None and key not in self._building:
+                    self._ask(key, max(w[3] for w in later))
+
+    def _answer_waiting(
+        self, conn: Connection, request: Request, keep: bool, response: Response
+    ) -> None:
+        conn.waiting = False
+        if conn not in self._connections:  # the client left, or timed out, meanwhile
+            return
+        self._send(conn, request, response, keep=keep)
+        if conn.pending is None and conn in self._connections:
+            self._answer_buffered(conn)  # requests pipelined behind it
+
+    def _builder_failed(self, why: str) -> None:
+        """Drop a failed builder (started again BUILDER_RETRY_S later); build what clients
+        are waiting for here, now."""
+        log.error("the builder process failed (%s): whole-ledger answers are built in the "
+                  "server process for %g s", why, BUILDER_RETRY_S)
+        builder, self.builder = self.builder, None
+        if builder is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(builder.fileno())
+            builder.stop()
+            self._spare_builder = builder
+        self._builder_failed_at = time.monotonic()
+        self._building.clear()
+        waiters, self._waiters = self._waiters, {}
+        for entries in waiters.values():
+            for conn, request, keep, _seq in entries:
+                response = self.app.handle(request.target)
+                assert not isinstance(response, Deferred)
+                self._answer_waiting(conn, request, keep, response)
+
     def _http_date(self) -> str:
         now = int(time.time())
         if self._date[0] != now:  # one formatting per second, not per request
@@ -713,10 +981,16 @@ def make_server(
     port: int = DEFAULT_PORT,
     log_requests: bool = False,
     inherited: socket.socket | None = None,
+    builder: bool | Builder = True,
 ) -> QuotaHTTPServer:
-    """A one-process server on the inherited socket, or bound to host:port."""
+    """A one-process server on the inherited socket, or bound to host:port; with a builder
+    process for the whole-ledger answers (the given one, or the standard one if True)."""
     sock = inherited if inherited is not None else listen_socket(host, port)
-    return QuotaHTTPServer(sock, App(ReadModel(db_path)), log_requests=log_requests)
+    if builder is True:
+        builder = Builder(db_path)
+    return QuotaHTTPServer(
+        sock, App(ReadModel(db_path)), log_requests=log_requests, builder=builder or None
+    )
 
 
 def default_processes() -> int:
@@ -763,7 +1037,9 @@ def _run_child(
     log_requests: bool,
 ) -> None:
     """Body of a forked server process: serve on the shared socket until SIGTERM/SIGINT."""
-    server = QuotaHTTPServer(sock, App(ReadModel(db_path)), log_requests=log_requests)
+    server = QuotaHTTPServer(
+        sock, App(ReadModel(db_path)), log_requests=log_requests, builder=Builder(db_path)
+    )
     server.on_activity = lambda n, t: board.post(slot, n, t)
     server.on_activity(*server.activity())
 
@@ -926,8 +1202,10 @@ def _serve_here(
     sock: socket.socket, db_path: str | os.PathLike[str], *, idle_timeout_s: float,
     log_requests: bool,
 ) -> None:
-    """The one-process service: this process is the server."""
-    server = QuotaHTTPServer(sock, App(ReadModel(db_path)), log_requests=log_requests)
+    """The one-process service: this process is the server (and starts a builder process)."""
+    server = QuotaHTTPServer(
+        sock, App(ReadModel(db_path)), log_requests=log_requests, builder=Builder(db_path)
+    )
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)

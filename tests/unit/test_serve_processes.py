@@ -73,6 +73,24 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def descendants(pid: int) -> list[int]:
+    """Live children of pid, their children, and so on."""
+    found = children(pid)
+    for child in list(found):
+        found += descendants(child)
+    return sorted(found)
+
+
+def builders_of(pid: int) -> list[int]:
+    """The builder processes (python -m slurm_quota.serve_builder) among pid's children."""
+    found = []
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            if b"slurm_quota.serve_builder" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -94,7 +112,7 @@ def wait_children(pid: int, count: int, *, not_in: tuple[int, ...] = ()) -> list
 
 def stop(proc: subprocess.Popen, known_children: list[int]) -> None:
     """Stop the serve process and any child it left behind (by pid)."""
-    known = set(known_children) | set(children(proc.pid))
+    known = set(known_children) | set(descendants(proc.pid))
     if proc.poll() is None:
         for pid in known:
             with contextlib.suppress(ProcessLookupError):
@@ -155,15 +173,22 @@ def test_processes_2_forks_exactly_two_server_children(seeded):
         assert_alice(url)
         assert children(proc.pid) == sorted(seen)
         assert log.lines[0].rstrip().endswith(", 2 processes")
+        for server in list(seen):  # each server process has its own builder process
+            builders = wait_children(server, 1)
+            assert builders == builders_of(server)
+            seen += builders
 
 
-def test_processes_1_serves_in_the_process_itself(seeded):
-    with serving(seeded, "--processes", "1", "--idle-timeout", "0") as (proc, url, log, _seen):
+def test_processes_1_serves_in_the_process_itself_with_one_builder(seeded):
+    with serving(seeded, "--processes", "1", "--idle-timeout", "0") as (proc, url, log, seen):
         assert_alice(url)
-        assert children(proc.pid) == []
+        assert get_json(url + "stats")[0] == 200  # built by the builder
+        seen += children(proc.pid)
+        assert seen == builders_of(proc.pid) and len(seen) == 1
         assert log.lines[0].rstrip().endswith(", 1 process")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+        assert [pid for pid in seen if alive(pid)] == []
 
 
 def test_each_of_two_processes_answers_while_the_other_is_stopped(seeded):
@@ -183,10 +208,16 @@ def test_a_stop_signal_to_the_parent_stops_every_child_and_exits_0(seeded, sig):
     with serving(seeded, "--processes", "2", "--idle-timeout", "0") as (proc, url, log, seen):
         seen += wait_children(proc.pid, 2)
         assert_alice(url)
+        with urllib.request.urlopen(url + "metrics", timeout=10) as resp:  # a builder at work
+            assert resp.status == 200 and b"slurm_quota_user_consumed_minutes" in resp.read()
+        for server in list(seen):
+            seen += wait_children(server, 1)
+        assert len(seen) == 4
         proc.send_signal(sig)
         assert proc.wait(timeout=15) == 0
-        assert [pid for pid in seen if alive(pid)] == []
+        assert [pid for pid in seen if alive(pid)] == []  # builders included
         assert "did not stop" not in log.text()
+        assert "Traceback" not in log.text()
 
 
 def test_a_stop_does_not_wait_for_idle_keep_alive_clients(seeded):
@@ -211,6 +242,8 @@ def test_a_killed_server_process_is_replaced(seeded):
         first = wait_children(proc.pid, 2)
         seen += first
         victim, survivor = first
+        (orphan,) = wait_children(victim, 1)  # the victim's builder
+        seen.append(orphan)
         os.kill(victim, signal.SIGKILL)
         now = wait_children(proc.pid, 2, not_in=(victim,))
         seen += now
@@ -224,6 +257,10 @@ def test_a_killed_server_process_is_replaced(seeded):
             os.kill(survivor, signal.SIGCONT)
         assert alive(replacement)
         assert proc.poll() is None
+        deadline = time.monotonic() + 10
+        while alive(orphan):  # its input closed with its server process: it ends by itself
+            assert time.monotonic() < deadline, "the builder of a killed server lives on"
+            time.sleep(0.02)
 
 
 def test_five_deaths_within_ten_seconds_stop_the_service_with_exit_75(seeded):
