@@ -425,12 +425,16 @@ class Builder:
                     break
                 try:
                     header = json.loads(self._buffer[:end])
-                    key, size, zsize = header["key"], int(header["body"]), int(header["gzip"])
-                    int(header["status"]), str(header["type"])
+                    key = header["key"]
                 except (ValueError, KeyError, TypeError) as err:
                     raise EOFError(f"the builder sent a malformed header: {err}") from err
                 if not self.asked or key != self.asked[0]:
                     raise EOFError(f"the builder answered {key!r} unasked")
+                try:
+                    int(header["body"]), int(header["gzip"]), int(header["status"])
+                    str(header["type"])
+                except (ValueError, KeyError, TypeError) as err:
+                    raise EOFError(f"the builder sent a malformed header: {err}") from err
                 self._header = header
                 del self._buffer[: end + 1]
             header = self._header
