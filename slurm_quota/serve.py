@@ -95,6 +95,7 @@ class Deferred:
 
     key: str
     seq: int
+    stale: Response | None = None  # a cached answer young enough to send meanwhile
 
 
 def json_response(status: int, data: Any) -> Response:
@@ -117,10 +118,17 @@ class ReadModel:
     plugin, a charge, an admin) commits; the file's inode catches a replaced file. Each
     change seen bumps a sequence number (observe()); a cached answer is current while it was
     built at the latest one.
+
+    max_stale_s > 0 (`serve --max-stale`) lets a server send a cached whole-ledger answer
+    built at most that long ago while a fresh one is built (recent()).
     """
 
-    def __init__(self, db_path: str | os.PathLike[str], pool_size: int = POOL_SIZE) -> None:
+    def __init__(
+        self, db_path: str | os.PathLike[str], pool_size: int = POOL_SIZE,
+        max_stale_s: float = 0.0,
+    ) -> None:
         self.db_path = Path(db_path)
+        self.max_stale_s = max_stale_s
         self._pool: queue.LifoQueue[Any] = queue.LifoQueue(maxsize=pool_size)
         self._generation = 0  # bumped when the file is replaced: older connections are dropped
         self._inode: int | None = None
@@ -128,7 +136,8 @@ class ReadModel:
         self._probe_lock = threading.Lock()
         self._seen: tuple[int, int] | None = None  # the last version() observed
         self._seq = 0  # bumped whenever version() differs from the last one observed
-        self._cache: dict[str, tuple[int, Response]] = {}  # key -> (seq it was built at, answer)
+        # key -> (seq it was built at, answer, time.monotonic() its build began)
+        self._cache: dict[str, tuple[int, Response, float]] = {}
         self._cache_locks = {"stats": threading.Lock(), "metrics": threading.Lock()}
 
     def _open(self) -> Any:
@@ -173,11 +182,19 @@ class ReadModel:
         entry = self._cache.get(key)
         return entry[1] if entry is not None and entry[0] == seq else None
 
-    def store(self, key: str, seq: int, response: Response) -> None:
-        """Keep an answer built at ledger state seq (or later), unless a newer one is kept."""
+    def store(self, key: str, seq: int, response: Response, built_at: float) -> None:
+        """Keep an answer built at ledger state seq (or later) from the ledger as it was at
+        built_at (time.monotonic()), unless a newer one is kept."""
         entry = self._cache.get(key)
         if entry is None or entry[0] <= seq:
-            self._cache[key] = (seq, response)
+            self._cache[key] = (seq, response, built_at)
+
+    def recent(self, key: str) -> Response | None:
+        """The cached answer for key if built at most max_stale_s ago (whatever changed)."""
+        entry = self._cache.get(key)
+        if entry is None or time.monotonic() - entry[2] > self.max_stale_s:
+            return None
+        return entry[1]
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
@@ -218,6 +235,7 @@ class ReadModel:
             return entry[1]
         try:
             seq = self.observe()  # before the build: the answer holds at least this state
+            built_at = time.monotonic()
             response = self.current(key, seq)
             if response is not None:
                 return response
@@ -225,7 +243,7 @@ class ReadModel:
             if response.status != 200:
                 return response
             response = _with_gzip(response)
-            self.store(key, seq, response)
+            self.store(key, seq, response, built_at)
             return response
         finally:
             lock.release()
@@ -335,7 +353,7 @@ class App:
         if not defer:
             return self.model.cached(key, build)
         seq = self.model.observe()
-        return self.model.current(key, seq) or Deferred(key, seq)
+        return self.model.current(key, seq) or Deferred(key, seq, self.model.recent(key))
 
     def whole_stats(self) -> Response:
         """GET /stats without a selector: every user and every account."""
@@ -596,7 +614,8 @@ class QuotaHTTPServer:
         self._builder_failed_at = 0.0
         # key -> [(connection, request, keep, ledger state the answer must hold)]
         self._waiters: dict[str, list[tuple[Connection, Request, bool, int]]] = {}
-        self._building: dict[str, int] = {}  # key -> ledger state the build in progress holds
+        # key -> (ledger state the build in progress holds, time.monotonic() it was asked)
+        self._building: dict[str, tuple[int, float]] = {}
         if builder is not None:
             self._start_builder(builder)
 
@@ -773,8 +792,12 @@ class QuotaHTTPServer:
             if request.method in ("GET", "HEAD"):
                 response = self.app.handle(request.target, defer=self.builder is not None)
                 if isinstance(response, Deferred):
-                    self._wait_for_build(conn, request, keep, response)
-                    return
+                    if response.stale is None:
+                        self._wait_for_build(conn, request, keep, response)
+                        return
+                    if response.key not in self._building:  # fresher for the next clients
+                        self._ask(response.key, response.seq)
+                    response = response.stale
             else:
                 keep = False
                 response = error_response(
@@ -878,7 +901,7 @@ class QuotaHTTPServer:
         except OSError as err:
             self._builder_failed(f"cannot send it a request: {err}")
             return
-        self._building[key] = seq
+        self._building[key] = (seq, time.monotonic())
 
     def _builder_readable(self) -> None:
         assert self.builder is not None
@@ -888,9 +911,9 @@ class QuotaHTTPServer:
             self._builder_failed(str(err))
             return
         for key, response in answers:
-            seq = self._building.pop(key)
+            seq, asked_at = self._building.pop(key)
             if response.status == 200:
-                self.app.model.store(key, seq, response)
+                self.app.model.store(key, seq, response, asked_at)
             waiters = self._waiters.pop(key, [])
             later = [w for w in waiters if w[3] > seq]  # they saw a change after the ask
             for conn, request, keep, _seq in waiters:
@@ -986,6 +1009,7 @@ def make_server(
     log_requests: bool = False,
     inherited: socket.socket | None = None,
     builder: bool | Builder = True,
+    max_stale_s: float = 0.0,
 ) -> QuotaHTTPServer:
     """A one-process server on the inherited socket, or bound to host:port; with a builder
     process for the whole-ledger answers (the given one, or the standard one if True)."""
@@ -993,7 +1017,8 @@ def make_server(
     if builder is True:
         builder = Builder(db_path)
     return QuotaHTTPServer(
-        sock, App(ReadModel(db_path)), log_requests=log_requests, builder=builder or None
+        sock, App(ReadModel(db_path, max_stale_s=max_stale_s)), log_requests=log_requests,
+        builder=builder or None,
     )
 
 
@@ -1038,11 +1063,12 @@ class ActivityBoard:
 
 def _run_child(
     sock: socket.socket, db_path: str | os.PathLike[str], slot: int, board: ActivityBoard,
-    log_requests: bool,
+    log_requests: bool, max_stale_s: float,
 ) -> None:
     """Body of a forked server process: serve on the shared socket until SIGTERM/SIGINT."""
     server = QuotaHTTPServer(
-        sock, App(ReadModel(db_path)), log_requests=log_requests, builder=Builder(db_path)
+        sock, App(ReadModel(db_path, max_stale_s=max_stale_s)), log_requests=log_requests,
+        builder=Builder(db_path),
     )
     server.on_activity = lambda n, t: board.post(slot, n, t)
     server.on_activity(*server.activity())
@@ -1068,6 +1094,7 @@ def serve_processes(
     idle_timeout_s: float,
     log_requests: bool = False,
     poll_s: float = 0.25,
+    max_stale_s: float = 0.0,
 ) -> None:
     """Fork `processes` servers on one listening socket and supervise them.
 
@@ -1087,7 +1114,7 @@ def serve_processes(
             if pid == 0:
                 code = 0
                 try:
-                    _run_child(sock, db_path, slot, board, log_requests)
+                    _run_child(sock, db_path, slot, board, log_requests, max_stale_s)
                 except BaseException:
                     log.exception("server process %d failed", os.getpid())
                     code = 1
@@ -1166,10 +1193,13 @@ def serve(
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     log_requests: bool = False,
     processes: int | None = None,
+    max_stale_s: float = 0.0,
 ) -> None:
     """Serve until SIGTERM/SIGINT or idle_timeout_s without a connection (0 = never).
 
     processes > 1 forks that many servers sharing the socket (default_processes() if None).
+    max_stale_s > 0: a whole-ledger answer built at most that long ago may be sent while a
+    fresh one is built (0: every answer holds every change made before its request).
     """
     processes = default_processes() if processes is None else processes
     # Held from here until the handlers are in place (then delivered, not lost): a SIGTERM
@@ -1186,29 +1216,36 @@ def serve(
             f"{idle_timeout_s:g} s" if idle_timeout_s else "off", processes,
             "" if processes == 1 else "es",
         )
+        if max_stale_s:
+            log.info("whole-ledger answers may be sent up to %g s old while fresh ones are "
+                     "built (--max-stale)", max_stale_s)
         if not Path(db_path).exists():
             log.warning("the database %s does not exist yet: answering 503", db_path)
         if processes > 1:
             try:
                 serve_processes(
                     sock, db_path, processes=processes, idle_timeout_s=idle_timeout_s,
-                    log_requests=log_requests,
+                    log_requests=log_requests, max_stale_s=max_stale_s,
                 )
             finally:
                 sock.close()
         else:
-            _serve_here(sock, db_path, idle_timeout_s=idle_timeout_s, log_requests=log_requests)
+            _serve_here(
+                sock, db_path, idle_timeout_s=idle_timeout_s, log_requests=log_requests,
+                max_stale_s=max_stale_s,
+            )
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def _serve_here(
     sock: socket.socket, db_path: str | os.PathLike[str], *, idle_timeout_s: float,
-    log_requests: bool,
+    log_requests: bool, max_stale_s: float = 0.0,
 ) -> None:
     """The one-process service: this process is the server (and starts a builder process)."""
     server = QuotaHTTPServer(
-        sock, App(ReadModel(db_path)), log_requests=log_requests, builder=Builder(db_path)
+        sock, App(ReadModel(db_path, max_stale_s=max_stale_s)), log_requests=log_requests,
+        builder=Builder(db_path),
     )
 
     def on_signal(signum: int, _frame: Any) -> None:

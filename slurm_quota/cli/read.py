@@ -151,6 +151,16 @@ def stats_cmd(
     metavar="N",
     help="Server processes sharing the socket [default: one per CPU, at most 4].",
 )
+@click.option(
+    "--max-stale",
+    "max_stale_s",
+    type=click.FloatRange(min=0, max=3600),
+    default=0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Send a whole-ledger answer (/stats, /metrics) built at most this long ago while a "
+    "fresh one is built (0 = always wait for the ledger as it is).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request to stderr.")
 @pass_settings
 def serve_cmd(
@@ -159,13 +169,16 @@ def serve_cmd(
     port: int,
     idle_timeout_s: float,
     processes: int | None,
+    max_stale_s: float,
     verbose: bool,
 ) -> None:
     """Serve /health, /stats and /metrics over HTTP (read-only), for `stats` and dashboards.
 
     With systemd socket activation (LISTEN_PID/LISTEN_FDS) the socket passed on fd 3 is
     used and --host/--port are ignored. Each process answers its clients one at a time
-    in an event loop; --processes N forks N of them on one socket to use N CPUs.
+    in an event loop; --processes N forks N of them on one socket to use N CPUs. Each has
+    a builder process for the answers about the whole ledger (/stats without a selector,
+    /metrics); --max-stale lets them answer from a recent copy while it builds.
 
     \b
     Examples:
@@ -187,4 +200,5 @@ def serve_cmd(
         idle_timeout_s=idle_timeout_s,
         log_requests=verbose,
         processes=processes,
+        max_stale_s=max_stale_s,
     )

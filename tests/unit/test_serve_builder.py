@@ -12,6 +12,7 @@ import io
 import json
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -22,7 +23,13 @@ from urllib.parse import urlsplit
 import pytest
 
 from slurm_quota import db, serve, serve_builder, stats
-from tests.web.readside import EXPECTED_USERS, numbers, seed_ledger, server_thread
+from tests.web.readside import (
+    EXPECTED_USERS,
+    SLURM_QUOTA_BIN,
+    numbers,
+    seed_ledger,
+    server_thread,
+)
 
 SLOW_BUILDER = """
 import sys, time
@@ -200,6 +207,64 @@ def test_a_missing_ledger_is_a_503_from_the_builder_and_not_kept(tmp_path):
         status, body = get(url, "/stats")
         assert status == 200
         assert users_of(body) == EXPECTED_USERS
+
+
+# --- --max-stale ------------------------------------------------------------------------
+
+
+def set_dave(db_path: Path, minutes: int) -> None:
+    writer = db.connect(db_path)
+    writer.execute("UPDATE users SET total_consumed_cpu_minutes = ? WHERE username = 'dave'",
+                   (minutes,))
+    writer.close()
+
+
+def test_max_stale_sends_a_recent_answer_at_once_and_builds_a_fresh_one(seeded, tmp_path):
+    slow = SlowBuilder(tmp_path, seeded, delay=0.5)
+    with server_thread(seeded, builder=slow.builder, max_stale_s=30) as url:
+        assert users_of(get(url, "/stats")[1])["dave"][0] == 0  # nothing cached: waits
+        set_dave(seeded, 111)
+        started = time.monotonic()
+        status, body = get(url, "/stats")
+        assert time.monotonic() - started < 0.4  # not the 0.5 s of a build
+        assert status == 200 and users_of(body)["dave"][0] == 0  # the recent copy
+        slow.wait_builds(2)  # ...and a fresh one is on its way
+        deadline = time.monotonic() + 10
+        while users_of(get(url, "/stats")[1])["dave"][0] != 111:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert slow.builds() == ["/stats", "/stats"]  # one refresh, not one per request
+
+
+def test_max_stale_is_a_bound_older_answers_are_not_sent(seeded, tmp_path):
+    slow = SlowBuilder(tmp_path, seeded, delay=0.3)
+    with server_thread(seeded, builder=slow.builder, max_stale_s=0.5) as url:
+        assert users_of(get(url, "/stats")[1])["dave"][0] == 0
+        time.sleep(1.0)  # the copy is now older than 0.5 s
+        set_dave(seeded, 222)
+        assert users_of(get(url, "/stats")[1])["dave"][0] == 222  # waited for a build
+
+
+def test_without_max_stale_a_request_after_a_write_never_gets_the_old_answer(seeded):
+    with server_thread(seeded) as url:
+        for minutes in range(1, 30):
+            set_dave(seeded, minutes)
+            assert users_of(get(url, "/stats")[1])["dave"][0] == minutes
+
+
+def test_serve_max_stale_option(seeded):
+    from tests.web.readside import serve_process
+
+    with serve_process(seeded, "--max-stale", "600", "--processes", "1") as (_proc, url):
+        assert users_of(get(url, "/stats")[1])["dave"][0] == 0
+        set_dave(seeded, 5)
+        assert users_of(get(url, "/stats")[1])["dave"][0] == 0  # the copy, sent at once
+    bad = subprocess.run(
+        [SLURM_QUOTA_BIN, "--db", str(seeded), "serve", "--max-stale", "-1"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert bad.returncode == 2
+    assert "--max-stale" in bad.stderr
 
 
 # --- a builder that fails ----------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_quota import serve
+from slurm_quota import db, serve
 from tests.unit.test_serve_process import _activated
 from tests.web.readside import EXPECTED_USERS, SLURM_QUOTA_BIN, numbers, seed_ledger
 
@@ -232,6 +232,26 @@ def test_a_stop_does_not_wait_for_idle_keep_alive_clients(seeded):
             assert client.recv(65536) == b""  # closed by its server process on the way out
         assert "did not stop" not in log.text()
         assert [pid for pid in seen if alive(pid)] == []
+
+
+def test_max_stale_reaches_every_server_process(seeded):
+    with serving(seeded, "--processes", "2", "--max-stale", "600") as (proc, url, log, seen):
+        seen += wait_children(proc.pid, 2)
+        log.wait_for(r"may be sent up to 600 s old")
+
+        def dave_alone(frozen: int) -> int:
+            """dave's consumed minutes in /stats, answered by the process other than frozen."""
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                return get_json(url + "stats")[1]["users"][3]["total_consumed_cpu_minutes"]
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+
+        assert [dave_alone(frozen) for frozen in seen] == [0, 0]  # each one has it cached
+        conn = db.connect(seeded)
+        conn.execute("UPDATE users SET total_consumed_cpu_minutes = 9 WHERE username = 'dave'")
+        conn.close()
+        assert [dave_alone(frozen) for frozen in seen] == [0, 0]  # each sends its copy at once
 
 
 # --- supervision -----------------------------------------------------------------------

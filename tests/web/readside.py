@@ -89,11 +89,14 @@ def numbers(row: dict) -> tuple:
 
 @contextlib.contextmanager
 def server_thread(
-    db_path: Path, inherited: socket.socket | None = None, builder: bool | serve.Builder = True
+    db_path: Path, inherited: socket.socket | None = None, builder: bool | serve.Builder = True,
+    max_stale_s: float = 0.0,
 ) -> Iterator[str]:
     """The real server (same code as `serve`) on a free loopback port, or on the given
     listening socket, with its builder process; yields its base URL."""
-    server = serve.make_server(db_path, port=0, inherited=inherited, builder=builder)
+    server = serve.make_server(
+        db_path, port=0, inherited=inherited, builder=builder, max_stale_s=max_stale_s
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
