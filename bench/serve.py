@@ -8,7 +8,14 @@ installed: `apt-get install wrk`), then in an open loop at a fixed rate. Prints 
 latency, requests/s and the CPU time per request of the server processes and of the client
 (both share this machine's CPUs), and the wall time of `slurm-quota --help`. Loopback only.
 
+Then the live ledger (--phases live): the ledger changes --writes-per-s times a second (a
+preallocation inserted or deleted, as submits and completions do) while an open loop sends
+per-user requests at --live-rate and /stats and /metrics at --whole-rate each; every
+whole-ledger answer must then be rebuilt. Once per --live-max-stale value (`serve
+--max-stale`); per-route latency.
+
     .venv/bin/python bench/serve.py [--processes N] [--client both|python|wrk] [--markdown]
+        [--phases static,live] [--live-max-stale 0,5]
 """
 
 from __future__ import annotations
@@ -88,9 +95,11 @@ def build_ledger(path: Path, users: int, accounts: int, preallocs: int, charges:
     conn.close()
 
 
-def start_server(db_path: Path, processes: int | None) -> tuple[subprocess.Popen, int]:
+def start_server(
+    db_path: Path, processes: int | None, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
     """`slurm-quota serve --port 0`; return the process and the port it logged."""
-    extra = [] if processes is None else ["--processes", str(processes)]
+    extra = (*extra, *([] if processes is None else ["--processes", str(processes)]))
     proc = subprocess.Popen(
         [SLURM_QUOTA, "--db", str(db_path), "serve", "--port", "0", "--idle-timeout", "0",
          *extra],
@@ -243,6 +252,112 @@ async def _paced(
     return latencies, time.perf_counter() - t0, errors
 
 
+def write_ledger(path: str, per_s: float, users: int, accounts: int, stop_file: str) -> None:
+    """Commit per_s changes a second until stop_file exists: a preallocation inserted, then
+    the oldest one this writer inserted deleted (the triggers update the reserved totals)."""
+    import sqlite3
+
+    rnd = random.Random(99)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    mine: list[str] = []
+    start, k = time.monotonic(), 0
+    while not os.path.exists(stop_file):
+        k += 1
+        delay = start + k / per_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        if k % 2 and len(mine) < 50:
+            uuid = f"live-{k}"
+            conn.execute(
+                "INSERT INTO jobs_preallocations VALUES (?, ?, ?, ?, 0, 1, '2024-05-01 10:00:00')",
+                (uuid, f"user{rnd.randrange(users):05d}", f"acct{rnd.randrange(accounts):04d}",
+                 rnd.randrange(1, 5000)),
+            )
+            mine.append(uuid)
+        elif mine:
+            conn.execute("DELETE FROM jobs_preallocations WHERE job_uuid = ?", (mine.pop(0),))
+    conn.close()
+
+
+async def _paced_mix(
+    port: int, schedule: list[tuple[float, str, str]]
+) -> tuple[dict[str, list[float]], dict[str, int], float]:
+    """Open loop: each (due s, label, target) sent at its due time (its own connection);
+    latency from the due time, per label; errors per label."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.2
+    latencies: dict[str, list[float]] = {}
+    errors: dict[str, int] = {}
+
+    async def one(due: float, label: str, target: str) -> None:
+        delay = start + due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        _e, status, _size = await _one(port, target)
+        latencies.setdefault(label, []).append(loop.time() - start - due)
+        errors[label] = errors.get(label, 0) + (status != 200)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(*item) for item in schedule))
+    return latencies, errors, time.perf_counter() - t0
+
+
+def live_phase(
+    db_path: Path, args: argparse.Namespace, max_stale: float, tmp: Path
+) -> list[dict[str, float | str]]:
+    """Per-route latency while the ledger changes (see the module doc)."""
+    import multiprocessing
+
+    rnd = random.Random(11)
+    schedule: list[tuple[float, str, str]] = []
+    for i in range(int(args.live_rate * args.live_seconds)):
+        due = i / args.live_rate
+        if rnd.random() < 0.9:
+            target = f"/stats?username=user{rnd.randrange(args.users):05d}"
+            schedule.append((due, "/stats?username=", target))
+        else:
+            target = f"/stats?account=acct{rnd.randrange(args.accounts):04d}"
+            schedule.append((due, "/stats?account=", target))
+    for route in ("/stats", "/metrics"):
+        offset = rnd.random() / args.whole_rate
+        for i in range(int(args.whole_rate * args.live_seconds)):
+            schedule.append((offset + i / args.whole_rate, route, route))
+    schedule.sort()
+    stale = ("--max-stale", f"{max_stale:g}") if max_stale else ()  # 0 is the default
+    proc, port = start_server(db_path, args.processes, stale)
+    stop_file = tmp / f"stop-writer-{max_stale:g}"
+    writer = multiprocessing.Process(
+        target=write_ledger,
+        args=(str(db_path), args.writes_per_s, args.users, args.accounts, str(stop_file)),
+    )
+    try:
+        asyncio.run(_run(port, ["/stats", "/metrics"] * 20, 10))  # warm-up, ledger unchanged
+        writer.start()
+        srv0 = server_cpu_s(proc.pid)
+        latencies, errors, wall = asyncio.run(_paced_mix(port, schedule))
+        server_s = server_cpu_s(proc.pid) - srv0
+    finally:
+        stop_file.touch()
+        if writer.pid is not None:
+            writer.join(timeout=10)
+        proc.terminate()
+        proc.wait(timeout=10)
+    rows: list[dict[str, float | str]] = []
+    for label in ("/stats?username=", "/stats?account=", "/stats", "/metrics"):
+        lat = latencies.get(label, [])
+        if not lat:
+            continue
+        rows.append({
+            "label": f"`{label}`, live ledger, --max-stale {max_stale:g}", "n": len(lat),
+            "errors": errors[label], "p50": percentile(lat, 50) * 1e3,
+            "p99": percentile(lat, 99) * 1e3, "max": max(lat) * 1e3, "rps": len(lat) / wall,
+        })
+    print(f"live ledger, --max-stale {max_stale:g}: server CPU {server_s:.1f} s "
+          f"(builders not counted) over {wall:.1f} s", file=sys.stderr)
+    return rows
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
@@ -282,6 +397,19 @@ def main() -> int:
         help="open-loop phase: requests/s shared by the clients (0 = skip)",
     )
     parser.add_argument("--help-runs", type=int, default=20)
+    parser.add_argument(
+        "--phases", default="static,live",
+        help="comma-separated: static (each route alone, unchanged ledger), live (mixed "
+        "routes while the ledger changes)",
+    )
+    parser.add_argument("--writes-per-s", type=float, default=10.0, help="live phase")
+    parser.add_argument("--live-rate", type=float, default=300.0,
+                        help="live phase: per-user requests/s")
+    parser.add_argument("--whole-rate", type=float, default=2.0,
+                        help="live phase: /stats and /metrics requests/s, each")
+    parser.add_argument("--live-seconds", type=float, default=20.0)
+    parser.add_argument("--live-max-stale", default="0,5",
+                        help="live phase: one run per `serve --max-stale` value")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args()
     clients = ["python", "wrk"] if args.client == "both" else [args.client]
@@ -301,6 +429,7 @@ def main() -> int:
         print(f"ledger built in {time.perf_counter() - t:.1f} s: {args.users} users, "
               f"{args.accounts} accounts, {args.preallocs} preallocations, {args.charges} charges, "
               f"{os.path.getsize(db_path) / 1e6:.1f} MB", file=sys.stderr)
+        phases = set(args.phases.split(","))
         proc, port = start_server(db_path, args.processes)
         routes = {
             "/stats?username=<random>": lambda: (
@@ -319,7 +448,7 @@ def main() -> int:
             results.append(row)
 
         try:
-            for name, make in routes.items():
+            for name, make in routes.items() if "static" in phases else ():
                 # Warm-up: every server process has built its whole-ledger answers.
                 asyncio.run(_run(port, [make() for _ in range(200)], 20))
                 if "python" in clients:
@@ -353,6 +482,10 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+        if "live" in phases:
+            for value in args.live_max_stale.split(","):
+                for row in live_phase(db_path, args, float(value), Path(tmp)):
+                    results.append(row)
     med, worst = help_wall_time(args.help_runs)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     if args.markdown:
@@ -360,10 +493,13 @@ def main() -> int:
               "| server CPU µs/req | client CPU µs/req |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
-            print(f"| `{r['label']}` | {r['n']} | {r['errors']} | {r['p50']:.1f} | "
-                  f"{r['p99']:.1f} | {r['max']:.1f} | {r['rps']:.0f} | "
-                  f"{r['server_cpu_s'] / r['n'] * 1e6:.0f} | "
-                  f"{r['client_cpu_s'] / r['n'] * 1e6:.0f} |")
+            label = r["label"] if str(r["label"]).startswith("`") else f"`{r['label']}`"
+            cpu = (
+                f"{r['server_cpu_s'] / r['n'] * 1e6:.0f} | {r['client_cpu_s'] / r['n'] * 1e6:.0f}"
+                if "server_cpu_s" in r else "– | –"
+            )
+            print(f"| {label} | {r['n']} | {r['errors']} | {r['p50']:.1f} | "
+                  f"{r['p99']:.1f} | {r['max']:.1f} | {r['rps']:.0f} | {cpu} |")
         if sizes:
             print("\nMean answer size (gzip offered, as requests and Prometheus do): "
                   + ", ".join(f"`{name}` {size / 1e3:.1f} kB" for name, size in sizes.items())
@@ -372,10 +508,13 @@ def main() -> int:
               f"over {args.help_runs} runs. Load average at the end: {load}.")
     else:
         for r in results:
+            cpu = (
+                f" server {r['server_cpu_s'] / r['n'] * 1e6:.0f} us/req "
+                f"client {r['client_cpu_s'] / r['n'] * 1e6:.0f} us/req"
+                if "server_cpu_s" in r else ""
+            )
             print(f"{r['label']:50s} n={r['n']} errors={r['errors']} p50={r['p50']:.1f}ms "
-                  f"p99={r['p99']:.1f}ms max={r['max']:.1f}ms {r['rps']:.0f} req/s "
-                  f"server {r['server_cpu_s'] / r['n'] * 1e6:.0f} us/req "
-                  f"client {r['client_cpu_s'] / r['n'] * 1e6:.0f} us/req")
+                  f"p99={r['p99']:.1f}ms max={r['max']:.1f}ms {r['rps']:.0f} req/s{cpu}")
         for name, size in sizes.items():
             print(f"{name}: mean answer {size / 1e3:.1f} kB")
         print(f"slurm-quota --help: median {med * 1e3:.0f} ms, max {worst * 1e3:.0f} ms")
