@@ -468,8 +468,8 @@ class Builder:
             self.busy_since = time.monotonic()
         return done
 
-    def stop(self) -> None:
-        """End the builder process: close its input, wait a little, kill it if needed."""
+    def stop(self, grace_s: float = 2.0) -> None:
+        """End the builder process: close its input, wait up to grace_s, then kill it."""
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
@@ -477,7 +477,7 @@ class Builder:
             with contextlib.suppress(OSError):
                 pipe.close()  # type: ignore[union-attr]
         try:
-            proc.wait(timeout=2.0)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -911,6 +911,8 @@ class QuotaHTTPServer:
             self._builder_failed(str(err))
             return
         for key, response in answers:
+            if key not in self._building:  # the builder failed meanwhile: answered already
+                continue
             seq, asked_at = self._building.pop(key)
             if response.status == 200:
                 self.app.model.store(key, seq, response, asked_at)
@@ -943,7 +945,7 @@ class QuotaHTTPServer:
         if builder is not None:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(builder.fileno())
-            builder.stop()
+            builder.stop(grace_s=0.0)  # failed: not worth holding up the loop for
             self._spare_builder = builder
         self._builder_failed_at = time.monotonic()
         self._building.clear()

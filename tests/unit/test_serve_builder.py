@@ -117,17 +117,15 @@ def test_whole_ledger_answers_come_from_the_builder_and_equal_the_payload(seeded
 
 
 def test_other_clients_are_answered_while_a_whole_ledger_answer_is_built(seeded, tmp_path):
-    slow = SlowBuilder(tmp_path, seeded, delay=1.5)
+    slow = SlowBuilder(tmp_path, seeded, delay=4.0)
     with server_thread(seeded, builder=slow.builder) as url:
         thread, result = in_background(get, url, "/stats")
         slow.wait_builds(1)
-        started = time.monotonic()
-        for _ in range(20):
+        for _ in range(20):  # all answered while the build is in progress
             status, body = get(url, "/stats?username=alice")
             assert status == 200
             assert users_of(body) == {"alice": EXPECTED_USERS["alice"]}
             assert get(url, "/health")[0] == 200
-        assert time.monotonic() - started < 1.0  # not held up by the build in progress
         assert thread.is_alive()  # the whole-ledger client still waits for its answer
         thread.join(timeout=10)
         status, body = result["value"]
@@ -220,13 +218,13 @@ def set_dave(db_path: Path, minutes: int) -> None:
 
 
 def test_max_stale_sends_a_recent_answer_at_once_and_builds_a_fresh_one(seeded, tmp_path):
-    slow = SlowBuilder(tmp_path, seeded, delay=0.5)
+    slow = SlowBuilder(tmp_path, seeded, delay=2.0)
     with server_thread(seeded, builder=slow.builder, max_stale_s=30) as url:
         assert users_of(get(url, "/stats")[1])["dave"][0] == 0  # nothing cached: waits
         set_dave(seeded, 111)
         started = time.monotonic()
         status, body = get(url, "/stats")
-        assert time.monotonic() - started < 0.4  # not the 0.5 s of a build
+        assert time.monotonic() - started < 1.5  # not the 2 s of a build
         assert status == 200 and users_of(body)["dave"][0] == 0  # the recent copy
         slow.wait_builds(2)  # ...and a fresh one is on its way
         deadline = time.monotonic() + 10
