@@ -6,8 +6,10 @@ client), the idle exit, the server processes, and read-only SQLite connections. 
 not write to the ledger; what it answers is built by slurm_quota.stats.
 
 Concurrency: each server process is one thread running an event loop (QuotaHTTPServer);
-`--processes` forks several on the same listening socket (serve_processes). The ReadModel
-is thread-safe all the same (a connection is used by one thread at a time), for embedding.
+`--processes` forks several on the same listening socket (serve_processes). Each server
+process has a builder process (Builder, slurm_quota.serve_builder) for the whole-ledger
+answers. The ReadModel is thread-safe all the same (a connection is used by one thread at a
+time), for embedding.
 """
 
 from __future__ import annotations
@@ -134,8 +136,8 @@ class ReadModel:
         self._inode: int | None = None
         self._probe: Any = None
         self._probe_lock = threading.Lock()
-        self._seen: tuple[int, int] | None = None  # the last version() observed
-        self._seq = 0  # bumped whenever version() differs from the last one observed
+        self._seen: tuple[int, int] | None = None  # the last (inode, data_version) seen
+        self._seq = 0  # bumped whenever _seen changes (observe())
         # key -> (seq it was built at, answer, time.monotonic() its build began)
         self._cache: dict[str, tuple[int, Response, float]] = {}
         self._cache_locks = {"stats": threading.Lock(), "metrics": threading.Lock()}
@@ -155,23 +157,20 @@ class ReadModel:
         self._inode = inode
         return inode
 
-    def version(self) -> tuple[int, int]:
-        """(inode, data_version): differs as soon as anybody committed or replaced the file."""
+    def observe(self) -> int:
+        """The sequence number of the ledger state now: it grows whenever (inode,
+        data_version) differs from the last one seen, i.e. as soon as anybody committed or
+        replaced the file."""
         inode = self._check_file()
         with self._probe_lock:
             if self._probe is None:
                 self._probe = self._open()
             try:
-                return inode, db.data_version(self._probe)
+                version = (inode, db.data_version(self._probe))
             except SlurmQuotaError:
                 self._probe.close()
                 self._probe = None
                 raise
-
-    def observe(self) -> int:
-        """The sequence number of the ledger state now (it grows with every change seen)."""
-        version = self.version()
-        with self._probe_lock:
             if version != self._seen:
                 self._seen = version
                 self._seq += 1
