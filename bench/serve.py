@@ -14,19 +14,26 @@ per-user requests at --live-rate and /stats and /metrics at --whole-rate each; e
 whole-ledger answer must then be rebuilt. Once per --live-max-stale value (`serve
 --max-stale`); per-route latency.
 
+Then the floor (--phases floor, with wrk and nginx installed): the gzipped /stats and /metrics
+bytes that serve sends are also served by nginx as static files (as many worker processes as
+serve has), and wrk loads serve and nginx in turn, --floor-rounds times: what this machine
+allows for answers of that size, whatever the server.
+
     .venv/bin/python bench/serve.py [--processes N] [--client both|python|wrk] [--markdown]
-        [--phases static,live] [--live-max-stale 0,5]
+        [--phases static,live,floor] [--live-max-stale 0,5] [--floor-rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import os
 import random
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -358,6 +365,102 @@ def live_phase(
     return rows
 
 
+_NGINX_CONF = """\
+worker_processes %(workers)d;
+daemon off;
+%(user)s
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/tmp;
+    proxy_temp_path %(dir)s/tmp;
+    fastcgi_temp_path %(dir)s/tmp;
+    uwsgi_temp_path %(dir)s/tmp;
+    scgi_temp_path %(dir)s/tmp;
+    keepalive_timeout 0;
+    server {
+        listen 127.0.0.1:%(port)d;
+        root %(dir)s/html;
+        gzip_static on;
+        default_type application/octet-stream;
+    }
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def floor_phase(
+    db_path: Path, args: argparse.Namespace, tmp: Path
+) -> list[dict[str, float | str]]:
+    """The same whole-ledger bytes sent by `slurm-quota serve` and by nginx (C, a static
+    file, as many worker processes as serve has), wrk alternating between the two: what this
+    machine's loopback and CPUs allow for answers of that size, whatever the server."""
+    import urllib.request
+
+    workers = args.processes or _default_processes()
+    site = tmp / "nginx"
+    (site / "html").mkdir(parents=True)
+    (site / "tmp").mkdir()
+    os.chmod(tmp, 0o755)  # nginx workers run as another user when started by root
+    proc, port = start_server(db_path, args.processes)
+    try:
+        for name in ("stats", "metrics"):
+            asyncio.run(_run(port, [f"/{name}"] * 200, 20))  # every server process has built it
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/{name}", headers={"Accept-Encoding": "gzip"}
+            )
+            with urllib.request.urlopen(req) as answer:
+                if answer.headers.get("Content-Encoding") != "gzip":
+                    raise SystemExit(f"/{name} was not sent gzipped")
+                zipped = answer.read()
+            (site / "html" / f"{name}.gz").write_bytes(zipped)
+            (site / "html" / name).write_bytes(gzip.decompress(zipped))
+        ng_port = _free_port()
+        user = "user nobody nogroup;" if os.geteuid() == 0 else ""
+        conf = site / "nginx.conf"
+        conf.write_text(_NGINX_CONF % {"workers": workers, "user": user, "dir": site,
+                                       "port": ng_port})
+        nginx = subprocess.Popen(["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", ng_port)) == 0:
+                        break
+                time.sleep(0.05)
+            else:
+                raise SystemExit("nginx did not start: " + (site / "error.log").read_text())
+            rows: list[dict[str, float | str]] = []
+            for round_ in range(1, args.floor_rounds + 1):
+                for name in ("stats", "metrics"):
+                    for who, server, p in (("slurm-quota serve", proc, port),
+                                           ("nginx, static file", nginx, ng_port)):
+                        srv0 = server_cpu_s(server.pid)
+                        row = run_wrk(p, [f"/{name}"], args.concurrency, args.wrk_seconds, tmp)
+                        row.update(label=f"/{name}, closed loop, wrk, {who} (round {round_})",
+                                   server_cpu_s=server_cpu_s(server.pid) - srv0)
+                        rows.append(row)
+        finally:
+            nginx.terminate()
+            nginx.wait(timeout=10)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return rows
+
+
+def _default_processes() -> int:
+    from slurm_quota.serve import default_processes
+
+    return default_processes()
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
@@ -398,10 +501,13 @@ def main() -> int:
     )
     parser.add_argument("--help-runs", type=int, default=20)
     parser.add_argument(
-        "--phases", default="static,live",
+        "--phases", default="static,live,floor",
         help="comma-separated: static (each route alone, unchanged ledger), live (mixed "
-        "routes while the ledger changes)",
+        "routes while the ledger changes), floor (the whole-ledger answers' bytes from serve "
+        "and from nginx, alternately, with wrk; needs wrk and nginx)",
     )
+    parser.add_argument("--floor-rounds", type=int, default=2,
+                        help="floor phase: rounds of serve then nginx per route")
     parser.add_argument("--writes-per-s", type=float, default=10.0, help="live phase")
     parser.add_argument("--live-rate", type=float, default=300.0,
                         help="live phase: per-user requests/s")
@@ -419,6 +525,12 @@ def main() -> int:
         print("wrk is not installed (apt-get install wrk): Python client only", file=sys.stderr)
         clients.remove("wrk")
 
+    phases = set(args.phases.split(","))
+    if "floor" in phases and not (shutil.which("nginx") and "wrk" in clients):
+        print("floor phase skipped: it needs wrk and nginx (apt-get install wrk nginx-light)",
+              file=sys.stderr)
+        phases.discard("floor")
+
     rnd = random.Random(7)
     results = []
     sizes: dict[str, float] = {}
@@ -429,7 +541,6 @@ def main() -> int:
         print(f"ledger built in {time.perf_counter() - t:.1f} s: {args.users} users, "
               f"{args.accounts} accounts, {args.preallocs} preallocations, {args.charges} charges, "
               f"{os.path.getsize(db_path) / 1e6:.1f} MB", file=sys.stderr)
-        phases = set(args.phases.split(","))
         proc, port = start_server(db_path, args.processes)
         routes = {
             "/stats?username=<random>": lambda: (
@@ -486,6 +597,8 @@ def main() -> int:
             for value in args.live_max_stale.split(","):
                 for row in live_phase(db_path, args, float(value), Path(tmp)):
                     results.append(row)
+        if "floor" in phases:
+            results.extend(floor_phase(db_path, args, Path(tmp)))
     med, worst = help_wall_time(args.help_runs)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     if args.markdown:
