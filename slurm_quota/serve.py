@@ -19,6 +19,7 @@ import contextlib
 import email.utils
 import fcntl
 import gzip
+import hashlib
 import json
 import logging
 import mmap
@@ -61,6 +62,7 @@ MAX_PROCESSES = 4  # default --processes: the CPUs, at most this many
 # A read never waits long for the plugin's or a charge's write lock: the client is a person.
 READ_BUSY_TIMEOUT_MS = 2000
 GZIP_MIN_BYTES = 4096
+GZIP_ETAG_SUFFIX = "-gzip"  # the gzipped copy's entity tag: the body's, with this suffix
 CONNECTION_TIMEOUT_S = 5.0  # an idle keep-alive connection is closed after this long
 SEND_TIMEOUT_S = 60.0  # a client reading a 4 MB answer slowly still gets all of it
 MAX_HEAD_BYTES = 65536
@@ -68,6 +70,7 @@ MAX_HEADERS = 100
 LISTEN_BACKLOG = 128  # 100 clients connecting at once must not hit a 5-deep backlog
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _VERSION = re.compile(r"HTTP/\d\.\d")
+_ETAG = re.compile(r'"[0-9a-f]{1,64}"')  # as finish_whole makes them
 _LISTENER, _WAKE, _BUILDER = object(), object(), object()  # selector keys, not clients
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 JSON_TYPE = "application/json"
@@ -88,6 +91,9 @@ class Response:
     body: bytes
     gzipped: bytes | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    # Entity tag of the body (a hash of its bytes, quoted), on whole-ledger answers: a client
+    # sending it back in If-None-Match gets 304 while the ledger gives the same bytes.
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,7 @@ class ReadModel:
             response = build()
             if response.status != 200:
                 return response
-            response = _with_gzip(response)
+            response = finish_whole(response)
             self.store(key, seq, response, built_at)
             return response
         finally:
@@ -260,16 +266,37 @@ class ReadModel:
                 self._probe = None
 
 
-def _with_gzip(response: Response) -> Response:
-    if len(response.body) < GZIP_MIN_BYTES:
-        return response
+def finish_whole(response: Response) -> Response:
+    """A whole-ledger answer as it is kept and sent: with its gzipped copy (when worth it)
+    and its entity tag. The tag hashes the bytes, so every server process and builder gives
+    the same tag for the same ledger state, and a client keeps its copy across them."""
+    digest = hashlib.blake2b(response.body, digest_size=12).hexdigest()
+    gzipped = None
+    if len(response.body) >= GZIP_MIN_BYTES:
+        gzipped = gzip.compress(response.body, compresslevel=5, mtime=0)
     return Response(
-        response.status,
-        response.content_type,
-        response.body,
-        gzip.compress(response.body, compresslevel=5, mtime=0),
-        response.headers,
+        response.status, response.content_type, response.body, gzipped, response.headers,
+        f'"{digest}"',
     )
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """Whether an If-None-Match header names etag (RFC 9110 13.1.2: weak comparison, `*`
+    matches any). The gzipped copy's tag (etag with -gzip) names the same bytes."""
+    value = if_none_match.strip()
+    if value == "*":
+        return True
+    opaque = etag.strip('"')
+    for tag in value.split(","):
+        tag = tag.strip()
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        tag = tag.strip('"')
+        if tag.endswith(GZIP_ETAG_SUFFIX):
+            tag = tag[: -len(GZIP_ETAG_SUFFIX)]
+        if tag == opaque:
+            return True
+    return False
 
 
 def parse_query(path: str, query: str) -> dict[str, str]:
@@ -450,6 +477,9 @@ class Builder:
                 try:
                     int(header["body"]), int(header["gzip"]), int(header["status"])
                     str(header["type"])
+                    etag = header.get("etag")
+                    if etag is not None and not _ETAG.fullmatch(str(etag)):
+                        raise ValueError(f"etag {str(etag)[:40]!r}")
                 except (ValueError, KeyError, TypeError) as err:
                     raise EOFError(f"the builder sent a malformed header: {err}") from err
                 self._header = header
@@ -461,7 +491,10 @@ class Builder:
             body = bytes(self._buffer[:size])
             gzipped = bytes(self._buffer[size : size + zsize]) if zsize >= 0 else None
             del self._buffer[: size + max(zsize, 0)]
-            response = Response(int(header["status"]), str(header["type"]), body, gzipped)
+            response = Response(
+                int(header["status"]), str(header["type"]), body, gzipped,
+                etag=header.get("etag"),
+            )
             done.append((self.asked.popleft(), response))
             self._header = None
             self.busy_since = time.monotonic()
@@ -809,20 +842,39 @@ class QuotaHTTPServer:
         self, conn: Connection, request: Request | None, response: Response, *, keep: bool = False
     ) -> None:
         """Send an answer; what the socket does not take now is sent when it is writable."""
-        body = response.body
+        body, tag, status = response.body, response.etag, response.status
+        etag = tag  # of the representation sent: the gzipped copy's ends in -gzip
+        zipped = (
+            response.gzipped is not None and request is not None
+            and "gzip" in request.headers.get("accept-encoding", "")
+        )
+        if zipped and response.gzipped is not None:
+            body = response.gzipped
+            if tag is not None:
+                etag = tag[:-1] + GZIP_ETAG_SUFFIX + '"'
+        if (
+            tag is not None and status == 200 and request is not None
+            and etag_matches(request.headers.get("if-none-match", ""), tag)
+        ):
+            status, body = 304, b""  # the client's copy holds these very bytes
         lines = [
-            f"HTTP/1.1 {response.status} {_phrase(response.status)}",
+            f"HTTP/1.1 {status} {_phrase(status)}",
             f"Server: slurm-quota/{__version__}",
             f"Date: {self._http_date()}",
-            f"Content-Type: {response.content_type}",
         ]
+        if status != 304:
+            lines.append(f"Content-Type: {response.content_type}")
         if response.gzipped is not None:
             lines.append("Vary: Accept-Encoding")
-            if request is not None and "gzip" in request.headers.get("accept-encoding", ""):
-                body = response.gzipped
+            if zipped and status != 304:
                 lines.append("Content-Encoding: gzip")
-        lines.append(f"Content-Length: {len(body)}")
-        lines.append("Cache-Control: no-store")
+        if status != 304:
+            lines.append(f"Content-Length: {len(body)}")
+        if etag is not None:
+            lines.append(f"ETag: {etag}")
+            lines.append("Cache-Control: no-cache")  # may be kept, if checked with us first
+        else:
+            lines.append("Cache-Control: no-store")
         if response.status == 405:
             lines.append("Allow: GET, HEAD")
         lines.extend(f"{name}: {value}" for name, value in response.headers)
@@ -833,7 +885,7 @@ class QuotaHTTPServer:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if self.log_requests:
             what = "-" if request is None else f"{request.method} {request.target[:200]}"
-            log.info("%s \"%s\" %d %d", conn.peer[0], what, response.status, len(body))
+            log.info("%s \"%s\" %d %d", conn.peer[0], what, status, len(body))
         conn.pending = [memoryview(head)]
         if body and (request is None or request.method != "HEAD"):
             # Sent from the cached bytes with the head in one sendmsg: no copy of a 0.4 MB

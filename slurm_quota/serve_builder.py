@@ -9,8 +9,9 @@ and asks it through a pipe; its own clients are served while the builder works.
 Protocol, one request at a time, in order:
 
 - server → builder: a key and a newline (`stats` or `metrics`);
-- builder → server: a JSON header line `{"key", "status", "type", "body", "gzip"}` (lengths
-  in bytes, gzip -1 when there is no compressed copy), then the body and the compressed body.
+- builder → server: a JSON header line `{"key", "status", "type", "body", "gzip", "etag"}`
+  (lengths in bytes, gzip -1 when there is no compressed copy, etag the body's entity tag or
+  null), then the body and the compressed body.
 
 The builder reads the ledger read-only through the same code as the routes (App.handle), so
 its answers, errors included (503 when the ledger is missing or locked), are those a
@@ -40,6 +41,7 @@ def encode_header(key: str, response: serve.Response) -> bytes:
         "type": response.content_type,
         "body": len(response.body),
         "gzip": gzipped,
+        "etag": response.etag,
     }
     return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 

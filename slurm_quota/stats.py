@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -481,14 +482,52 @@ def stats_url(base_url: str) -> str:
     return base + "stats"
 
 
+class StatsCache:
+    """The last whole-ledger /stats answer per URL with its entity tag, for a client that
+    asks again and again (the dashboard, every page view and refresh): while the ledger is
+    unchanged the service answers 304 and the copy is used, instead of 4 MB sent and parsed
+    at 10k users. Safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]] = {}
+        self.revalidated = 0  # answers served from the copy after a 304
+
+    def etag(self, url: str) -> str | None:
+        with self._lock:
+            entry = self._entries.get(url)
+        return entry[0] if entry is not None else None
+
+    def get(self, url: str) -> dict[str, list[dict[str, Any]]] | None:
+        with self._lock:
+            entry = self._entries.get(url)
+            if entry is None:
+                return None
+            self.revalidated += 1
+            return entry[1]
+
+    def put(self, url: str, etag: str | None, payload: dict[str, list[dict[str, Any]]]) -> None:
+        with self._lock:
+            if etag:
+                self._entries[url] = (etag, payload)
+            else:
+                self._entries.pop(url, None)
+
+
 def fetch_stats(
     base_url: str,
     *,
     username: str | None = None,
     account: str | None = None,
     timeout_s: float = 5.0,
+    cache: StatsCache | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """GET /stats from the service; ServiceUnavailable (exit 75) when it does not answer."""
+    """GET /stats from the service; ServiceUnavailable (exit 75) when it does not answer.
+
+    cache: keeps the whole-ledger answer (no selector) and asks the service whether it
+    changed (If-None-Match) rather than for all of it again. The payload returned from the
+    cache is the same object each time: callers must not change it.
+    """
     check_selector(username, account)
     import requests  # lazy: keeps `slurm-quota --help` fast
 
@@ -498,8 +537,15 @@ def fetch_stats(
         params["username"] = username
     if account is not None:
         params["account"] = account
+    whole = cache is not None and not params
+    headers = {}
+    etag = cache.etag(url) if whole and cache is not None else None
+    if etag is not None:
+        headers["If-None-Match"] = etag
     try:
-        resp = requests.get(url, params=params, timeout=(min(timeout_s, 3.0), timeout_s))
+        resp = requests.get(
+            url, params=params, headers=headers, timeout=(min(timeout_s, 3.0), timeout_s)
+        )
     except requests.exceptions.InvalidURL as err:
         raise InvalidInput(f"SLURM_QUOTA_URL {base_url!r} is not a valid URL: {err}.") from err
     except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema) as err:
@@ -511,6 +557,10 @@ def fetch_stats(
             f"The slurm-quota service at {url} did not answer ({type(err).__name__}). "
             "Is slurm-quota.socket running on the controller, and is SLURM_QUOTA_URL right?"
         ) from err
+    if resp.status_code == 304 and etag is not None and cache is not None:
+        kept = cache.get(url)
+        if kept is not None:
+            return kept
     detail = _error_detail(resp)
     if resp.status_code in (502, 503, 504):
         raise ServiceUnavailable(
@@ -525,12 +575,15 @@ def fetch_stats(
             "is SLURM_QUOTA_URL the address of slurm-quota serve?"
         )
     try:
-        return validate_payload(resp.json())
+        payload = validate_payload(resp.json())
     except ValueError as err:
         raise SlurmQuotaError(
             f"The service at {url} returned an answer that is not slurm-quota statistics "
             f"({err}); is SLURM_QUOTA_URL the address of slurm-quota serve?"
         ) from err
+    if whole and cache is not None:
+        cache.put(url, resp.headers.get("ETag"), payload)
+    return payload
 
 
 def _error_detail(resp: Any) -> str:

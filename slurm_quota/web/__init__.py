@@ -312,10 +312,18 @@ def _respond(
     return [] if head else [body]
 
 
+_cache: Any = None  # stats.StatsCache of this process, made on first use
+
+
 def _fetch(api_url: str, **selector: str) -> dict[str, Any]:
+    """/stats from the service; the whole-ledger answer is kept and revalidated (ETag), so a
+    page view while the ledger is unchanged costs a 304, not the whole ledger again."""
+    global _cache
     from slurm_quota import stats  # lazy: requests is imported on first use only
 
-    return stats.fetch_stats(api_url, **selector)
+    if _cache is None:
+        _cache = stats.StatsCache()
+    return stats.fetch_stats(api_url, cache=_cache, **selector)
 
 
 def application(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:

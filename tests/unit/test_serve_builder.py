@@ -295,6 +295,15 @@ def test_a_killed_builder_is_replaced_and_waiting_clients_still_get_their_answer
         assert slow.builds() == ["/stats", "/stats"]  # the new builder built it
 
 
+# A builder whose etag would smuggle a header line into the answers.
+ETAG_WITH_A_HEADER = (
+    "import json, sys\n"
+    "sys.stdin.readline()\n"
+    "print(json.dumps({'key': 'stats', 'status': 200, 'type': 'x', 'body': 0, 'gzip': -1,"
+    " 'etag': '\"a\\r\\nX-Injected: 1\"'}), flush=True)\n"
+)
+
+
 @pytest.mark.parametrize(
     "script, why",
     [
@@ -302,8 +311,9 @@ def test_a_killed_builder_is_replaced_and_waiting_clients_still_get_their_answer
         ("import sys\nsys.stdin.readline()\nprint('{\"key\": \"metrics\"}', flush=True)\n",
          "answered 'metrics' unasked"),
         ("import sys\nsys.exit(3)\n", "ended"),
+        (ETAG_WITH_A_HEADER, "malformed header: etag"),
     ],
-    ids=["garbage", "unasked", "exits"],
+    ids=["garbage", "unasked", "exits", "header-in-etag"],
 )
 def test_a_builder_breaking_the_protocol_is_dropped_and_the_answer_built_here(
     seeded, tmp_path, caplog, script, why
