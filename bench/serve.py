@@ -275,7 +275,7 @@ def write_ledger(path: str, per_s: float, users: int, accounts: int, stop_file: 
         if delay > 0:
             time.sleep(delay)
         if k % 2 and len(mine) < 50:
-            uuid = f"live-{k}"
+            uuid = f"live-{os.getpid()}-{k}"  # a later writer must not meet this one's rows
             conn.execute(
                 "INSERT INTO jobs_preallocations VALUES (?, ?, ?, ?, 0, 1, '2024-05-01 10:00:00')",
                 (uuid, f"user{rnd.randrange(users):05d}", f"acct{rnd.randrange(accounts):04d}",
@@ -350,6 +350,9 @@ def live_phase(
             writer.join(timeout=10)
         proc.terminate()
         proc.wait(timeout=10)
+    if writer.exitcode != 0:
+        raise SystemExit(f"the ledger writer failed (exit {writer.exitcode}): this live run "
+                         "is void")
     rows: list[dict[str, float | str]] = []
     for label in ("/stats?username=", "/stats?account=", "/stats", "/metrics"):
         lat = latencies.get(label, [])
