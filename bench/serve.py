@@ -164,7 +164,8 @@ def _wrk_ms(text: str) -> float:
 
 
 def run_wrk(
-    port: int, targets: list[str], connections: int, seconds: float, tmp: Path
+    port: int, targets: list[str], connections: int, seconds: float, tmp: Path,
+    headers: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """wrk (C, one thread) with `connections` connections in a closed loop, one TCP connection
     per request, cycling through targets; p50/p99/max ms, requests/s, errors, client CPU."""
@@ -174,6 +175,7 @@ def run_wrk(
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script),
          "-H", "Connection: close", "-H", "Accept-Encoding: gzip",
+         *(arg for header in headers for arg in ("-H", header)),
          f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, check=True,
     ).stdout
@@ -393,6 +395,14 @@ http {
 """
 
 
+def _etag(port: int, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}") as answer:
+        answer.read()
+        return str(answer.headers["ETag"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -582,6 +592,14 @@ def main() -> int:
                     row = run_wrk(port, [make() for _ in range(2000)], args.concurrency,
                                   args.wrk_seconds, Path(tmp))
                     record(f"{name}, closed loop, wrk", row, server_cpu_s(proc.pid) - srv0)
+                if "wrk" in clients and name == "/stats (all)":
+                    # A client that kept its copy (the dashboard) asks whether it changed.
+                    tag = _etag(port, "/stats")
+                    srv0 = server_cpu_s(proc.pid)
+                    row = run_wrk(port, ["/stats"], args.concurrency, args.wrk_seconds,
+                                  Path(tmp), headers=(f"If-None-Match: {tag}",))
+                    record("/stats (all) unchanged, If-None-Match (304), closed loop, wrk",
+                           row, server_cpu_s(proc.pid) - srv0)
                 if args.rate > 0:
                     cpu0, srv0 = own_cpu_s(), server_cpu_s(proc.pid)
                     lat, wall, errors = asyncio.run(_paced(
