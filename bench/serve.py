@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from slurm_quota import db
+from slurm_quota.serve import default_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_QUOTA = str(Path(sys.executable).parent / "slurm-quota")
@@ -417,7 +418,7 @@ def floor_phase(
     machine's loopback and CPUs allow for answers of that size, whatever the server."""
     import urllib.request
 
-    workers = args.processes or _default_processes()
+    workers = args.processes or default_processes()
     site = tmp / "nginx"
     (site / "html").mkdir(parents=True)
     (site / "tmp").mkdir()
@@ -466,12 +467,6 @@ def floor_phase(
         proc.terminate()
         proc.wait(timeout=10)
     return rows
-
-
-def _default_processes() -> int:
-    from slurm_quota.serve import default_processes
-
-    return default_processes()
 
 
 def percentile(values: list[float], p: float) -> float:

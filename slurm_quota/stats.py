@@ -537,11 +537,9 @@ def fetch_stats(
         params["username"] = username
     if account is not None:
         params["account"] = account
-    whole = cache is not None and not params
-    headers = {}
-    etag = cache.etag(url) if whole and cache is not None else None
-    if etag is not None:
-        headers["If-None-Match"] = etag
+    kept = cache if not params else None  # only the whole-ledger answer is kept
+    etag = kept.etag(url) if kept is not None else None
+    headers = {} if etag is None else {"If-None-Match": etag}
     try:
         resp = requests.get(
             url, params=params, headers=headers, timeout=(min(timeout_s, 3.0), timeout_s)
@@ -557,10 +555,10 @@ def fetch_stats(
             f"The slurm-quota service at {url} did not answer ({type(err).__name__}). "
             "Is slurm-quota.socket running on the controller, and is SLURM_QUOTA_URL right?"
         ) from err
-    if resp.status_code == 304 and etag is not None and cache is not None:
-        kept = cache.get(url)
-        if kept is not None:
-            return kept
+    if resp.status_code == 304 and etag is not None and kept is not None:
+        copy = kept.get(url)
+        if copy is not None:
+            return copy
     detail = _error_detail(resp)
     if resp.status_code in (502, 503, 504):
         raise ServiceUnavailable(
@@ -581,8 +579,8 @@ def fetch_stats(
             f"The service at {url} returned an answer that is not slurm-quota statistics "
             f"({err}); is SLURM_QUOTA_URL the address of slurm-quota serve?"
         ) from err
-    if whole and cache is not None:
-        cache.put(url, resp.headers.get("ETag"), payload)
+    if kept is not None:
+        kept.put(url, resp.headers.get("ETag"), payload)
     return payload
 
 
