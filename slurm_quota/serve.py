@@ -451,16 +451,31 @@ class Builder:
         self.asked.append(key)
 
     def read(self) -> list[tuple[str, Response]]:
-        """The answers complete so far; EOFError when the builder ended or broke protocol."""
+        """The answers complete so far; EOFError when the builder broke protocol, or ended
+        with nothing complete left to hand over.
+
+        What arrived before the end is parsed first: a builder that wrote a bad header and
+        exited is reported for the header, and answers it finished before exiting are kept.
+        The end of file stays readable, so the next call reports it.
+        """
         assert self.proc is not None and self.proc.stdout is not None
+        ended = False
         while True:
             try:
                 chunk = os.read(self.proc.stdout.fileno(), self.PIPE_BYTES)
             except (BlockingIOError, InterruptedError):
                 break
             if not chunk:
-                raise EOFError("the builder process ended")
+                ended = True
+                break
             self._buffer += chunk
+        done = self._complete_answers()
+        if ended and not done:
+            raise EOFError("the builder process ended")
+        return done
+
+    def _complete_answers(self) -> list[tuple[str, Response]]:
+        """Parse the buffered bytes into the answers they complete (EOFError on bad protocol)."""
         done = []
         while True:
             if self._header is None:

@@ -329,6 +329,64 @@ def test_a_builder_breaking_the_protocol_is_dropped_and_the_answer_built_here(
     assert why in caplog.text
 
 
+# The builder below has written and exited before read() runs: end of file and the bytes
+# before it arrive in one read. What it wrote decides the outcome, not the exit.
+ONE_ANSWER_THEN_EXIT = (
+    "import json, sys\n"
+    "sys.stdin.readline()\n"
+    "sys.stdout.write(json.dumps({'key': 'stats', 'status': 200, 'type': 'application/json',"
+    " 'body': 2, 'gzip': -1, 'etag': '\"ab\"'}) + '\\n{}')\n"
+)
+
+
+def exited_builder(tmp_path: Path, seeded: Path, script: str) -> serve.Builder:
+    """A real builder process, asked for /stats, that has finished writing and exited."""
+    path = tmp_path / "exiting_builder.py"
+    path.write_text(script)
+    builder = serve.Builder(seeded, argv=[sys.executable, str(path)])
+    builder.start()
+    builder.ask("stats")
+    assert builder.proc is not None
+    builder.proc.stdin.close()  # type: ignore[union-attr]
+    assert builder.proc.wait(timeout=30) is not None
+    return builder
+
+
+@pytest.mark.parametrize(
+    "script, why",
+    [
+        ("import sys\nsys.stdin.readline()\nprint('{\"key\": \"metrics\"}')\n",
+         "the builder answered 'metrics' unasked"),
+        ("import sys\nsys.stdin.readline()\nprint('not json')\n",
+         "the builder sent a malformed header"),
+        ("import sys\nsys.stdin.readline()\nsys.stdout.write('{\"key\": \"st')\n",
+         "the builder process ended"),
+        ("import sys\nsys.exit(3)\n", "the builder process ended"),
+    ],
+    ids=["unasked", "garbage", "half-a-header", "nothing"],
+)
+def test_what_an_exited_builder_wrote_is_judged_before_its_exit(tmp_path, seeded, script, why):
+    builder = exited_builder(tmp_path, seeded, script)
+    try:
+        with pytest.raises(EOFError) as raised:
+            builder.read()
+        assert str(raised.value).startswith(why)
+    finally:
+        builder.stop()
+
+
+def test_an_answer_finished_before_the_builder_exited_is_kept(tmp_path, seeded):
+    builder = exited_builder(tmp_path, seeded, ONE_ANSWER_THEN_EXIT)
+    try:
+        [(key, response)] = builder.read()
+        assert (key, response.status, response.body, response.etag) == ("stats", 200, b"{}", '"ab"')
+        assert not builder.asked
+        with pytest.raises(EOFError, match="the builder process ended"):
+            builder.read()  # the end of file is reported on the next read
+    finally:
+        builder.stop()
+
+
 def test_a_builder_that_cannot_start_leaves_the_answers_to_the_server(seeded, caplog):
     missing = serve.Builder(seeded, argv=["/nonexistent/python3", "-m", "x"])
     with server_thread(seeded, builder=missing) as url:
