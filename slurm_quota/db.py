@@ -810,3 +810,112 @@ def delete_prunable_owner(conn: sqlite3.Connection, kind: str, name: str) -> boo
         (name,),
     )
     return cur.rowcount == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Section: ledger check (`slurm-quota check`)
+# ---------------------------------------------------------------------------------------
+_SCHEMA_OBJECT = re.compile(
+    r"^\s*(CREATE|DROP)\s+(TRIGGER|INDEX)\s+IF\s+(?:NOT\s+)?EXISTS\s+(\w+)", re.I | re.M
+)
+
+
+def expected_schema_objects() -> list[tuple[str, str]]:
+    """(type, name) of every trigger and index the migrations leave, in creation order."""
+    found: dict[tuple[str, str], None] = {}
+    for _version, path in migration_files():
+        for verb, kind, name in _SCHEMA_OBJECT.findall(path.read_text(encoding="utf-8")):
+            if verb.upper() == "CREATE":
+                found[(kind.lower(), name)] = None
+            else:
+                found.pop((kind.lower(), name), None)
+    return list(found)
+
+
+def schema_objects(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+    """(type, name) of the triggers and indexes in the database."""
+    rows = _usage_rows(
+        conn, "SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'index')"
+    )
+    return {(str(kind), str(name)) for kind, name in rows}
+
+
+def quick_check(conn: sqlite3.Connection) -> list[str]:
+    """PRAGMA quick_check: [] when SQLite finds the file sound, else its messages."""
+    try:
+        messages = [str(row[0]) for row in conn.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as err:
+        if _is_damaged(err):  # damaged past what quick_check can list
+            return [str(err)]
+        if _is_locked(err):
+            raise DatabaseUnavailable(f"The database is locked: {err}.") from err
+        raise DatabaseUnavailable(f"Cannot read the database: {err}.") from err
+    return [] if messages == ["ok"] else messages
+
+
+# Migration 0003's definition of the reserved totals over a set of preallocations: NULL
+# array_size counts as one element, a NULL GPU amount as 0; TOTAL() cannot overflow.
+_RESERVED_SUMS = (
+    "TOTAL(preallocated_cpu_minutes * COALESCE(array_size, 1)) AS cpu, "
+    "TOTAL(COALESCE(preallocated_gpu_minutes, 0) * COALESCE(array_size, 1)) AS gpu, "
+    "TOTAL(COALESCE(array_size, 1)) AS jobs"
+)
+
+
+def reserved_drift(conn: sqlite3.Connection, kind: str) -> list[tuple]:
+    """Owners whose stored reserved totals differ from their preallocations.
+
+    Rows of (name, stored cpu, stored gpu, stored jobs, actual cpu, actual gpu, actual jobs),
+    by name; one pass over jobs_preallocations.
+    """
+    table, key = _owner_table(kind)
+    sql = (
+        f"SELECT t.{key}, t.reserved_cpu_minutes, t.reserved_gpu_minutes, t.reserved_jobs, "
+        f"COALESCE(p.cpu, 0), COALESCE(p.gpu, 0), COALESCE(p.jobs, 0) "
+        f"FROM {table} AS t LEFT JOIN ("
+        f"SELECT {key} AS name, {_RESERVED_SUMS} FROM jobs_preallocations GROUP BY {key}"
+        f") AS p ON p.name = t.{key} "
+        f"WHERE t.reserved_cpu_minutes IS NOT COALESCE(p.cpu, 0) "
+        f"OR t.reserved_gpu_minutes IS NOT COALESCE(p.gpu, 0) "
+        f"OR t.reserved_jobs IS NOT COALESCE(p.jobs, 0) "
+        f"ORDER BY t.{key}"
+    )
+    return _usage_rows(conn, sql)
+
+
+def reserved_of(conn: sqlite3.Connection, kind: str, name: str) -> tuple | None:
+    """(stored cpu, stored gpu, stored jobs, actual cpu, actual gpu, actual jobs) of one owner,
+    None without a row; the actual sums read through the owner's index."""
+    table, key = _owner_table(kind)
+    rows = _usage_rows(
+        conn,
+        f"SELECT t.reserved_cpu_minutes, t.reserved_gpu_minutes, t.reserved_jobs, p.* "
+        f"FROM {table} AS t, (SELECT {_RESERVED_SUMS} FROM jobs_preallocations "
+        f"WHERE {key} = :name) AS p WHERE t.{key} = :name",
+        {"name": name},
+    )
+    return rows[0] if rows else None
+
+
+def unowned_preallocations(conn: sqlite3.Connection, kind: str) -> list[tuple[str, int]]:
+    """(owner name, preallocations) for preallocations whose user/account has no row."""
+    table, key = _owner_table(kind)
+    sql = (
+        f"SELECT p.{key}, COUNT(*) FROM jobs_preallocations AS p "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE t.{key} = p.{key}) "
+        f"GROUP BY p.{key} ORDER BY p.{key}"
+    )
+    return [(str(name), int(count)) for name, count in _usage_rows(conn, sql)]
+
+
+def set_reserved(
+    conn: sqlite3.Connection, kind: str, name: str, cpu: int, gpu: int, jobs: int
+) -> bool:
+    """Overwrite one owner's reserved totals (the repair of `check`); True when the row exists."""
+    table, key = _owner_table(kind)
+    cur = conn.execute(
+        f"UPDATE {table} SET reserved_cpu_minutes = ?, reserved_gpu_minutes = ?, "
+        f"reserved_jobs = ? WHERE {key} = ?",
+        (cpu, gpu, jobs, name),
+    )
+    return cur.rowcount == 1

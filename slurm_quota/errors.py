@@ -24,6 +24,10 @@ class SchemaError(SlurmQuotaError):
     """The database schema is not the one this version understands."""
 
 
+class Inconsistent(SlurmQuotaError):
+    """The ledger failed its consistency check (`slurm-quota check`)."""
+
+
 class DatabaseMissing(SlurmQuotaError):
     """The database file does not exist (run `slurm-quota migrate`)."""
 

@@ -1,7 +1,8 @@
-"""Shared fixtures: a real migrated SQLite file per test, a CLI runner."""
+"""Shared fixtures: a real migrated SQLite file per test, a listening socket to pass to serve."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,13 @@ def conn(db_path: Path):
     c = db.connect(db_path)
     yield c
     c.close()
+
+
+@pytest.fixture
+def listener():
+    """A bound, listening TCP socket on 127.0.0.1, as systemd passes to a socket-activated serve."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield sock
+    sock.close()

@@ -42,6 +42,100 @@ def migrate_cmd(settings: Settings) -> None:
         click.echo(f"Schema already at version {version}; nothing to do.")
 
 
+@cli.command("check")
+@click.option(
+    "--repair", is_flag=True,
+    help="Recompute the reserved totals that drifted (root; journaled).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_settings
+def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
+    """Check the ledger: SQLite integrity, the schema's triggers and indexes, and that every
+    user's and account's reserved minutes and jobs equal the sum of its preallocations.
+
+    The plugin decides submissions from those reserved totals. Exit status 0 when nothing
+    is wrong (or --repair fixed all of it), 1 when something is left to fix, 75 when the
+    ledger is locked. Without --repair nothing is written and any user who can read the
+    file may run it. --repair changes only the totals that drifted, journals each, and
+    refuses a file that fails the integrity check.
+
+    \b
+    Examples:
+      slurm-quota check
+      slurm-quota check --repair
+    """
+    if repair:
+        require_root("check --repair")
+    from slurm_quota import admin, check
+    from slurm_quota.errors import Inconsistent
+
+    with _ledger(settings, readonly=not repair) as conn:
+        report = check.check(conn, repair=repair, actor=admin.current_actor())
+    if as_json:
+        echo_json(report.as_dict())
+    else:
+        _print_check(report)
+    if not report.ok:
+        raise Inconsistent(" ".join(_check_advice(report, repair)))
+
+
+def _print_check(report) -> None:
+    """The check report for a person: one section per check, a verdict last."""
+    if report.integrity:
+        click.echo(f"Integrity: FAILED ({len(report.integrity)} message(s) from quick_check):")
+        for message in report.integrity:
+            click.echo(f"  {message}")
+        click.echo("Schema, reserved totals, owners: not checked in a damaged file.")
+        return
+    click.echo("Integrity: ok.")
+    if report.missing:
+        click.echo(f"Schema: {len(report.missing)} object(s) missing:")
+        for kind, name in report.missing:
+            click.echo(f"  {kind} {name}")
+    else:
+        click.echo("Schema: every trigger and index present.")
+    state = "repaired" if report.repaired else "drifted"
+    click.echo(f"Reserved totals: {len(report.drift)} owner(s) {state}.")
+    for d in report.drift:
+        click.echo(
+            f"  {d.kind} {d.name}: stored {d.stored[0]} CPU min, {d.stored[1]} GPU min, "
+            f"{d.stored[2]} jobs; preallocations {d.actual[0]} CPU min, {d.actual[1]} GPU "
+            f"min, {d.actual[2]} jobs"
+        )
+    click.echo(f"Preallocations without an owner row: {len(report.unowned)} owner(s).")
+    for kind, name, count in report.unowned:
+        click.echo(f"  {kind} {name}: {count} preallocation(s), counted in no total")
+    if report.ok:
+        click.echo("Ledger consistent now." if report.repaired else "Ledger consistent.")
+
+
+def _check_advice(report, repair: bool) -> list[str]:
+    """What to do about each kind of finding left (the message of the exit-1 error)."""
+    advice = []
+    if report.integrity:
+        advice.append(
+            "The file fails SQLite's integrity check"
+            + (", so nothing was repaired" if repair else "")
+            + ": restore it from a backup or recover it with `sqlite3 DB .recover`."
+        )
+    if report.missing:
+        advice.append(
+            "Triggers or indexes are missing, so the reserved totals will drift again: "
+            "recreate them from the package's migrations or restore a backup."
+        )
+    if report.drift and not report.repaired:
+        advice.append(
+            "Reserved totals differ from the preallocations: run `slurm-quota check --repair`."
+        )
+    if report.unowned:
+        advice.append(
+            "Preallocations name a user or account that has no row: setting its quota "
+            "creates the row and counts them; `slurm-quota prune --preallocs` removes them "
+            "once their jobs are gone."
+        )
+    return advice
+
+
 # Quota values may be -1 (unlimited): without this click would read `-1` as an option.
 _NEGATIVE_OK = {"ignore_unknown_options": True}
 

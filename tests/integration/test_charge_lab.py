@@ -168,12 +168,20 @@ def _record(name: str, result: dict) -> None:
     DRIFT_REPORT.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
+def assert_ledger_consistent(lab) -> None:
+    """`slurm-quota check`: each owner's reserved totals equal its preallocations, etc."""
+    p = lab.run(lab.quota_bin, "check", "--json", check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(p.stdout)["reserved_drift"] == []
+
+
 def test_jobcomp_charges_every_kind_of_job_with_zero_drift(clab):
     lab = clab
     t0 = str(int(time.time()))
     ids, held = submit_all(lab)
     preallocated = ledger_rows(lab, "SELECT COUNT(*), SUM(array_size) FROM jobs_preallocations")
     assert preallocated[0][0] == len(ids)  # the real plugin reserved every submission
+    assert_ledger_consistent(lab)  # the totals it decides from equal what it reserved
     runs = runs_of(lab, ids)
     assert len(runs) == len(JOBS) - 1 + 4 + 1  # array of 4 elements, + the held one
     wait_for_charges(lab, len(runs))
@@ -200,6 +208,7 @@ def test_jobcomp_charges_every_kind_of_job_with_zero_drift(clab):
     assert rep["charged"] == 0 and rep["spool_replayed"] == 0
     assert rep["already_charged"] >= len(runs)
     assert compare(lab, runs)["drift_cpu_minutes"] == 0
+    assert_ledger_consistent(lab)  # every release took its amount off the totals
 
 
 def test_reconcile_recovers_every_job_the_jobcomp_path_missed(clab):

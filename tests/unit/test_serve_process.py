@@ -53,15 +53,6 @@ def _activated(db_path, listener: socket.socket, listen_pid: str, *serve_args: s
     )
 
 
-@pytest.fixture
-def listener():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    yield sock
-    sock.close()
-
-
 def test_socket_activation_serves_on_the_passed_fd(db_path, listener):
     seed_ledger(db_path)
     port = listener.getsockname()[1]

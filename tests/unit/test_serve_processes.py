@@ -406,15 +406,6 @@ def test_the_idle_exit_still_comes_after_a_process_with_a_connection_was_killed(
 # --- socket activation -----------------------------------------------------------------
 
 
-@pytest.fixture
-def listener():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    yield sock
-    sock.close()
-
-
 def test_socket_activation_with_two_processes_serves_on_the_passed_fd(seeded, listener):
     port = listener.getsockname()[1]
     # --host is an address this machine cannot bind: serving at all proves fd 3 was adopted.

@@ -1,0 +1,168 @@
+"""The consistency check of the ledger (`slurm-quota check`), and its one repair.
+
+Owns what is checked and what may be repaired. The plugin decides every submission from the
+per-owner reserved totals that migration 0003's triggers maintain, never from the
+preallocations themselves, so a total that drifted (triggers dropped, a row edited by hand,
+an `INSERT OR REPLACE` from an old tool, a partial restore) refuses jobs that fit or lets
+through jobs that do not, silently. The check finds that, and the rest of what would make
+those totals wrong again:
+
+- SQLite's own `PRAGMA quick_check` (page and index structure);
+- every trigger and index the migrations create is present;
+- each user's and account's reserved CPU/GPU minutes and job count equal the sum over its
+  preallocations;
+- no preallocation names a user or account without a row (it counts in no total).
+
+Repair (`repaired=True`) recomputes each drifted owner's totals under the write lock, so
+nothing written between the check and the repair is lost, and journals each owner fixed. A
+file that fails quick_check gets no other check and no repair. Missing schema objects and
+preallocations without an owner are reported with what to do; they are not changed. All
+SQL is in db.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from slurm_quota import db
+
+ACTION_REPAIR_RESERVED = "repair-reserved"
+REPAIR_REASON = "slurm-quota check --repair: recomputed from the preallocations"
+_TOTALS = ("cpu_minutes", "gpu_minutes", "jobs")
+REPAIR_BATCH = 500  # owners per write transaction (bench/check.py: ~50 ms of write lock)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One owner whose stored reserved totals differ from its preallocations."""
+
+    kind: str
+    name: str
+    stored: tuple[int, int, int]  # reserved CPU minutes, GPU minutes, jobs
+    actual: tuple[int, int, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "stored": dict(zip(_TOTALS, self.stored)),
+            "actual": dict(zip(_TOTALS, self.actual)),
+        }
+
+
+@dataclass
+class Report:
+    """What `check` found, and what it repaired."""
+
+    integrity: list[str] = field(default_factory=list)  # quick_check messages; [] = sound
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (trigger|index, name)
+    drift: list[Drift] = field(default_factory=list)
+    unowned: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, name, count)
+    repaired: bool = False  # the drift listed was written back to its actual values
+    checked: bool = False  # the checks past integrity ran (not on a damaged file)
+
+    @property
+    def ok(self) -> bool:
+        """Nothing wrong is left in the ledger."""
+        drift_left = bool(self.drift) and not self.repaired
+        return not (self.integrity or self.missing or drift_left or self.unowned)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form; the checks past integrity are null when they did not run."""
+        ran = self.checked
+        return {
+            "ok": self.ok,
+            "integrity": self.integrity or ["ok"],
+            "missing_schema_objects": [{"type": t, "name": n} for t, n in self.missing]
+            if ran else None,
+            "reserved_drift": [d.as_dict() for d in self.drift] if ran else None,
+            "repaired": self.repaired,
+            "unowned_preallocations": [
+                {"kind": k, "name": n, "preallocations": c} for k, n, c in self.unowned
+            ] if ran else None,
+        }  # fmt: skip
+
+
+def _as_int(value: Any) -> int:
+    # TOTAL() answers a REAL; every total below 2**53 is integral and exact.
+    return int(value)
+
+
+def _find(conn: Any, report: Report) -> None:
+    report.checked = True
+    present = db.schema_objects(conn)
+    report.missing = [obj for obj in db.expected_schema_objects() if obj not in present]
+    report.drift = [
+        Drift(
+            kind, str(row[0]),
+            tuple(_as_int(v) for v in row[1:4]),  # type: ignore[arg-type]
+            tuple(_as_int(v) for v in row[4:7]),  # type: ignore[arg-type]
+        )
+        for kind in ("user", "account")
+        for row in db.reserved_drift(conn, kind)
+    ]
+    report.unowned = [
+        (kind, name, count)
+        for kind in ("user", "account")
+        for name, count in db.unowned_preallocations(conn, kind)
+    ]
+
+
+def check(conn: Any, *, repair: bool = False, actor: str = "root") -> Report:
+    """Check the ledger open on conn; with repair, fix the reserved totals that drifted.
+
+    A file that fails quick_check is reported as such and nothing else is checked or written.
+    Everything is read in one read transaction (one consistent state). The repair writes in
+    BEGIN IMMEDIATE transactions (DatabaseUnavailable when another writer holds the ledger
+    past the busy timeout).
+    """
+    report = Report(integrity=db.quick_check(conn))
+    if report.integrity:  # what the other checks read may be what is damaged
+        return report
+    with db.read_snapshot(conn):
+        _find(conn, report)
+    if repair and report.drift:
+        report.drift = _repair(conn, report.drift, actor)
+        report.repaired = bool(report.drift)
+    return report
+
+
+def _repair(conn: Any, found: list[Drift], actor: str) -> list[Drift]:
+    """Write back the totals of the owners found drifted; return what was written.
+
+    The full scan ran before, without a lock. Under the write lock each owner's totals are
+    read again through its index and written with its journal entry, REPAIR_BATCH owners per
+    transaction: the lock is held for a few lookups per owner, tens of ms per batch (the
+    plugin waits at most 200 ms for it), and a write made since the scan is not lost.
+    A lock timeout in a later batch leaves the earlier batches repaired and journaled.
+    """
+    fixed = []
+    for first in range(0, len(found), REPAIR_BATCH):
+        with db.write_transaction(conn):
+            for drift in found[first : first + REPAIR_BATCH]:
+                row = db.reserved_of(conn, drift.kind, drift.name)
+                if row is None:  # the owner was deleted meanwhile
+                    continue
+                stored = tuple(_as_int(v) for v in row[:3])
+                actual = tuple(_as_int(v) for v in row[3:])
+                if stored == actual:
+                    continue
+                db.set_reserved(conn, drift.kind, drift.name, *actual)
+                db.insert_journal(
+                    conn,
+                    actor=actor,
+                    action=ACTION_REPAIR_RESERVED,
+                    target_kind=drift.kind,
+                    target=drift.name,
+                    field="reserved",
+                    old_value=_totals_text(stored),  # type: ignore[arg-type]
+                    new_value=_totals_text(actual),  # type: ignore[arg-type]
+                    reason=REPAIR_REASON,
+                )
+                fixed.append(Drift(drift.kind, drift.name, stored, actual))  # type: ignore[arg-type]
+    return fixed
+
+
+def _totals_text(totals: tuple[int, int, int]) -> str:
+    return ",".join(f"{name}={value}" for name, value in zip(_TOTALS, totals))
