@@ -39,8 +39,8 @@ class Drift:
 
     kind: str
     name: str
-    stored: tuple[int, int, int]  # reserved CPU minutes, GPU minutes, jobs
-    actual: tuple[int, int, int]
+    stored: tuple  # reserved CPU minutes, GPU minutes, jobs (as stored: a hand edit may
+    actual: tuple  # have left text or a fraction); actual ones are whole numbers
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,9 +84,13 @@ class Report:
         }  # fmt: skip
 
 
-def _as_int(value: Any) -> int:
-    # TOTAL() answers a REAL; every total below 2**53 is integral and exact.
-    return int(value)
+def _totals(values: Any) -> tuple:
+    """Three totals as read: whole numbers as int (TOTAL() answers a REAL, exact below 2**53);
+    whatever a hand edit stored instead (text, a fraction) is kept as it is, to be shown."""
+    return tuple(
+        int(v) if isinstance(v, int) or (isinstance(v, float) and v.is_integer()) else v
+        for v in values
+    )
 
 
 def _find(conn: Any, report: Report) -> None:
@@ -96,8 +100,8 @@ def _find(conn: Any, report: Report) -> None:
     report.drift = [
         Drift(
             kind, str(row[0]),
-            tuple(_as_int(v) for v in row[1:4]),  # type: ignore[arg-type]
-            tuple(_as_int(v) for v in row[4:7]),  # type: ignore[arg-type]
+            _totals(row[1:4]),
+            _totals(row[4:7]),
         )
         for kind in ("user", "account")
         for row in db.reserved_drift(conn, kind)
@@ -144,8 +148,7 @@ def _repair(conn: Any, found: list[Drift], actor: str) -> list[Drift]:
                 row = db.reserved_of(conn, drift.kind, drift.name)
                 if row is None:  # the owner was deleted meanwhile
                     continue
-                stored = tuple(_as_int(v) for v in row[:3])
-                actual = tuple(_as_int(v) for v in row[3:])
+                stored, actual = _totals(row[:3]), _totals(row[3:])
                 if stored == actual:
                     continue
                 db.set_reserved(conn, drift.kind, drift.name, *actual)
@@ -156,13 +159,13 @@ def _repair(conn: Any, found: list[Drift], actor: str) -> list[Drift]:
                     target_kind=drift.kind,
                     target=drift.name,
                     field="reserved",
-                    old_value=_totals_text(stored),  # type: ignore[arg-type]
-                    new_value=_totals_text(actual),  # type: ignore[arg-type]
+                    old_value=_totals_text(stored),
+                    new_value=_totals_text(actual),
                     reason=REPAIR_REASON,
                 )
-                fixed.append(Drift(drift.kind, drift.name, stored, actual))  # type: ignore[arg-type]
+                fixed.append(Drift(drift.kind, drift.name, stored, actual))
     return fixed
 
 
-def _totals_text(totals: tuple[int, int, int]) -> str:
+def _totals_text(totals: tuple) -> str:
     return ",".join(f"{name}={value}" for name, value in zip(_TOTALS, totals))

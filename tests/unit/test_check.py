@@ -367,3 +367,24 @@ def test_a_large_repair_is_written_in_batches_and_a_lock_timeout_keeps_the_done_
     again = run_cli(capsys, ledger, "check", "--repair")
     assert again.code == 0, again.err
     assert "Reserved totals: 1 owner(s) repaired.\n  user carol:" in again.out
+
+
+def test_a_total_edited_into_text_or_a_fraction_is_shown_as_stored_and_repaired(ledger, capsys):
+    conn = sqlite3.connect(ledger)
+    conn.execute("UPDATE users SET reserved_cpu_minutes = 'lots' WHERE username = 'alice'")
+    conn.execute("UPDATE users SET reserved_gpu_minutes = 1.5 WHERE username = 'bob'")
+    conn.commit()
+    conn.close()
+    result = run_cli(capsys, ledger, "check")
+    assert result.code == 1, result.err
+    assert "  user alice: stored lots CPU min, 30 GPU min, 5 jobs;" in result.out
+    assert "  user bob: stored 5 CPU min, 1.5 GPU min, 1 jobs;" in result.out
+    assert "Traceback" not in result.err
+    repaired = run_cli(capsys, ledger, "check", "--repair")
+    assert repaired.code == 0, repaired.err
+    conn = sqlite3.connect(ledger)
+    assert reserved_mismatches(conn) == []
+    assert conn.execute(
+        "SELECT typeof(reserved_cpu_minutes) FROM users WHERE username = 'alice'"
+    ).fetchone() == ("integer",)
+    conn.close()
