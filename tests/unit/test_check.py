@@ -36,6 +36,24 @@ def prealloc(conn, uuid: str, user: str, account: str, cpu: int, gpu: int = 0, s
     )
 
 
+def hand_edit(path, *statements: str) -> None:
+    """Run SQL as a person at the sqlite3 prompt would: foreign keys off, no slurm-quota."""
+    conn = sqlite3.connect(path)
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+def mismatches(path) -> list[str]:
+    """Owners whose stored totals differ from test_reserved_totals' own sums."""
+    conn = sqlite3.connect(path)
+    try:
+        return reserved_mismatches(conn)
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def ledger(db_path):
     """alice (2 open jobs, one an array of 4) and bob in account physics; carol idle."""
@@ -66,11 +84,11 @@ def test_a_consistent_ledger_passes_and_nothing_is_written(ledger, capsys):
 
 
 def test_a_hand_edited_total_is_found_with_both_numbers_and_exit_1(ledger, capsys):
-    conn = sqlite3.connect(ledger)
-    conn.execute("UPDATE users SET reserved_cpu_minutes = 999 WHERE username = 'alice'")
-    conn.execute("UPDATE accounts SET reserved_jobs = 0")
-    conn.commit()
-    conn.close()
+    hand_edit(
+        ledger,
+        "UPDATE users SET reserved_cpu_minutes = 999 WHERE username = 'alice'",
+        "UPDATE accounts SET reserved_jobs = 0",
+    )
     before = snapshot(ledger)
     result = run_cli(capsys, ledger, "check")
     assert result.code == 1
@@ -93,19 +111,17 @@ def test_a_hand_edited_total_is_found_with_both_numbers_and_exit_1(ledger, capsy
 def test_repair_writes_the_sums_back_journals_each_owner_and_a_second_check_passes(
     ledger, capsys
 ):
-    conn = sqlite3.connect(ledger)
-    conn.execute("UPDATE users SET reserved_gpu_minutes = 7 WHERE username = 'bob'")
-    conn.execute("UPDATE users SET reserved_jobs = 3 WHERE username = 'carol'")
-    conn.commit()
-    assert reserved_mismatches(conn)
-    conn.close()
+    hand_edit(
+        ledger,
+        "UPDATE users SET reserved_gpu_minutes = 7 WHERE username = 'bob'",
+        "UPDATE users SET reserved_jobs = 3 WHERE username = 'carol'",
+    )
+    assert mismatches(ledger)
     result = run_cli(capsys, ledger, "check", "--repair")
     assert result.code == 0, result.err
     assert "Reserved totals: 2 owner(s) repaired." in result.out
     assert result.out.rstrip().endswith("Ledger consistent now.")
-    conn = sqlite3.connect(ledger)
-    assert reserved_mismatches(conn) == []
-    conn.close()
+    assert mismatches(ledger) == []
     entries = [e for e in journal(ledger) if e["action"] == "repair-reserved"]
     assert [(e["target_kind"], e["target"], e["old_value"], e["new_value"]) for e in entries] == [
         ("user", "bob", "cpu_minutes=5,gpu_minutes=7,jobs=1", "cpu_minutes=5,gpu_minutes=1,jobs=1"),
@@ -130,11 +146,13 @@ def test_repair_of_a_consistent_ledger_changes_nothing(ledger, capsys):
 def test_a_dropped_trigger_is_reported_and_the_drift_it_let_through_is_repaired(
     ledger, capsys
 ):
-    conn = sqlite3.connect(ledger)
-    conn.execute("DROP TRIGGER jobs_preallocations_reserved_insert")
-    prealloc(conn, "u-4", "carol", "physics", 40)  # counted nowhere without the trigger
-    conn.commit()
-    conn.close()
+    hand_edit(
+        ledger,
+        "DROP TRIGGER jobs_preallocations_reserved_insert",
+        # counted nowhere without the trigger
+        "INSERT INTO jobs_preallocations (job_uuid, username, account, "
+        "preallocated_cpu_minutes) VALUES ('u-4', 'carol', 'physics', 40)",
+    )
     result = run_cli(capsys, ledger, "check", "--repair")
     assert result.code == 1
     assert "Schema: 1 object(s) missing:\n  trigger jobs_preallocations_reserved_insert" in (
@@ -142,9 +160,7 @@ def test_a_dropped_trigger_is_reported_and_the_drift_it_let_through_is_repaired(
     )
     assert "Reserved totals: 2 owner(s) repaired." in result.out  # carol and physics
     assert "the reserved totals will drift again" in result.err
-    conn = sqlite3.connect(ledger)
-    assert reserved_mismatches(conn) == []
-    conn.close()
+    assert mismatches(ledger) == []
     as_json = json.loads(run_cli(capsys, ledger, "check", "--json").out)
     assert as_json["missing_schema_objects"] == [
         {"type": "trigger", "name": "jobs_preallocations_reserved_insert"}
@@ -163,10 +179,11 @@ def test_an_index_dropped_by_a_later_migration_is_not_expected(ledger):
 
 
 def test_preallocations_without_an_owner_row_are_reported(ledger, capsys):
-    conn = sqlite3.connect(ledger)  # foreign keys off, as an old tool would write
-    prealloc(conn, "u-5", "dave", "chemistry", 15)
-    conn.commit()
-    conn.close()
+    hand_edit(  # foreign keys off, as an old tool would write
+        ledger,
+        "INSERT INTO jobs_preallocations (job_uuid, username, account, "
+        "preallocated_cpu_minutes) VALUES ('u-5', 'dave', 'chemistry', 15)",
+    )
     before = snapshot(ledger)
     result = run_cli(capsys, ledger, "check")
     assert result.code == 1
@@ -184,10 +201,7 @@ def test_preallocations_without_an_owner_row_are_reported(ledger, capsys):
 
 
 def test_json_report_of_a_drift(ledger, capsys):
-    conn = sqlite3.connect(ledger)
-    conn.execute("UPDATE accounts SET reserved_cpu_minutes = 1")
-    conn.commit()
-    conn.close()
+    hand_edit(ledger, "UPDATE accounts SET reserved_cpu_minutes = 1")
     result = run_cli(capsys, ledger, "check", "--json")
     assert result.code == 1
     assert json.loads(result.out) == {
@@ -250,10 +264,7 @@ def test_a_damaged_file_fails_the_integrity_check_and_is_not_repaired(damaged, c
 
 
 def test_repair_is_root_only_and_the_check_is_not(ledger, capsys, monkeypatch):
-    conn = sqlite3.connect(ledger)
-    conn.execute("UPDATE users SET reserved_cpu_minutes = 1")
-    conn.commit()
-    conn.close()
+    hand_edit(ledger, "UPDATE users SET reserved_cpu_minutes = 1")
     before = snapshot(ledger)
     monkeypatch.setattr(os, "getuid", lambda: 65534)
     result = run_cli(capsys, ledger, "check", "--repair")
@@ -287,10 +298,7 @@ def test_a_user_who_can_read_the_file_can_check_it(capsys):
 
 
 def test_repair_waits_for_a_writer_and_gives_up_with_exit_75(ledger, capsys):
-    conn = sqlite3.connect(ledger)
-    conn.execute("UPDATE users SET reserved_cpu_minutes = 1")
-    conn.commit()
-    conn.close()
+    hand_edit(ledger, "UPDATE users SET reserved_cpu_minutes = 1")
     holder = sqlite3.connect(ledger, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     try:
@@ -313,11 +321,11 @@ def test_repair_waits_for_a_writer_and_gives_up_with_exit_75(ledger, capsys):
 
 def test_the_repair_sees_writes_made_between_the_scan_and_the_write_lock(ledger, monkeypatch):
     """The scan runs without a lock; under it each drifted owner is read again."""
-    conn = sqlite3.connect(ledger)
-    conn.execute("UPDATE users SET reserved_cpu_minutes = 1 WHERE username = 'alice'")
-    conn.execute("UPDATE users SET reserved_jobs = 9 WHERE username = 'carol'")
-    conn.commit()
-    conn.close()
+    hand_edit(
+        ledger,
+        "UPDATE users SET reserved_cpu_minutes = 1 WHERE username = 'alice'",
+        "UPDATE users SET reserved_jobs = 9 WHERE username = 'carol'",
+    )
     real = db.write_transaction
 
     def after_a_submission_and_a_prune(conn):
@@ -334,19 +342,14 @@ def test_the_repair_sees_writes_made_between_the_scan_and_the_write_lock(ledger,
     assert report.repaired and report.ok
     [drift] = report.drift  # carol is gone: nothing to repair, nothing journaled for her
     assert (drift.name, drift.stored, drift.actual) == ("alice", (21, 30, 6), (120, 30, 6))
-    conn = sqlite3.connect(ledger)
-    assert reserved_mismatches(conn) == []
-    conn.close()
+    assert mismatches(ledger) == []
     assert [e["target"] for e in journal(ledger) if e["action"] == "repair-reserved"] == ["alice"]
 
 
 def test_a_large_repair_is_written_in_batches_and_a_lock_timeout_keeps_the_done_ones(
     ledger, capsys, monkeypatch
 ):
-    conn = sqlite3.connect(ledger)
-    conn.execute("UPDATE users SET reserved_jobs = reserved_jobs + 1")  # alice, bob, carol
-    conn.commit()
-    conn.close()
+    hand_edit(ledger, "UPDATE users SET reserved_jobs = reserved_jobs + 1")  # all 3 users
     monkeypatch.setattr(check, "REPAIR_BATCH", 2)
     real = db.write_transaction
     batches: list[int] = []
@@ -370,11 +373,11 @@ def test_a_large_repair_is_written_in_batches_and_a_lock_timeout_keeps_the_done_
 
 
 def test_a_total_edited_into_text_or_a_fraction_is_shown_as_stored_and_repaired(ledger, capsys):
-    conn = sqlite3.connect(ledger)
-    conn.execute("UPDATE users SET reserved_cpu_minutes = 'lots' WHERE username = 'alice'")
-    conn.execute("UPDATE users SET reserved_gpu_minutes = 1.5 WHERE username = 'bob'")
-    conn.commit()
-    conn.close()
+    hand_edit(
+        ledger,
+        "UPDATE users SET reserved_cpu_minutes = 'lots' WHERE username = 'alice'",
+        "UPDATE users SET reserved_gpu_minutes = 1.5 WHERE username = 'bob'",
+    )
     result = run_cli(capsys, ledger, "check")
     assert result.code == 1, result.err
     assert "  user alice: stored lots CPU min, 30 GPU min, 5 jobs;" in result.out
