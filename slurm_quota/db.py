@@ -183,6 +183,16 @@ def connect(
     except sqlite3.Error as err:
         if _is_locked(err):
             raise DatabaseUnavailable(f"The database {db_path} is locked: {err}.") from err
+        if readonly and "readonly database" in str(err).lower():
+            # WAL: with no connection open, SQLite removed the -wal/-shm files and a reader
+            # must create them. Not temporary for this caller: exit 1, not 75.
+            raise NotPermitted(
+                f"The database {db_path} cannot be read by uid {os.getuid()} ({err}): in WAL "
+                f"mode a reader creates {os.path.basename(db_path)}-shm next to it when no "
+                f"writer has it open, which needs write access to its directory. Run this as "
+                f"root or as the ledger's owner; users read the ledger through the service "
+                f"(`slurm-quota stats`)."
+            ) from err
         if _is_damaged(err):
             # Not worth retrying: exit 1, not 75.
             raise SchemaError(

@@ -55,9 +55,9 @@ def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
 
     The plugin decides submissions from those reserved totals. Exit status 0 when nothing
     is wrong (or --repair fixed all of it), 1 when something is left to fix, 75 when the
-    ledger is locked. Without --repair nothing is written and any user who can read the
-    file may run it. --repair changes only the totals that drifted, journals each, and
-    refuses a file that fails the integrity check.
+    ledger is locked. Without --repair nothing is written and root is not required (reading
+    needs access to the ledger's directory too, as for history). --repair changes only the
+    totals that drifted, journals each, and refuses a file that fails the integrity check.
 
     \b
     Examples:

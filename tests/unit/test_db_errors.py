@@ -92,3 +92,23 @@ def test_reconcile_is_allowed_for_the_ledger_owner(tmp_path: Path) -> None:
         require_ledger_writer(str(path), "reconcile")
     finally:
         os.getuid = real  # type: ignore[assignment]
+
+
+def test_a_wal_ledger_in_a_directory_the_reader_cannot_write_is_a_clear_error(
+    shared_dir: Path,
+) -> None:
+    """No writer connected: SQLite removed -wal/-shm and a reader must create them."""
+    closed = shared_dir / "closed"
+    closed.mkdir(mode=0o755)  # root's: nobody can create q.db-shm here
+    path = closed / "q.db"
+    db.migrate(path)
+    assert not Path(f"{path}-shm").exists()
+    before = path.read_bytes()
+    for argv in (["history"], ["check"], ["stats", "--local", "--all"]):
+        proc = _as_nobody("--db", str(path), *argv)
+        assert "Traceback" not in proc.stderr, (argv, proc.stderr)
+        assert proc.returncode == 1, (argv, proc.stderr)  # not 75: retrying will not help
+        assert "needs write access to its directory" in proc.stderr, (argv, proc.stderr)
+        assert "slurm-quota stats" in proc.stderr
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in closed.iterdir()) == ["q.db"]
