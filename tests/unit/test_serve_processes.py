@@ -130,6 +130,16 @@ def stop(proc: subprocess.Popen, known_children: list[int]) -> None:
 
 
 @contextlib.contextmanager
+def kept_alive_after_health(url: str) -> Iterator[socket.socket]:
+    """A connection that got its 200 to GET /health (HTTP/1.1: the server keeps it open)."""
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert client.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        yield client
+
+
+@contextlib.contextmanager
 def serving(db_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str, Log, list]]:
     """`slurm-quota serve --port 0 ARGS`; yields (process, base URL, its log, pids to clean)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
@@ -223,10 +233,7 @@ def test_a_stop_signal_to_the_parent_stops_every_child_and_exits_0(seeded, sig):
 def test_a_stop_does_not_wait_for_idle_keep_alive_clients(seeded):
     with serving(seeded, "--processes", "2", "--idle-timeout", "0") as (proc, url, log, seen):
         seen += wait_children(proc.pid, 2)
-        port = int(url.rsplit(":", 1)[1].strip("/"))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            client.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
-            assert client.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        with kept_alive_after_health(url) as client:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
             assert client.recv(65536) == b""  # closed by its server process on the way out
@@ -377,10 +384,7 @@ def test_idle_timeout_with_two_processes_exits_0_and_leaves_no_child(seeded):
 def test_an_open_connection_to_any_process_holds_off_the_idle_exit(seeded):
     with serving(seeded, "--processes", "2", "--idle-timeout", "1") as (proc, url, _log, seen):
         seen += wait_children(proc.pid, 2)
-        port = int(url.rsplit(":", 1)[1].strip("/"))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            client.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
-            assert client.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        with kept_alive_after_health(url):
             # Kept open (HTTP/1.1) for 2.5 s: past the idle timeout, within the server's
             # keep-alive timeout (5 s).
             with pytest.raises(subprocess.TimeoutExpired):
@@ -392,10 +396,7 @@ def test_the_idle_exit_still_comes_after_a_process_with_a_connection_was_killed(
     with serving(seeded, "--processes", "2", "--idle-timeout", "1") as (proc, url, log, seen):
         first = wait_children(proc.pid, 2)
         seen += first
-        port = int(url.rsplit(":", 1)[1].strip("/"))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            client.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
-            assert client.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        with kept_alive_after_health(url):
             for pid in first:  # whichever holds the connection dies with it open
                 os.kill(pid, signal.SIGKILL)
             seen += wait_children(proc.pid, 2, not_in=tuple(first))
