@@ -18,6 +18,7 @@ slurm = { SUCCESS = 0, ERROR = -1, ESLURM_ACCOUNTING_POLICY = 2050,
         io.stderr:write(string.format(fmt, ...), "\n") end,
     log_user = nop, log_verbose = nop, log_debug = nop }
 assert(loadfile(plugin_path))()
+local slurm_quota = package.loaded.slurm_quota
 
 local users = {}
 for line in io.lines(users_file) do

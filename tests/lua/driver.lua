@@ -79,7 +79,7 @@ for i, c in ipairs(cases) do
         tostring(writes.admin_comment)))
 end
 
-slurm_quota.drop_connection()
+package.loaded.slurm_quota.drop_connection()
 do
     local db = os.getenv("SLURM_QUOTA_DB")
     local pid = require("posix.unistd").getpid()

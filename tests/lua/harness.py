@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+# What slurmctld loads (the two entry points) and the module holding the logic.
 PLUGIN = ROOT / "lua" / "job_submit.lua"
+MODULE = ROOT / "lua" / "slurm_quota.lua"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 RUNTIMES = ["lua51", "lua52", "lua53", "lua54", "luajit21"]
@@ -361,8 +363,12 @@ class Plugin:
             self.lua.execute(_LUA_POSIX_STAT, self.bridge)
         self.call_submit, self.call_modify, self._globals = self.lua.execute(_LUA_HELPERS)
         self.globals_before = set(self._globals().values())
-        self.load_rc = self.lua.execute(source if source is not None else PLUGIN.read_text())
-        self.m = self.lua.globals().slurm_quota
+        # slurmctld loads job_submit.lua from a file; here the module is loaded first from its
+        # text (source replaces it) so that the wiring finds it in package.loaded.
+        self.lua.execute("package.loaded.slurm_quota = assert(loadstring or load)(...)()",
+                         source if source is not None else MODULE.read_text())
+        self.load_rc = self.lua.execute(PLUGIN.read_text())
+        self.m = self.lua.eval("package.loaded.slurm_quota")
         if db_path is not None:
             self.m.config.db_path = str(db_path)
         self.m.config.fail_open = fail_open

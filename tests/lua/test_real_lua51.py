@@ -33,7 +33,7 @@ def test_captured_submissions_under_real_lua51(tmp_path, db_path):
     set_factor(db_path, "h100", 2.0)
     run = run_cases([submit(case) for case, _ in CAPTURED], tmp_path, db_path)
     assert run.load_rc == "0"
-    assert run.globals == ["slurm_job_modify", "slurm_job_submit", "slurm_quota"]
+    assert run.globals == ["slurm_job_modify", "slurm_job_submit"]
     for (case, expected), call in zip(CAPTURED, run.calls):
         assert call.rc == 0, (case, call.logs)
         row = prealloc(db_path, call.uuid)
@@ -82,7 +82,7 @@ def test_modify_under_real_lua51(tmp_path, db_path):
     uuid = run.calls[0].uuid
     assert prealloc(db_path, uuid)[2] == 25  # 20 -> hold 20 -> 15 -> (300 > MaxTime) 15 -> 25
     assert run.calls[5].admin_comment == f"ops note slurm-quota:{uuid}"
-    assert run.globals == ["slurm_job_modify", "slurm_job_submit", "slurm_quota"]
+    assert run.globals == ["slurm_job_modify", "slurm_job_submit"]
 
 
 def test_locked_database_under_real_lua51(tmp_path, db_path):
@@ -104,11 +104,14 @@ def test_locked_database_under_real_lua51(tmp_path, db_path):
 
 def test_fail_closed_under_real_lua51(tmp_path, db_path):
     plugin = tmp_path / "job_submit.lua"
-    from tests.lua.harness import PLUGIN
+    from tests.lua.harness import MODULE, PLUGIN
 
-    text = PLUGIN.read_text()
+    text = MODULE.read_text()
     assert "local FAIL_OPEN = true" in text
-    plugin.write_text(text.replace("local FAIL_OPEN = true", "local FAIL_OPEN = false"))
+    # the wiring finds the module next to itself
+    (tmp_path / "slurm_quota.lua").write_text(
+        text.replace("local FAIL_OPEN = true", "local FAIL_OPEN = false"))
+    plugin.write_text(PLUGIN.read_text())
     execute(db_path, "PRAGMA user_version = 7")
     run = run_cases([submit("c01_plain")], tmp_path, db_path, plugin=plugin)
     call = run.calls[0]
@@ -175,7 +178,7 @@ def test_cached_statements_see_other_writers_and_pin_no_snapshot(tmp_path, db_pa
 
 FAILED_STATEMENT = """
 slurm = { SUCCESS = 0, ERROR = -1, log_info = print, log_error = print, log_user = print }
-dofile(arg[1])
+local slurm_quota = dofile(arg[1])
 local DBI = require "DBI"
 -- LuaDBI itself: after a failed execute(), the next execute() of that statement reports the
 -- same error again (sqlite3_reset returns it), even with good values.
@@ -198,7 +201,7 @@ def test_a_failed_statement_is_prepared_again_under_real_luadbi(tmp_path, db_pat
     import os
     import subprocess
 
-    from tests.lua.harness import PLUGIN
+    from tests.lua.harness import MODULE
 
     execute(db_path, "CREATE TRIGGER bad_key BEFORE INSERT ON settings WHEN NEW.key = 'bad' "
                      "BEGIN SELECT RAISE(ABORT, 'bad key'); END")
@@ -206,7 +209,7 @@ def test_a_failed_statement_is_prepared_again_under_real_luadbi(tmp_path, db_pat
                      "BEGIN SELECT RAISE(ABORT, 'bad user'); END")
     script = tmp_path / "failed.lua"
     script.write_text(FAILED_STATEMENT)
-    proc = subprocess.run(["lua5.1", str(script), str(PLUGIN), str(db_path)],
+    proc = subprocess.run(["lua5.1", str(script), str(MODULE), str(db_path)],
                           capture_output=True, text=True, env=dict(os.environ), timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

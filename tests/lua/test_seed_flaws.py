@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from tests.lua.harness import PLUGIN, prealloc, submit_case
+from tests.lua.harness import MODULE, prealloc, submit_case
 from tests.lua.test_modify import submitted, update
 from tests.lua.test_policy import hold_write_lock
 from tests.lua.test_submit import set_factor, set_user_quota
@@ -49,7 +49,7 @@ def test_flaw4b_22_05_gres_colon_spelling_is_counted(plugin, db_path):
 
 
 def test_flaw5_locked_database_no_sleep_bounded_wait(plugin, db_path):
-    text = PLUGIN.read_text()
+    text = MODULE.read_text()
     assert re.search(r"local BUSY_TIMEOUT_MS = (\d+)", text).group(1) == "200"
     holder = hold_write_lock(db_path, 5)
     try:

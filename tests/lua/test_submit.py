@@ -350,7 +350,7 @@ def test_only_entry_points_and_module_are_global(plugin, db_path):
 
     desc, rec = modify_case(time_limit=10.0)
     plugin.modify(desc, rec)
-    assert plugin.new_globals() == {"slurm_job_submit", "slurm_job_modify", "slurm_quota"}
+    assert plugin.new_globals() == {"slurm_job_submit", "slurm_job_modify"}
 
 
 def test_one_write_transaction_per_accepted_submit(plugin, db_path):

@@ -78,6 +78,7 @@ def test_controller_package_holds_plugin_wrapper_units_logrotate_and_dirs(packag
     files = _files(packages["slurm-quota-controller"])
     for path in (
         "/usr/share/slurm-quota/job_submit.lua",
+        "/usr/share/slurm-quota/slurm_quota.lua",
         "/usr/libexec/slurm-quota/slurm-quota-charge-wrapper",
         "/etc/default/slurm-quota",
         "/etc/logrotate.d/slurm-quota-charge",

@@ -48,6 +48,7 @@ def installed(tmp_path_factory):
         f"migrations/{name}": (SOURCE / "migrations" / name).read_bytes() for name in MIGRATIONS
     }
     expected["job_submit.lua"] = (SOURCE / "lua" / "job_submit.lua").read_bytes()
+    expected["slurm_quota.lua"] = (SOURCE / "lua" / "slurm_quota.lua").read_bytes()
     dist = work / "dist"
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(SOURCE)],

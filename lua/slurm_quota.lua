@@ -1,0 +1,1519 @@
+--[[
+slurm-quota: the logic of the job_submit plugin (JobSubmitPlugins=lua).
+
+At submission: computes what a job asks for (CPU minutes, GPU minutes weighted by GPU type,
+times the array element count), checks it against what the user and the account have left
+(quota - consumed - preallocated by open jobs), refuses with a message when it does not fit,
+otherwise writes a preallocation row keyed by a fresh UUID and appends the tag
+"slurm-quota:<uuid>" to the job's admin_comment.
+At modification: merges the update over the existing job, re-checks increases made by users,
+and keeps the preallocation in step with the job.
+
+Runs inside slurmctld while it holds its locks: no sleep, no fork, one short write
+transaction with a bounded wait (busy_timeout), every entry point under pcall, and an explicit
+policy (FAIL_OPEN) for a missing, locked or unknown database. Lua 5.1 to 5.4 and LuaJIT.
+
+Layout: 0 configuration, 1 pure functions (no slurm.*, no DB), 2 boundary (Slurm records ->
+plain tables; NO_VAL and INFINITE end here), 3 orchestration (injected env), 4 wiring (LuaDBI,
+failure policy, entry points). Documentation: docs/plugin.md.
+
+A module: `require("slurm_quota")` returns its table and sets no globals. lua/job_submit.lua
+wires Slurm's two entry points to it; a site with its own job_submit.lua calls
+M.job_submit(...) and M.job_modify(...) from its entry points instead (docs/plugin.md).
+--]]
+
+----------------------------------------------------------------------------------------------
+-- 0. configuration
+----------------------------------------------------------------------------------------------
+
+-- What to do when the ledger cannot be consulted (missing, locked past BUSY_TIMEOUT_MS,
+-- unknown schema) or the plugin itself fails: true = accept the job without a reservation
+-- and log an error line; false = refuse it with a message asking to retry.
+local FAIL_OPEN = true
+local DEFAULT_DB_PATH = "/var/lib/state/slurm-quota/slurm-quota.db"
+local DB_PATH_ENV = "SLURM_QUOTA_DB"
+-- The only schema this plugin knows (PRAGMA user_version after migrations 0001..0004).
+local SCHEMA_VERSION = 4
+-- Longest wait for the write lock; slurmctld is stalled meanwhile (budget: 250 ms).
+local BUSY_TIMEOUT_MS = 200
+-- Uids treated as administrators in job_modify besides 0 and SlurmUser (the uid slurmctld
+-- runs as), e.g. Slurm operators who may raise time limits.
+local ADMIN_UIDS = {}
+-- Keep one connection open across calls. Closing the last connection of a WAL database
+-- checkpoints and deletes the -wal file, which cost ~5-10 ms (fsync + unlink) per submission
+-- when measured; a cached connection avoids it. It keeps its prepared statements too. It is
+-- re-validated on every call (schema version; with luaposix, same device/inode via stat) and
+-- reopened, with fresh statements, every REOPEN_S seconds and after any error.
+local CACHE_CONNECTION = true
+local REOPEN_S = 60
+local LOG_PREFIX = "slurm-quota: "
+local TOKEN_TAG = "slurm-quota:"
+-- Per-element amounts are clamped here so that they stay exact integers in every Lua and in
+-- SQLite (2^53 > 1e15); no real quota comes near it.
+local MAX_MINUTES = 1e15
+-- Slurm's hard limit: MaxArraySize <= 4000001, so an array index is at most 4000000.
+local MAX_ARRAY_INDEX = 4000000
+-- Overlapping array ranges with a step are de-duplicated exactly up to this many elements;
+-- above it their counts are added (an over-reservation, never an under-reservation).
+local ARRAY_DEDUP_LIMIT = 20000
+
+-- Slurm's "unset" and "unlimited" markers (slurm.h, identical in 22.05 to 24.x).
+local NO_VAL = 4294967294
+local INFINITE = 4294967295
+local NO_VAL16 = 65534
+
+-- Return codes, as slurmctld defines them (the slurm table provides the same values).
+local RC_SUCCESS = 0
+local RC_ERROR = -1
+local RC_ACCOUNTING_POLICY = 2050
+local RC_MISSING_TIME_LIMIT = 8000
+
+local M = {}
+M.VERSION = "1"
+M.SCHEMA_VERSION = SCHEMA_VERSION
+M.config = {
+    fail_open = FAIL_OPEN,
+    db_path = nil, -- nil: os.getenv(DB_PATH_ENV) or DEFAULT_DB_PATH, read on every call
+    busy_timeout_ms = BUSY_TIMEOUT_MS,
+    admin_uids = ADMIN_UIDS,
+    cache_connection = CACHE_CONNECTION,
+    log_accepts = true,
+}
+
+local unpack = table.unpack or unpack -- luacheck: ignore 143
+local floor, ceil = math.floor, math.ceil
+local toint = math.tointeger or function(x) return x end -- luacheck: ignore 143
+
+----------------------------------------------------------------------------------------------
+-- 1. pure functions: no slurm.*, no DB
+----------------------------------------------------------------------------------------------
+
+-- Every number that may grow large is computed as a float: Lua 5.3+ integers wrap around.
+local function float(x)
+    return x * 1.0
+end
+
+local function clamp_minutes(x)
+    if x ~= x or x <= 0 then return 0 end
+    if x > MAX_MINUTES then return MAX_MINUTES end
+    return x
+end
+
+-- Round a reservation up, ignoring float noise (3 x 0.1 x 10 must give 3, not 4).
+local function ceil_minutes(x)
+    return clamp_minutes(ceil(x - 1e-7))
+end
+
+-- A number as an integer string (no %d: it errors on floats in 5.3+ and on huge values).
+local function int_str(x)
+    if x == nil then return "?" end
+    return string.format("%.0f", x)
+end
+
+local function num_str(x)
+    if x == floor(x) and x < 1e15 and x > -1e15 then return string.format("%.0f", x) end
+    local s = string.format("%.3f", x):gsub("0+$", ""):gsub("%.$", "")
+    return s
+end
+
+local function plural(n, one, many)
+    if n == 1 then return int_str(n) .. " " .. one end
+    return int_str(n) .. " " .. (many or (one .. "s"))
+end
+
+local function trim(s)
+    return (s:gsub("^%s+", ""):gsub("%s+$", ""))
+end
+
+-- Iterate "a,b,c" including empty items (",," gives "").
+local function split_commas(s)
+    return (s .. ","):gmatch("([^,]*),")
+end
+
+--- Number of array elements in a Slurm array spec ("0-9", "1,3,5-7", "0-15:4%2"), or nil
+--- and a message. nil/"" spec = not an array = 1. The %throttle does not change the count.
+function M.parse_array_inx(spec)
+    if spec == nil or spec == "" then return 1 end
+    if type(spec) ~= "string" then return nil, "the array specification is not text" end
+    local body = spec
+    local pct = body:find("%", 1, true)
+    if pct then
+        local throttle = body:sub(pct + 1)
+        if not throttle:match("^%d+$") then
+            return nil, string.format("the throttle after %% in --array=%s is not a number", spec)
+        end
+        body = body:sub(1, pct - 1)
+    end
+    local inner = body:match("^%[(.*)%]$")
+    if inner then body = inner end
+    if body == "" then return nil, string.format("--array=%s lists no index", spec) end
+    local ranges, total, all_step1 = {}, 0, true
+    for item in split_commas(body) do
+        local a, b, step = item:match("^(%d+)%-(%d+):(%d+)$")
+        if not a then
+            a, b = item:match("^(%d+)%-(%d+)$")
+            step = "1"
+        end
+        if not a then
+            a = item:match("^(%d+)$")
+            b, step = a, "1"
+        end
+        if not a then
+            return nil, string.format("cannot read %q in --array=%s (expected N, A-B or A-B:S, "
+                .. "comma separated, with an optional %%T throttle)", item, spec)
+        end
+        if #a > 9 or #b > 9 or #step > 9 then
+            return nil, string.format("an index in --array=%s is larger than %s, the most "
+                .. "Slurm allows", spec, int_str(MAX_ARRAY_INDEX))
+        end
+        local lo, hi, st = tonumber(a), tonumber(b), tonumber(step)
+        if hi > MAX_ARRAY_INDEX or lo > MAX_ARRAY_INDEX then
+            return nil, string.format("an index in --array=%s is larger than %s, the most "
+                .. "Slurm allows", spec, int_str(MAX_ARRAY_INDEX))
+        end
+        if hi < lo then
+            return nil, string.format("the range %s in --array=%s ends before it starts", item, spec)
+        end
+        if st < 1 then
+            return nil, string.format("the step of %s in --array=%s must be at least 1", item, spec)
+        end
+        if st ~= 1 then all_step1 = false end
+        ranges[#ranges + 1] = { lo, hi, st }
+        total = total + floor((hi - lo) / st) + 1
+    end
+    if #ranges == 1 then return total end
+    if all_step1 then
+        -- exact union of intervals
+        table.sort(ranges, function(x, y) return x[1] < y[1] end)
+        local n, cur_lo, cur_hi = 0, ranges[1][1], ranges[1][2]
+        for i = 2, #ranges do
+            local r = ranges[i]
+            if r[1] <= cur_hi + 1 then
+                if r[2] > cur_hi then cur_hi = r[2] end
+            else
+                n = n + cur_hi - cur_lo + 1
+                cur_lo, cur_hi = r[1], r[2]
+            end
+        end
+        return n + cur_hi - cur_lo + 1
+    end
+    if total <= ARRAY_DEDUP_LIMIT then
+        local seen, n = {}, 0
+        for _, r in ipairs(ranges) do
+            for i = r[1], r[2], r[3] do
+                if not seen[i] then
+                    seen[i] = true
+                    n = n + 1
+                end
+            end
+        end
+        return n
+    end
+    return total
+end
+
+local COUNT_SUFFIX = { [""] = 1, k = 1024, m = 1024 ^ 2, g = 1024 ^ 3, t = 1024 ^ 4, p = 1024 ^ 5 }
+
+local function parse_count(text)
+    local digits, suffix = text:match("^(%d+)([kKmMgGtTpP]?)$")
+    if not digits or #digits > 15 then return nil end
+    return float(tonumber(digits)) * COUNT_SUFFIX[suffix:lower()]
+end
+
+--- GPUs named in one TRES/GRES string, as a list of {type = name or false, count = n}.
+--- Accepts every spelling Slurm used: gres:gpu:h100:2, gres:gpu:2 (22.05), gres/gpu:h100:2,
+--- gres/gpu:2, gres/gpu=2, gres/gpu:h100=2 (later), bare gpu:2, comma lists. Other GRES and
+--- TRES (shard, mps, licenses, ...) are ignored. Returns nil and a message when a GPU entry
+--- cannot be read.
+function M.parse_gpus(text)
+    local out = {}
+    if text == nil or text == "" then return out end
+    if type(text) ~= "string" then return nil, "the GPU request is not text" end
+    for raw in split_commas(text) do
+        local entry = trim(raw)
+        if entry ~= "" then
+            local rest = entry:gsub("^gres[:/]", "", 1)
+            local name, tail = rest:match("^([^:=]+)(.*)$")
+            if name == "gpu" then
+                local gpu_type, count_text
+                if tail == "" then
+                    count_text = "1"
+                elseif tail:sub(1, 1) == "=" then
+                    count_text = tail:sub(2)
+                else
+                    local t = tail:sub(2)
+                    local a, b = t:match("^([^:=]*)[:=](.*)$")
+                    if a then
+                        gpu_type, count_text = a, b
+                    elseif parse_count(t) then
+                        count_text = t
+                    else
+                        gpu_type, count_text = t, "1"
+                    end
+                end
+                local count = parse_count(count_text or "")
+                if not count or gpu_type == "" then
+                    return nil, string.format("cannot read the GPU request %q", entry)
+                end
+                out[#out + 1] = { type = gpu_type or false, count = count }
+            end
+        end
+    end
+    return out
+end
+
+local function factor_of(gpu_type, factors)
+    local f = (gpu_type and factors[gpu_type]) or factors["default"] or 1.0
+    if f ~= f or f < 0 then return 0 end
+    return f
+end
+
+--- Add the GPUs of items (times mult) into acc, a map type-or-"" -> count.
+local function add_gpus(acc, items, mult)
+    for _, g in ipairs(items) do
+        local key = g.type or ""
+        acc[key] = (acc[key] or 0) + g.count * mult
+    end
+end
+
+--- acc (type -> count) as a sorted list of {type, count, factor} and the weight
+--- sum(count x factor).
+local function gpu_list(acc, factors)
+    local list, weight = {}, 0
+    for key, count in pairs(acc) do
+        if count > 0 then
+            local t = key ~= "" and key or false
+            local f = factor_of(t, factors)
+            list[#list + 1] = { type = t, count = count, factor = f }
+            weight = weight + count * f
+        end
+    end
+    table.sort(list, function(x, y) return (x.type or "") < (y.type or "") end)
+    return list, weight
+end
+
+--- Minutes to reserve per element, and where they came from.
+--- t: {minutes = n} (a finite --time), {unset = true} (no --time) or {infinite = true};
+--- parts: candidate partitions {name, default_time, max_time} (nil fields = unlimited);
+--- fallback: the default_time_minutes setting or nil. Several partitions: the largest.
+--- Returns nil, "unbounded" when no finite time can be found.
+function M.resolve_time(t, parts, fallback)
+    if t.minutes then return t.minutes, "--time" end
+    local best, best_src, unbounded = nil, nil, #parts == 0
+    for _, p in ipairs(parts) do
+        local m, src
+        if t.unset and p.default_time then
+            m, src = p.default_time, "DefaultTime of partition " .. p.name
+        elseif p.max_time then
+            m, src = p.max_time, "MaxTime of partition " .. p.name
+        end
+        if m == nil then
+            unbounded = true
+        elseif best == nil or m > best then
+            best, best_src = m, src
+        end
+    end
+    if not unbounded then return best, best_src end
+    if fallback then
+        if best and best > fallback then return best, best_src end
+        return fallback, "default_time_minutes setting"
+    end
+    return nil, "unbounded"
+end
+
+--- CPUs of one element: the largest of min_cpus, tasks x cpus-per-task,
+--- nodes x tasks-per-node x cpus-per-task and nodes x min-cpus-per-node (each only where
+--- set); --exclusive takes whole nodes of node_cpus CPUs. Returns cpus, nodes, tasks, note.
+function M.resolve_cpus(f)
+    local cpt = f.cpus_per_task or 1
+    local cpus, note = 1, nil
+    local function take(v, why)
+        if v and v > cpus then cpus, note = v, why end
+    end
+    take(f.min_cpus, nil)
+    if f.num_tasks or f.cpus_per_task then
+        take(float(f.num_tasks or 1) * cpt, nil)
+    end
+    if f.min_nodes and f.ntasks_per_node then
+        take(float(f.min_nodes) * f.ntasks_per_node * cpt, nil)
+    end
+    if f.pn_min_cpus then take(float(f.min_nodes or 1) * f.pn_min_cpus, nil) end
+    local nodes = f.min_nodes or 1
+    local tasks = f.num_tasks
+    if not tasks and f.min_nodes and f.ntasks_per_node then tasks = f.min_nodes * f.ntasks_per_node end
+    tasks = tasks or 1
+    if f.exclusive and f.node_cpus and f.node_cpus >= 1 then
+        local need = ceil(cpus / f.node_cpus)
+        if need > nodes then nodes = need end
+        cpus = float(nodes) * f.node_cpus
+        note = string.format("--exclusive: %s of %s CPUs", plural(nodes, "whole node"), int_str(f.node_cpus))
+    end
+    return cpus, nodes, tasks, note
+end
+
+--- GPUs of one element from the four TRES fields: per job x1, per node x nodes, per task x
+--- tasks, per socket x nodes x sockets; --exclusive takes the whole node's GPUs (node_gpus,
+--- a list like parse_gpus gives) when that is more. Returns list {type, count, factor},
+--- weight (sum count x factor), or nil and a message.
+function M.resolve_gpus(tres, shape, factors, node_gpus)
+    local acc = {}
+    local fields = {
+        { tres.per_job, 1, "tres_per_job" },
+        { tres.per_node, shape.nodes, "tres_per_node" },
+        { tres.per_task, shape.tasks, "tres_per_task" },
+        { tres.per_socket, float(shape.nodes) * (shape.sockets_per_node or 1), "tres_per_socket" },
+    }
+    for _, fld in ipairs(fields) do
+        local items, err = M.parse_gpus(fld[1])
+        if not items then return nil, err .. " (" .. fld[3] .. ")" end
+        add_gpus(acc, items, fld[2])
+    end
+    local list, weight = gpu_list(acc, factors)
+    if shape.exclusive and node_gpus and #node_gpus > 0 then
+        local whole = {}
+        add_gpus(whole, node_gpus, shape.nodes)
+        local wlist, wweight = gpu_list(whole, factors)
+        if wweight > weight then return wlist, wweight, true end
+    end
+    return list, weight, false
+end
+
+--- The full request of one element and of the whole submission, or nil and a refusal.
+--- view: the plain table the boundary builds; settings: parsed settings; factors: type ->
+--- factor. The time may stay nil (unbounded): decide() turns that into a refusal when a
+--- quota applies.
+function M.build_request(view, settings, factors)
+    local array_count, aerr = M.parse_array_inx(view.array_inx)
+    if not array_count then return nil, { kind = "malformed", message = aerr } end
+    local parts = view.partitions
+    local node_cpus, node_gpus = nil, nil
+    for _, p in ipairs(parts) do
+        if p.total_cpus and p.total_nodes and p.total_nodes >= 1 then
+            local c = ceil(p.total_cpus / p.total_nodes)
+            if not node_cpus or c > node_cpus then node_cpus = c end
+        end
+    end
+    if view.exclusive then
+        local best_w = -1
+        for _, p in ipairs(parts) do
+            local spec = settings["node_gpus." .. p.name] or settings["node_gpus"]
+            local items = spec and M.parse_gpus(spec)
+            if items then
+                local _, w = gpu_list((function() local a = {}; add_gpus(a, items, 1); return a end)(), factors)
+                if w > best_w then node_gpus, best_w = items, w end
+            end
+        end
+        if #parts == 0 and settings["node_gpus"] then node_gpus = M.parse_gpus(settings["node_gpus"]) end
+    end
+    local cpus, nodes, tasks, cpu_note = M.resolve_cpus({
+        min_cpus = view.min_cpus, num_tasks = view.num_tasks, cpus_per_task = view.cpus_per_task,
+        min_nodes = view.min_nodes, ntasks_per_node = view.ntasks_per_node,
+        pn_min_cpus = view.pn_min_cpus, exclusive = view.exclusive, node_cpus = node_cpus,
+    })
+    local gpus, weight, gerr = M.resolve_gpus(view.tres, {
+        nodes = nodes, tasks = tasks, sockets_per_node = view.sockets_per_node,
+        exclusive = view.exclusive,
+    }, factors, node_gpus)
+    if not gpus then return nil, { kind = "malformed", message = weight } end
+    -- --cpus-per-gpu (cpus_per_tres "gres:gpu:2"): the job gets at least GPUs x that many CPUs
+    local cpg_items = M.parse_gpus(view.cpus_per_tres)
+    if cpg_items and #cpg_items > 0 then
+        local per_gpu, gpu_count = 0, 0
+        for _, c in ipairs(cpg_items) do
+            if c.count > per_gpu then per_gpu = c.count end
+        end
+        for _, g in ipairs(gpus) do gpu_count = gpu_count + g.count end
+        if gpu_count * per_gpu > cpus then
+            cpus, cpu_note = float(gpu_count) * per_gpu, "--cpus-per-gpu"
+        end
+    end
+    local time, time_source = M.resolve_time(view.time, parts, settings.default_time_minutes)
+    local r = {
+        cpus = cpus, nodes = nodes, tasks = tasks, cpu_note = cpu_note,
+        gpus = gpus, gpu_weight = weight, gpu_whole_node = gerr == true,
+        time = time, time_source = time_source, time_unset = view.time.unset or false,
+        array_count = array_count,
+    }
+    M.set_amounts(r, time)
+    return r
+end
+
+--- Per-element and total minutes of request r for a time (nil = unbounded: 0 reserved).
+function M.set_amounts(r, time)
+    r.time = time
+    local t = time or 0
+    r.cpu_minutes = ceil_minutes(float(r.cpus) * t)
+    r.gpu_minutes = ceil_minutes(float(r.gpu_weight) * t)
+    r.cpu_total = r.cpu_minutes * r.array_count
+    r.gpu_total = r.gpu_minutes * r.array_count
+    return r
+end
+
+--- Will slurmctld let a non-administrator raise this job's time limit to t? (22.05: only
+--- while the job is pending, and only up to the partition's MaxTime; UNLIMITED only where
+--- there is no MaxTime.) When unsure (no partition known), no: the row must never grow on an
+--- update that slurmctld then denies.
+function M.user_may_raise_time(pending, t, new_minutes, parts)
+    if not pending or #parts == 0 then return false end
+    for _, p in ipairs(parts) do
+        if p.max_time then
+            if t.infinite or (new_minutes and new_minutes > p.max_time) then return false end
+        end
+    end
+    return true
+end
+
+local RESOURCES = {
+    cpu = { label = "CPU", unit = "CPU-minutes" },
+    gpu = { label = "GPU", unit = "GPU-minutes" },
+}
+
+-- The quota checks, in order; the first failure wins.
+M.CHECKS = {
+    { owner = "user", resource = "cpu" },
+    { owner = "user", resource = "gpu" },
+    { owner = "account", resource = "cpu" },
+    { owner = "account", resource = "gpu" },
+}
+
+--- Minutes left: quota - consumed - reserved, or nil when the quota is unlimited (< 0).
+function M.available(quota, consumed, reserved)
+    if quota == nil or quota < 0 then return nil end
+    return quota - (consumed or 0) - (reserved or 0)
+end
+
+--- Does any finite quota apply to what r asks for? (CPU always; GPU only with GPUs.)
+function M.quota_applies(r, ledgers)
+    for _, c in ipairs(M.CHECKS) do
+        local l = ledgers[c.owner]
+        local q = l["quota_" .. c.resource]
+        if q and q >= 0 and (c.resource == "cpu" or r.gpu_weight > 0) then return true end
+    end
+    return false
+end
+
+--- First failing check of r against the ledgers {user = ledger, account = ledger}, or nil.
+--- only: optional set of "owner.resource" to check (job_modify checks only increases).
+function M.decide(r, ledgers, only)
+    for _, c in ipairs(M.CHECKS) do
+        local key = c.owner .. "." .. c.resource
+        if not only or only[key] then
+            local l = ledgers[c.owner]
+            local requested = r[c.resource .. "_total"]
+            local avail = M.available(l["quota_" .. c.resource], l["consumed_" .. c.resource],
+                l["reserved_" .. c.resource])
+            if avail and requested > 0 and requested > avail then
+                return {
+                    owner = c.owner, resource = c.resource, name = l.name,
+                    requested = requested, available = avail,
+                    quota = l["quota_" .. c.resource], consumed = l["consumed_" .. c.resource] or 0,
+                    reserved = l["reserved_" .. c.resource] or 0, open_jobs = l.open_jobs or 0,
+                }
+            end
+        end
+    end
+    return nil
+end
+
+local function describe_gpus(r)
+    local parts = {}
+    for _, g in ipairs(r.gpus) do
+        parts[#parts + 1] = string.format("%s %s x factor %s",
+            plural(g.count, "GPU"), g.type and g.type or "(untyped, default factor)",
+            num_str(g.factor))
+    end
+    local s = table.concat(parts, " + ")
+    if #parts > 1 then s = "(" .. s .. ")" end
+    if r.gpu_whole_node then s = s .. " [--exclusive: every GPU of the node]" end
+    return s
+end
+
+local function describe_time(r)
+    if r.time_source == "--time" then return int_str(r.time) .. " min" end
+    return string.format("%s min (%s, as the job has %s)", int_str(r.time), r.time_source,
+        r.time_unset and "no --time" or "--time=UNLIMITED")
+end
+
+--- The lines a user reads when the job is refused (each becomes one "sbatch: error:" line).
+function M.refusal_lines(r, fail, who)
+    local res = RESOURCES[fail.resource]
+    local lines = {}
+    local owner = fail.owner == "user" and ("user " .. fail.name) or ("account " .. fail.name)
+    lines[1] = string.format("%sjob %s refused: it needs more %s than %s has left.",
+        LOG_PREFIX, who.job_label, res.unit, owner)
+    local breakdown
+    if fail.resource == "cpu" then
+        breakdown = string.format("%s x %s", plural(r.cpus, "CPU"), describe_time(r))
+        if r.cpu_note then breakdown = breakdown .. " [" .. r.cpu_note .. "]" end
+    else
+        breakdown = string.format("%s x %s", describe_gpus(r), describe_time(r))
+        local exact = r.gpu_weight * r.time
+        if math.abs(exact - floor(exact + 0.5)) > 1e-6 then breakdown = breakdown .. ", rounded up" end
+    end
+    if r.array_count > 1 then
+        breakdown = breakdown .. string.format(" x %s", plural(r.array_count, "array element"))
+    end
+    lines[2] = string.format("%s  requested: %s %s = %s", LOG_PREFIX, int_str(fail.requested),
+        res.unit, breakdown)
+    local parts = string.format("quota %s - consumed %s - reserved %s by %s", int_str(fail.quota),
+        int_str(fail.consumed), int_str(fail.reserved), plural(fail.open_jobs, "queued/running job"))
+    if fail.available >= 0 then
+        lines[3] = string.format("%s  available: %s %s = %s", LOG_PREFIX, int_str(fail.available),
+            res.unit, parts)
+    else
+        lines[3] = string.format("%s  available: 0 %s (%s = %s)", LOG_PREFIX, res.unit, parts,
+            int_str(fail.available))
+    end
+    local hints = {}
+    local per_min = (fail.resource == "cpu" and r.cpus or r.gpu_weight) * r.array_count
+    if fail.available <= 0 then
+        hints[1] = "nothing is left: wait for your queued/running jobs to finish"
+    else
+        local max_time = per_min > 0 and floor(fail.available / per_min) or 0
+        if max_time >= 1 then
+            hints[#hints + 1] = string.format("--time=%s or less would fit", int_str(max_time))
+        end
+        local per_element = fail.requested / r.array_count
+        if r.array_count > 1 and per_element > 0 then
+            local n = floor(fail.available / per_element)
+            if n >= 1 then
+                hints[#hints + 1] = string.format("%s would fit", plural(n, "array element"))
+            end
+        end
+        hints[#hints + 1] = string.format("fewer %ss", res.label)
+    end
+    if fail.owner == "account" then
+        hints[#hints + 1] = "another account of yours (-A/--account)"
+    end
+    hints[#hints + 1] = "ask your administrators for more quota"
+    lines[4] = string.format("%s  hint: %s. Usage: slurm-quota stats", LOG_PREFIX,
+        table.concat(hints, "; or "))
+    return lines
+end
+
+--- The lines a user reads when the job has no time limit to reserve against.
+function M.missing_time_lines(who)
+    return {
+        string.format("%sjob %s refused: it has no time limit, and a CPU/GPU-minute quota "
+            .. "applies to %s.", LOG_PREFIX, who.job_label, who.owner_label),
+        string.format("%s  hint: add --time (for example --time=60 for one hour); the quota "
+            .. "reserves CPUs x time until the job ends.", LOG_PREFIX),
+    }
+end
+
+local UUID_PAT = "%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x"
+
+--- The preallocation UUID in an admin comment: the last "slurm-quota:<uuid>" tag, or the
+--- whole comment when it is a bare UUID (the seed system's format). Returns uuid, token.
+function M.find_token(admin_comment)
+    if type(admin_comment) ~= "string" then return nil end
+    local last
+    for uuid in admin_comment:gmatch(TOKEN_TAG:gsub("%-", "%%-") .. "(" .. UUID_PAT .. ")") do
+        last = uuid
+    end
+    if last then return last, TOKEN_TAG .. last end
+    local bare = trim(admin_comment)
+    if bare:match("^" .. UUID_PAT .. "$") then return bare, bare end
+    return nil
+end
+
+--- admin_comment with token appended (space separated), unless it already carries it.
+function M.append_token(admin_comment, token)
+    if type(admin_comment) ~= "string" or trim(admin_comment) == "" then return token end
+    if admin_comment:find(token, 1, true) then return admin_comment end
+    return admin_comment .. " " .. token
+end
+
+--- A version 4 UUID from 16 random bytes.
+function M.uuid_from_bytes(b)
+    local bytes = { b:byte(1, 16) }
+    bytes[7] = 64 + bytes[7] % 16
+    bytes[9] = 128 + bytes[9] % 64
+    return string.format("%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+        unpack(bytes))
+end
+
+--- Settings rows {key, value} -> table; numeric knobs parsed, the rest kept as text.
+function M.parse_settings(rows)
+    local s = {}
+    for _, row in ipairs(rows) do
+        if type(row[1]) == "string" and row[2] ~= nil then s[row[1]] = tostring(row[2]) end
+    end
+    local function number(key)
+        local v = tonumber(s[key])
+        if v and v == v then s[key] = v else s[key] = nil end
+    end
+    for _, key in ipairs({ "default_user_quota_cpu_minutes", "default_user_quota_gpu_minutes",
+        "default_account_quota_cpu_minutes", "default_account_quota_gpu_minutes",
+        "default_time_minutes" }) do
+        number(key)
+    end
+    if s.default_time_minutes and s.default_time_minutes < 0 then s.default_time_minutes = nil end
+    return s
+end
+
+----------------------------------------------------------------------------------------------
+-- 2. boundary: Slurm records -> plain tables. NO_VAL / INFINITE end here.
+----------------------------------------------------------------------------------------------
+
+-- A count field (uint32 or uint16): nil when unset, absurd or not a number.
+local function count_field(v)
+    if type(v) ~= "number" or v ~= v or v < 0 then return nil end
+    if v == NO_VAL16 or v == NO_VAL16 + 1 or v >= NO_VAL then return nil end
+    return floor(v)
+end
+
+local function string_field(v)
+    if type(v) == "string" and v ~= "" then return v end
+    return nil
+end
+
+-- A time field in minutes: {minutes = n}, {unset = true} or {infinite = true}.
+local function time_field(v)
+    if type(v) ~= "number" or v ~= v or v < 0 or v == NO_VAL or v > INFINITE then
+        return { unset = true }
+    end
+    -- sbatch turns --time=0 into INFINITE; treat a literal 0 the same way (never 0 minutes).
+    if v == INFINITE or v == 0 then return { infinite = true } end
+    return { minutes = floor(v) }
+end
+
+local function part_minutes(v)
+    if type(v) ~= "number" or v ~= v or v < 0 or v >= NO_VAL then return nil end
+    return floor(v)
+end
+
+-- Read fields from a Slurm proxy table; a failing __index reads as nil.
+local function index(rec, key)
+    return rec[key]
+end
+
+local function getter(rec)
+    return function(key)
+        if rec == nil then return nil end
+        local ok, v = pcall(index, rec, key)
+        if ok then return v end
+        return nil
+    end
+end
+
+local function read_partition(name, part)
+    local get = getter(part)
+    local total_cpus, total_nodes = count_field(get("total_cpus")), count_field(get("total_nodes"))
+    return {
+        name = name,
+        default_time = part_minutes(get("default_time")),
+        max_time = part_minutes(get("max_time")),
+        total_cpus = total_cpus, total_nodes = total_nodes,
+    }
+end
+
+--- Candidate partitions of a job: the named ones ("a,b") found in part_list, else the
+--- default one (flag_default == 1).
+function M.read_partitions(partition, part_list)
+    local parts = {}
+    if type(part_list) ~= "table" then return parts end
+    local names = string_field(partition)
+    if names then
+        for name in split_commas(names) do
+            name = trim(name)
+            local ok, p = pcall(index, part_list, name)
+            if name ~= "" and ok and p ~= nil then parts[#parts + 1] = read_partition(name, p) end
+        end
+        return parts
+    end
+    local ok = pcall(function()
+        for name, p in pairs(part_list) do
+            local fd = getter(p)("flag_default")
+            if fd == 1 or fd == true then
+                parts[#parts + 1] = read_partition(tostring(name), p)
+            end
+        end
+    end)
+    if not ok then return {} end
+    table.sort(parts, function(x, y) return x.name < y.name end)
+    return parts
+end
+
+local function read_tres(get)
+    return {
+        per_job = get("tres_per_job"),
+        per_node = get("tres_per_node") or get("gres"),
+        per_task = get("tres_per_task"),
+        per_socket = get("tres_per_socket"),
+    }
+end
+
+--- job_desc (+ part_list) of a submission -> plain view.
+function M.read_submit(job_desc, part_list)
+    local get = getter(job_desc)
+    local shared = count_field(get("shared"))
+    local uid = count_field(get("user_id"))
+    return {
+        user = string_field(get("user_name")),
+        uid = uid,
+        account = string_field(get("account")) or string_field(get("default_account")),
+        job_name = string_field(get("name")),
+        partitions = M.read_partitions(get("partition"), part_list),
+        time = time_field(get("time_limit")),
+        min_cpus = count_field(get("min_cpus")),
+        num_tasks = count_field(get("num_tasks")),
+        cpus_per_task = count_field(get("cpus_per_task")),
+        min_nodes = count_field(get("min_nodes")),
+        ntasks_per_node = count_field(get("ntasks_per_node")),
+        pn_min_cpus = count_field(get("pn_min_cpus")),
+        sockets_per_node = count_field(get("sockets_per_node")),
+        exclusive = shared == 0,
+        tres = read_tres(get),
+        cpus_per_tres = get("cpus_per_tres"),
+        array_inx = get("array_inx"),
+        het_offset = count_field(get("het_job_offset")),
+        admin_comment = get("admin_comment"),
+    }
+end
+
+-- Fields of an update that change what a job reserves.
+local CPU_FIELDS = { "cpus_per_tres", "min_cpus", "num_tasks", "cpus_per_task", "min_nodes", "ntasks_per_node",
+    "pn_min_cpus", "shared" }
+local GPU_FIELDS = { "cpus_per_tres", "tres_per_job", "tres_per_node", "tres_per_task", "tres_per_socket", "gres",
+    "min_nodes", "num_tasks", "sockets_per_node", "shared" }
+
+--- job_desc (the update: only changed fields set) merged over job_rec (the job) -> plain
+--- views of the current job and of the job after the update, plus what the update touches.
+function M.read_modify(job_desc, job_rec, part_list)
+    local d, j = getter(job_desc), getter(job_rec)
+    local function changed_any(fields)
+        for _, f in ipairs(fields) do
+            local v = d(f)
+            if type(v) == "string" or count_field(v) ~= nil then return true end
+        end
+        return false
+    end
+    local cur_partition = string_field(j("partition"))
+    local new_partition = string_field(d("partition")) or cur_partition
+    local time_v = d("time_limit")
+    local time_changed = type(time_v) == "number" and time_v ~= NO_VAL
+    local cur_tres = read_tres(j)
+    local new_tres = read_tres(d)
+    for k, v in pairs(cur_tres) do
+        if new_tres[k] == nil then new_tres[k] = v end
+    end
+    -- job_rec has no num_tasks/cpus_per_task: tasks are estimated as min_cpus / pn_min_cpus.
+    local rec_min_cpus, rec_pn = count_field(j("min_cpus")), count_field(j("pn_min_cpus"))
+    local rec_tasks = nil
+    if rec_min_cpus and rec_pn and rec_pn >= 1 then rec_tasks = floor(rec_min_cpus / rec_pn) end
+    local shared = count_field(d("shared"))
+    local cur = {
+        partitions = M.read_partitions(cur_partition, part_list),
+        time = time_field(j("time_limit")),
+        min_cpus = rec_min_cpus, min_nodes = count_field(j("min_nodes")), num_tasks = rec_tasks,
+        tres = cur_tres, exclusive = false, cpus_per_tres = j("cpus_per_tres"),
+    }
+    local new = {
+        partitions = M.read_partitions(new_partition, part_list),
+        time = time_changed and time_field(time_v) or cur.time,
+        min_cpus = count_field(d("min_cpus")) or rec_min_cpus,
+        num_tasks = count_field(d("num_tasks")),
+        cpus_per_task = count_field(d("cpus_per_task")),
+        min_nodes = count_field(d("min_nodes")) or count_field(j("min_nodes")),
+        ntasks_per_node = count_field(d("ntasks_per_node")),
+        pn_min_cpus = count_field(d("pn_min_cpus")),
+        sockets_per_node = count_field(d("sockets_per_node")),
+        exclusive = shared == 0,
+        tres = new_tres,
+        cpus_per_tres = d("cpus_per_tres") or j("cpus_per_tres"),
+    }
+    if not new.num_tasks and not new.cpus_per_task then new.num_tasks = rec_tasks end
+    return {
+        user = string_field(d("user_name")),
+        uid = count_field(d("user_id")) or count_field(j("user_id")),
+        job_id = count_field(j("job_id")),
+        -- JOB_PENDING is 0 in the low byte of job_state (the high bits are flags)
+        pending = type(j("job_state")) == "number" and j("job_state") % 256 == 0,
+        job_name = string_field(j("name")),
+        cur_account = string_field(j("account")),
+        account = string_field(d("account")) or string_field(j("account")),
+        admin_comment_rec = j("admin_comment"),
+        admin_comment_new = d("admin_comment"),
+        cur = cur,
+        new = new,
+        time_changed = time_changed,
+        partition_changed = string_field(d("partition")) ~= nil,
+        account_changed = string_field(d("account")) ~= nil,
+        cpu_changed = changed_any(CPU_FIELDS),
+        gpu_changed = changed_any(GPU_FIELDS),
+    }
+end
+
+----------------------------------------------------------------------------------------------
+-- 3. orchestration: env = {slurm = <slurm-like table>, db = <session>, now = fn, uuid = fn,
+--    is_admin = fn(uid)}. db:query(name, ...) -> rows, db:exec(name, ...); names index SQL.
+----------------------------------------------------------------------------------------------
+
+local SQL = {
+    busy_timeout = "PRAGMA busy_timeout = " .. string.format("%d", BUSY_TIMEOUT_MS),
+    foreign_keys = "PRAGMA foreign_keys = ON",
+    -- WAL + NORMAL: a commit does not fsync (DESIGN §6: every row can be rebuilt by reconcile);
+    -- with the default FULL each accepted submission paid an fsync (measured: ~5 ms here).
+    synchronous = "PRAGMA synchronous = NORMAL",
+    user_version = "PRAGMA user_version",
+    begin = "BEGIN IMMEDIATE",
+    commit = "COMMIT",
+    rollback = "ROLLBACK",
+    settings = "SELECT key, value FROM settings",
+    gpu_factors = "SELECT gpu_type, factor FROM gpu_factors",
+    -- One row per owner: quota, consumed and the running totals of its open reservations
+    -- (reserved_*, kept exact by the triggers of migration 0003 on jobs_preallocations), so
+    -- the check costs the same whatever the number of open jobs.
+    user = "SELECT quota_cpu_minutes, total_consumed_cpu_minutes, quota_gpu_minutes, "
+        .. "total_consumed_gpu_minutes, reserved_jobs, reserved_cpu_minutes, "
+        .. "reserved_gpu_minutes FROM users WHERE username = ?",
+    account = "SELECT quota_cpu_minutes, total_consumed_cpu_minutes, quota_gpu_minutes, "
+        .. "total_consumed_gpu_minutes, reserved_jobs, reserved_cpu_minutes, "
+        .. "reserved_gpu_minutes FROM accounts WHERE account = ?",
+    insert_user = "INSERT INTO users (username, quota_cpu_minutes, quota_gpu_minutes) "
+        .. "VALUES (?, ?, ?) ON CONFLICT (username) DO NOTHING",
+    insert_account = "INSERT INTO accounts (account, quota_cpu_minutes, quota_gpu_minutes) "
+        .. "VALUES (?, ?, ?) ON CONFLICT (account) DO NOTHING",
+    insert_prealloc = "INSERT INTO jobs_preallocations (job_uuid, username, account, "
+        .. "preallocated_cpu_minutes, preallocated_gpu_minutes, array_size, created_at) "
+        .. "VALUES (?, ?, ?, ?, ?, ?, ?)",
+    prealloc = "SELECT username, account, preallocated_cpu_minutes, preallocated_gpu_minutes, "
+        .. "array_size FROM jobs_preallocations WHERE job_uuid = ?",
+    update_prealloc = "UPDATE jobs_preallocations SET account = ?, preallocated_cpu_minutes = ?, "
+        .. "preallocated_gpu_minutes = ? WHERE job_uuid = ?",
+}
+M.SQL = SQL
+
+local function log(env, level, line)
+    local fn = env.slurm[level] or env.slurm.log_info
+    if fn then fn("%s", line) end
+end
+
+local function job_label(view)
+    local name = view.job_name and string.format("%q", view.job_name) or "(no name)"
+    if view.job_id then name = string.format("%s %s", int_str(view.job_id), name) end
+    return name
+end
+
+local function job_ident(view)
+    return string.format("user=%s uid=%s account=%s job=%s", tostring(view.user),
+        int_str(view.uid), tostring(view.account), job_label(view))
+end
+M.job_ident = job_ident
+
+local function num_or(v, default)
+    v = tonumber(v)
+    if v == nil or v ~= v then return default end
+    return float(v)
+end
+
+local function load_settings(db)
+    return M.parse_settings(db:query("settings"))
+end
+
+local function load_factors(db)
+    local f = {}
+    for _, row in ipairs(db:query("gpu_factors")) do
+        local v = tonumber(row[2])
+        if type(row[1]) == "string" and v then f[row[1]] = float(v) end
+    end
+    return f
+end
+
+local function load_ledger(db, owner, name, settings)
+    local rows = db:query(owner, name)
+    local l = { owner = owner, name = name }
+    local prefix = "default_" .. owner .. "_quota_"
+    local r = rows[1]
+    if r then
+        l.exists = true
+        l.quota_cpu, l.consumed_cpu = num_or(r[1], -1), num_or(r[2], 0)
+        l.quota_gpu, l.consumed_gpu = num_or(r[3], -1), num_or(r[4], 0)
+        l.open_jobs, l.reserved_cpu, l.reserved_gpu = num_or(r[5], 0), num_or(r[6], 0),
+            num_or(r[7], 0)
+    else
+        -- no row yet: nothing consumed, nothing reserved (the row is created on acceptance)
+        l.exists = false
+        l.quota_cpu = settings[prefix .. "cpu_minutes"] or -1
+        l.quota_gpu = settings[prefix .. "gpu_minutes"] or -1
+        l.consumed_cpu, l.consumed_gpu = 0, 0
+        l.open_jobs, l.reserved_cpu, l.reserved_gpu = 0, 0, 0
+    end
+    return l
+end
+
+local function ensure_owner(db, l, settings)
+    if l.exists then return end
+    local prefix = "default_" .. l.owner .. "_quota_"
+    db:exec("insert_" .. l.owner, l.name, toint(settings[prefix .. "cpu_minutes"] or -1),
+        toint(settings[prefix .. "gpu_minutes"] or -1))
+end
+
+local function timestamp(env)
+    return os.date("!%Y-%m-%d %H:%M:%S", env.now and env.now() or os.time())
+end
+
+local function describe_request(r)
+    local g = {}
+    for _, x in ipairs(r.gpus) do
+        g[#g + 1] = string.format("%s:%s", x.type or "untyped", num_str(x.count))
+    end
+    return string.format("cpus=%s time=%s gpus=%s array=%s cpu_min=%s gpu_min=%s",
+        int_str(r.cpus), r.time and int_str(r.time) or "unbounded",
+        #g > 0 and table.concat(g, ",") or "0", int_str(r.array_count),
+        int_str(r.cpu_minutes), int_str(r.gpu_minutes))
+end
+
+local function refuse(env, view, lines, rc, reason)
+    for _, line in ipairs(lines) do env.slurm.log_user("%s", line) end
+    log(env, "log_info", string.format("%srefused %s: %s", LOG_PREFIX, job_ident(view), reason))
+    return rc
+end
+
+--- slurm_job_submit with an injected env; raises on DB errors (the wiring applies the policy).
+function M.submit(env, job_desc, part_list, submit_uid)
+    local view = M.read_submit(job_desc, part_list)
+    if not view.user then error("the job has no user_name (user_id " .. int_str(view.uid) .. ")") end
+    local is_root = view.uid == 0
+    view.account = view.account or ""
+    local db = env.db
+    db:exec("begin")
+    local settings = load_settings(db)
+    local has_gpus = view.tres.per_job or view.tres.per_node or view.tres.per_task
+        or view.tres.per_socket or (view.exclusive and true)
+    local factors = has_gpus and load_factors(db) or {}
+    local r, bad = M.build_request(view, settings, factors)
+    if not r then
+        if not is_root then
+            db:exec("rollback")
+            return refuse(env, view, {
+                string.format("%sjob %s refused: %s.", LOG_PREFIX, job_label(view), bad.message),
+            }, RC_ERROR, bad.message)
+        end
+        -- root is never refused: reserve one element of one CPU, ignoring what is unreadable
+        log(env, "log_error", string.format("%sroot job %s: %s; reserving 1 CPU", LOG_PREFIX,
+            job_label(view), bad.message))
+        r = M.build_request({ partitions = view.partitions, time = view.time, tres = {},
+            exclusive = false }, settings, factors)
+    end
+    local ledgers = {
+        user = load_ledger(db, "user", view.user, settings),
+        account = load_ledger(db, "account", view.account, settings),
+    }
+    if not r.time then
+        if M.quota_applies(r, ledgers) and not is_root then
+            db:exec("rollback")
+            return refuse(env, view, M.missing_time_lines({
+                job_label = job_label(view),
+                owner_label = string.format("user %s / account %s", view.user,
+                    view.account ~= "" and view.account or "(none)"),
+            }), RC_MISSING_TIME_LIMIT, "no time limit and a quota applies")
+        end
+        M.set_amounts(r, nil)
+    end
+    local fail = M.decide(r, ledgers)
+    if fail and not is_root then
+        db:exec("rollback")
+        return refuse(env, view, M.refusal_lines(r, fail, { job_label = job_label(view) }),
+            RC_ACCOUNTING_POLICY, string.format("%s %s quota: requested %s, available %s; %s",
+                fail.owner, RESOURCES[fail.resource].label, int_str(fail.requested),
+                int_str(fail.available), describe_request(r)))
+    end
+    ensure_owner(db, ledgers.user, settings)
+    ensure_owner(db, ledgers.account, settings)
+    local uuid = env.uuid()
+    db:exec("insert_prealloc", uuid, view.user, view.account, toint(r.cpu_minutes),
+        toint(r.gpu_minutes), toint(r.array_count), timestamp(env))
+    db:exec("commit")
+    local token = TOKEN_TAG .. uuid
+    job_desc.admin_comment = M.append_token(view.admin_comment, token)
+    if M.config.log_accepts then
+        log(env, "log_info", string.format("%saccepted %s uuid=%s %s submit_uid=%s%s%s",
+            LOG_PREFIX, job_ident(view), uuid, describe_request(r), int_str(submit_uid),
+            view.het_offset and (" het_offset=" .. int_str(view.het_offset)) or "",
+            (fail and " (root: over quota, not refused)") or ""))
+    end
+    return RC_SUCCESS
+end
+
+--- Per-minute rates (CPUs, GPU weight) of the current job, from its row when possible.
+local function modify_rates(row, old_time, mv, settings, factors)
+    local cur_r = M.build_request(mv.cur, settings, factors)
+    local new_r, bad = M.build_request(mv.new, settings, factors)
+    if not new_r then return nil, bad end
+    local cpu_rate, gpu_rate
+    if old_time and old_time > 0 then
+        cpu_rate = row.cpu / old_time
+        gpu_rate = row.gpu / old_time
+    elseif cur_r then
+        cpu_rate, gpu_rate = cur_r.cpus, cur_r.gpu_weight
+    else
+        cpu_rate, gpu_rate = new_r.cpus, new_r.gpu_weight
+    end
+    if mv.cpu_changed then cpu_rate = new_r.cpus end
+    if mv.gpu_changed then gpu_rate = new_r.gpu_weight end
+    return { cpu = cpu_rate, gpu = gpu_rate, new_r = new_r }
+end
+
+--- slurm_job_modify with an injected env; raises on DB errors.
+function M.modify(env, job_desc, job_rec, part_list, modify_uid)
+    local mv = M.read_modify(job_desc, job_rec, part_list)
+    local is_admin = env.is_admin(modify_uid)
+    local uuid, token = M.find_token(mv.admin_comment_rec)
+    -- An administrator rewriting AdminComment must not drop the token.
+    if uuid and is_admin and type(mv.admin_comment_new) == "string"
+        and not M.find_token(mv.admin_comment_new) then
+        job_desc.admin_comment = M.append_token(mv.admin_comment_new, token)
+        log(env, "log_info", string.format("%skept token %s in the new AdminComment of job %s",
+            LOG_PREFIX, token, job_label(mv)))
+    end
+    if not uuid then return RC_SUCCESS end
+    if not (mv.time_changed or mv.cpu_changed or mv.gpu_changed or mv.partition_changed
+        or mv.account_changed) then
+        return RC_SUCCESS -- hold, release, priority, name, ...: the reservation stays as it is
+    end
+    local db = env.db
+    db:exec("begin")
+    local rows = db:query("prealloc", uuid)
+    if not rows[1] then
+        db:exec("rollback")
+        return RC_SUCCESS -- already charged or pruned
+    end
+    local rr = rows[1]
+    local row = {
+        user = rr[1], account = rr[2], cpu = num_or(rr[3], 0), gpu = num_or(rr[4], 0),
+        array_size = num_or(rr[5], 1),
+    }
+    mv.user = mv.user or row.user
+    local settings = load_settings(db)
+    local factors = load_factors(db)
+    local old_time = M.resolve_time(mv.cur.time, mv.cur.partitions, settings.default_time_minutes)
+    local rates, bad = modify_rates(row, old_time, mv, settings, factors)
+    if not rates then
+        db:exec("rollback")
+        if is_admin or mv.uid == 0 then return RC_SUCCESS end
+        log(env, "log_info", string.format("%srefused update of %s: %s", LOG_PREFIX,
+            job_ident(mv), bad.message))
+        return RC_ERROR
+    end
+    local new_time = M.resolve_time(mv.new.time, mv.new.partitions, settings.default_time_minutes)
+    local note = ""
+    if not is_admin and old_time and (not new_time or new_time > old_time)
+        and not M.user_may_raise_time(mv.pending, mv.new.time, new_time, mv.cur.partitions) then
+        -- slurmctld denies this increase after the plugin ran (job running, or beyond
+        -- MaxTime), so the row must not grow. (An operator not in ADMIN_UIDS whose increase
+        -- slurmctld allows keeps the old reservation until the job is charged.)
+        new_time = old_time
+        note = " (time increase by a non-admin that slurmctld denies: reservation not grown)"
+    end
+    if not new_time then
+        db:exec("rollback")
+        log(env, "log_info", string.format("%supdate of %s leaves no finite time limit; "
+            .. "reservation %s unchanged", LOG_PREFIX, job_ident(mv), uuid))
+        return RC_SUCCESS
+    end
+    local new_r = rates.new_r
+    new_r.cpus, new_r.gpu_weight, new_r.array_count = rates.cpu, rates.gpu, row.array_size
+    M.set_amounts(new_r, new_time)
+    local new_account = mv.account or row.account
+    mv.account = new_account
+    local moved = new_account ~= row.account
+    if not is_admin and mv.uid ~= 0 then
+        local only = {}
+        if new_r.cpu_minutes > row.cpu then only["user.cpu"] = true end
+        if new_r.gpu_minutes > row.gpu then only["user.gpu"] = true end
+        if moved or only["user.cpu"] then only["account.cpu"] = true end
+        if moved or only["user.gpu"] then only["account.gpu"] = true end
+        if next(only) then
+            local ledgers = {
+                user = load_ledger(db, "user", mv.user, settings),
+                account = load_ledger(db, "account", new_account, settings),
+            }
+            -- the job's own current reservation is not "used" by the new request
+            local own_cpu, own_gpu = row.cpu * row.array_size, row.gpu * row.array_size
+            local function exclude(l)
+                l.reserved_cpu = math.max(l.reserved_cpu - own_cpu, 0)
+                l.reserved_gpu = math.max(l.reserved_gpu - own_gpu, 0)
+                l.open_jobs = math.max(l.open_jobs - row.array_size, 0)
+            end
+            if ledgers.user.name == row.user then exclude(ledgers.user) end
+            if not moved then exclude(ledgers.account) end
+            local fail = M.decide(new_r, ledgers, only)
+            if fail then
+                db:exec("rollback")
+                -- log_user is discarded by slurmctld in job_modify: the log is the only trace
+                local lines = M.refusal_lines(new_r, fail, { job_label = job_label(mv) })
+                for _, line in ipairs(lines) do log(env, "log_info", line) end
+                log(env, "log_info", string.format("%srefused update of %s: %s %s quota",
+                    LOG_PREFIX, job_ident(mv), fail.owner, RESOURCES[fail.resource].label))
+                return RC_ACCOUNTING_POLICY
+            end
+            if moved then ensure_owner(db, ledgers.account, settings) end
+        end
+    elseif moved then
+        ensure_owner(db, load_ledger(db, "account", new_account, settings), settings)
+    end
+    if new_r.cpu_minutes == row.cpu and new_r.gpu_minutes == row.gpu and not moved then
+        db:exec("rollback")
+        log(env, "log_info", string.format("%supdate of %s: reservation %s unchanged%s",
+            LOG_PREFIX, job_ident(mv), uuid, note))
+        return RC_SUCCESS
+    end
+    db:exec("update_prealloc", new_account, toint(new_r.cpu_minutes), toint(new_r.gpu_minutes), uuid)
+    db:exec("commit")
+    log(env, "log_info", string.format("%supdated %s uuid=%s by uid %s: cpu_min %s -> %s, "
+        .. "gpu_min %s -> %s, account %s -> %s%s", LOG_PREFIX, job_ident(mv), uuid,
+        int_str(modify_uid), int_str(row.cpu), int_str(new_r.cpu_minutes), int_str(row.gpu),
+        int_str(new_r.gpu_minutes), tostring(row.account), tostring(new_account), note))
+    return RC_SUCCESS
+end
+
+----------------------------------------------------------------------------------------------
+-- 4. wiring: LuaDBI session, failure policy, entry points
+----------------------------------------------------------------------------------------------
+
+local function db_error(message)
+    return setmetatable({ db = true, message = message }, {
+        __tostring = function(e) return e.message end,
+    })
+end
+
+-- A session: one LuaDBI connection and its prepared statements by SQL name. A statement is
+-- prepared on first use and re-executed afterwards (LuaDBI 0.7: execute() resets it and
+-- re-binds), so a call on a cached connection prepares nothing. Statements live and die with
+-- their connection: closing the session finalizes them first (sqlite3_close() leaves a
+-- connection with unfinalized statements open, file descriptors and locks included).
+local Session = {}
+Session.__index = Session
+
+local function statement_error(name, err)
+    return db_error(string.format("%s: %s", name, tostring(err)))
+end
+
+local function run(self, name, ...)
+    local stmt = self.stmts[name]
+    if not stmt then
+        local err
+        stmt, err = self.conn:prepare(SQL[name])
+        if not stmt then error(statement_error(name, err), 0) end
+        self.stmts[name] = stmt
+    end
+    local ok, eerr = stmt:execute(...)
+    if not ok then
+        -- LuaDBI's next execute() of this statement would report the same error again
+        -- (sqlite3_reset returns it): a statement that failed is never reused.
+        self.stmts[name] = nil
+        pcall(stmt.close, stmt)
+        error(statement_error(name, eerr), 0)
+    end
+    return stmt
+end
+
+--- The rows of a query, as arrays. Always fetched to the end: the statement is then done
+--- and keeps no read snapshot open on the cached connection between calls.
+function Session:query(name, ...)
+    local stmt = run(self, name, ...)
+    local rows, n = {}, 0
+    while true do
+        local row = stmt:fetch(false)
+        if not row then break end
+        n = n + 1
+        rows[n] = row
+    end
+    return rows
+end
+
+function Session:exec(name, ...)
+    local stmt = run(self, name, ...)
+    -- A statement that returned a row (PRAGMA busy_timeout = N does) is stepped to its end.
+    while stmt:fetch(false) do end
+    if name == "begin" then
+        self.in_txn = true
+    elseif name == "commit" or name == "rollback" then
+        self.in_txn = false
+    end
+    return true
+end
+
+--- Run a statement once without keeping it (connection set-up).
+function Session:exec_once(name)
+    self:exec(name)
+    local stmt = self.stmts[name]
+    self.stmts[name] = nil
+    if stmt then pcall(stmt.close, stmt) end
+end
+
+function Session:close()
+    if self.in_txn then pcall(self.exec, self, "rollback") end
+    for _, stmt in pairs(self.stmts) do pcall(stmt.close, stmt) end
+    self.stmts = {}
+    if self.conn then pcall(self.conn.close, self.conn) end
+    self.conn = nil
+end
+
+--- The DB path: M.config.db_path, else $SLURM_QUOTA_DB, else the default.
+function M.db_path()
+    return M.config.db_path or os.getenv(DB_PATH_ENV) or DEFAULT_DB_PATH
+end
+
+local function check_schema(s)
+    local v = s:query("user_version")[1]
+    local version = v and tonumber(v[1])
+    if version ~= SCHEMA_VERSION then
+        error(db_error(string.format("the database %s has schema version %s, this plugin "
+            .. "knows %s (run `slurm-quota migrate`, or update the plugin)", s.path,
+            tostring(version), int_str(SCHEMA_VERSION))), 0)
+    end
+end
+
+local function check_exists(path)
+    local f = io.open(path, "rb")
+    if not f then error(db_error("the database " .. path .. " is missing or unreadable"), 0) end
+    f:close()
+end
+
+--- Open the ledger: must exist, bounded lock wait, known schema. Raises a db error.
+--- (The existence check opens the file: only ever call this with no cached connection to
+--- it open, see M.session.)
+function M.open_db(path)
+    check_exists(path)
+    local ok, DBI = pcall(require, "DBI")
+    if not ok then error(db_error("LuaDBI is not installed (require \"DBI\" failed)"), 0) end
+    local conn, err = DBI.Connect("SQLite3", path)
+    if not conn then error(db_error("cannot open " .. path .. ": " .. tostring(err)), 0) end
+    pcall(conn.autocommit, conn, true)
+    local s = setmetatable({ conn = conn, path = path, in_txn = false, stmts = {} }, Session)
+    local okv, verr = pcall(function()
+        s:exec_once("busy_timeout")
+        s:exec_once("foreign_keys")
+        s:exec_once("synchronous")
+        check_schema(s)
+    end)
+    if not okv then
+        s:close()
+        error(verr, 0)
+    end
+    return s
+end
+
+-- The identity of the DB file (device:inode) when luaposix is there, else nil.
+local posix_stat
+do
+    local ok, mod = pcall(require, "posix.sys.stat")
+    if ok and type(mod) == "table" and mod.stat then posix_stat = mod end
+end
+local function file_id(path)
+    if not posix_stat then return nil end
+    local st = posix_stat.stat(path)
+    if not st then return false end
+    return tostring(st.st_dev) .. ":" .. tostring(st.st_ino)
+end
+
+local cached = { session = nil }
+
+--- Drop the cached connection (after an error, or to force a reopen).
+function M.drop_connection()
+    if cached.session then cached.session:close() end
+    cached.session = nil
+end
+
+--- A session on the ledger: the cached one when still valid, else a new one. Returns the
+--- session, whether it is the cached one, and whether its schema version is still to be
+--- checked (a reused connection: the caller checks it once, inside its write transaction;
+--- a new one was checked by open_db).
+function M.session()
+    local path = M.db_path()
+    if not M.config.cache_connection then return M.open_db(path), false, false end
+    local c = cached.session
+    if c then
+        local now = os.time()
+        local gone = posix_stat and file_id(path) ~= cached.id
+        if cached.path ~= path or now - cached.opened_at >= REOPEN_S or now < cached.opened_at
+            or gone then
+            M.drop_connection()
+        else
+            -- Never io.open() the file here: closing any other descriptor of the database
+            -- file drops every POSIX lock this process holds on it, SQLite's included, and
+            -- another process may then reset the WAL under the cached connection (seen on the
+            -- lab as stale reads, then "database disk image is malformed"). Identity and
+            -- existence come from stat() (luaposix) above; without it, from REOPEN_S.
+            return c, true, true
+        end
+    end
+    local s = M.open_db(path)
+    cached.session, cached.path, cached.opened_at, cached.id = s, path, os.time(), file_id(path)
+    return s, true, false
+end
+
+local urandom
+--- A version 4 UUID from /dev/urandom (never math.random).
+function M.uuid4()
+    if not urandom then
+        urandom = io.open("/dev/urandom", "rb")
+        if not urandom then error("cannot open /dev/urandom") end
+        pcall(urandom.setvbuf, urandom, "no")
+    end
+    local b = urandom:read(16)
+    if not b or #b ~= 16 then
+        pcall(urandom.close, urandom)
+        urandom = nil
+        error("short read from /dev/urandom")
+    end
+    return M.uuid_from_bytes(b)
+end
+
+-- SlurmUser = the uid slurmctld runs as (read once; no fork, no posix module needed).
+local function process_uid()
+    local f = io.open("/proc/self/status", "r")
+    if not f then return nil end
+    local text = f:read("*a") or ""
+    f:close()
+    return tonumber(text:match("\nUid:%s*(%d+)"))
+end
+M.slurm_user_uid = process_uid()
+
+--- Is uid an administrator for job_modify (root, SlurmUser, or listed in admin_uids)?
+function M.is_admin(uid)
+    if uid == nil then return false end
+    if uid == 0 or uid == M.slurm_user_uid then return true end
+    for _, a in ipairs(M.config.admin_uids or {}) do
+        if a == uid then return true end
+    end
+    return false
+end
+
+local function error_text(err)
+    if type(err) == "table" and err.message then return tostring(err.message) end
+    return tostring(err)
+end
+
+-- Identify the job in a log line even when the records misbehave.
+local function safe_ident(job_desc, job_rec)
+    local ok, text, uid = pcall(function()
+        local d, j = getter(job_desc), getter(job_rec)
+        local v = {
+            user = string_field(d("user_name")),
+            uid = count_field(d("user_id")) or count_field(j("user_id")),
+            account = string_field(d("account")) or string_field(j("account"))
+                or string_field(d("default_account")),
+            job_name = string_field(d("name")) or string_field(j("name")),
+            job_id = count_field(j("job_id")),
+        }
+        return job_ident(v), v.uid
+    end)
+    if ok then return text, uid end
+    return "job=(unreadable)", nil
+end
+
+local function make_env()
+    return {
+        slurm = slurm,
+        now = os.time,
+        uuid = M.uuid4,
+        is_admin = M.is_admin,
+    }
+end
+M.make_env = make_env
+
+-- The DB is opened on first use: updates that do not touch the reservation (hold,
+-- release, priority, ...) never open it, so a DB outage cannot block them.
+-- A reused connection's schema version is checked once per call, right after BEGIN
+-- IMMEDIATE: inside the write transaction, so no migration can slip in between the check and
+-- the reads, and without a read transaction of its own. (On an error the call fails and the
+-- connection is dropped, see close.)
+local Lazy = {}
+Lazy.__index = Lazy
+
+function Lazy:get()
+    local s = self.session
+    if not s then
+        s, self.cached, self.unchecked = M.session()
+        self.session = s
+    end
+    return s
+end
+
+function Lazy:query(name, ...)
+    local s = self:get()
+    if self.unchecked then
+        self.unchecked = false
+        check_schema(s)
+    end
+    return s:query(name, ...)
+end
+
+function Lazy:exec(name, ...)
+    local s = self:get()
+    if self.unchecked and name ~= "begin" then
+        self.unchecked = false
+        check_schema(s)
+    end
+    s:exec(name, ...)
+    if self.unchecked then
+        self.unchecked = false
+        check_schema(s)
+    end
+    return true
+end
+
+-- ok = the call ended normally: a cached connection stays open (with no transaction).
+function Lazy:close(ok)
+    local s = self.session
+    self.session = nil
+    if not s then return end
+    if s.in_txn then
+        pcall(s.exec, s, "rollback")
+        ok = false
+    end
+    if self.cached and ok then return end
+    if self.cached then M.drop_connection() else s:close() end
+end
+
+local function lazy_db()
+    return setmetatable({}, Lazy)
+end
+
+-- Run fn(env); close the DB on every path; apply the failure policy to errors.
+local function guarded(kind, job_desc, job_rec, privileged, fn)
+    local env = make_env()
+    env.db = lazy_db()
+    local ok, rc = pcall(fn, env)
+    pcall(env.db.close, env.db, ok and type(rc) == "number")
+    if ok and type(rc) == "number" then return rc end
+    if ok then rc = "the plugin returned no decision" end
+    local ident, uid = safe_ident(job_desc, job_rec)
+    local reason = error_text(rc)
+    local sl = slurm
+    if M.config.fail_open or privileged or uid == 0 then
+        pcall(sl.log_error, "%s", string.format("%s%s of %s ACCEPTED WITHOUT QUOTA CHECK "
+            .. "(%s): %s", LOG_PREFIX, kind, ident, M.config.fail_open and "fail-open"
+            or "admin/root", reason))
+        return RC_SUCCESS
+    end
+    pcall(sl.log_error, "%s", string.format("%s%s of %s REFUSED (fail-closed): %s", LOG_PREFIX,
+        kind, ident, reason))
+    if kind == "submit" then
+        pcall(sl.log_user, "%s", LOG_PREFIX .. "your job could not be checked against your "
+            .. "CPU/GPU-minute quota (the quota database is unavailable), so it was not "
+            .. "submitted. Please retry in a minute; if this persists, tell your administrators.")
+    end
+    return RC_ERROR
+end
+
+--- Submission entry point (also for sites composing their own job_submit.lua).
+function M.job_submit(job_desc, part_list, submit_uid)
+    return guarded("submit", job_desc, nil, false, function(env)
+        return M.submit(env, job_desc, part_list, submit_uid)
+    end)
+end
+
+--- Modification entry point (also for sites composing their own job_submit.lua).
+function M.job_modify(job_desc, job_rec, part_list, modify_uid)
+    local ok, admin = pcall(M.is_admin, modify_uid)
+    return guarded("update", job_desc, job_rec, ok and admin, function(env)
+        return M.modify(env, job_desc, job_rec, part_list, modify_uid)
+    end)
+end
+
+return M
