@@ -334,7 +334,9 @@ function M.resolve_cpus(f)
     if f.num_tasks or f.cpus_per_task then
         take(float(f.num_tasks or 1) * cpt, nil)
     end
-    if f.min_nodes and f.ntasks_per_node then
+    -- nodes x tasks-per-node counts only without -n: with -n it is a maximum per node, and
+    -- since 23.11.2 `-n 5 --ntasks-per-node=4` arrives with min_nodes = 2 for 5 tasks.
+    if f.min_nodes and f.ntasks_per_node and not f.num_tasks then
         take(float(f.min_nodes) * f.ntasks_per_node * cpt, nil)
     end
     if f.pn_min_cpus then take(float(f.min_nodes or 1) * f.pn_min_cpus, nil) end
@@ -850,6 +852,15 @@ end
 --    is_admin = fn(uid)}. db:query(name, ...) -> rows, db:exec(name, ...); names index SQL.
 ----------------------------------------------------------------------------------------------
 
+local function cast_real(columns)
+    local out = {}
+    for i, c in ipairs(columns) do out[i] = "CAST(" .. c .. " AS REAL)" end
+    return table.concat(out, ", ")
+end
+local real_columns = cast_real({ "quota_cpu_minutes", "total_consumed_cpu_minutes",
+    "quota_gpu_minutes", "total_consumed_gpu_minutes", "reserved_jobs", "reserved_cpu_minutes",
+    "reserved_gpu_minutes" })
+
 local SQL = {
     busy_timeout = "PRAGMA busy_timeout = " .. string.format("%d", BUSY_TIMEOUT_MS),
     foreign_keys = "PRAGMA foreign_keys = ON",
@@ -865,12 +876,11 @@ local SQL = {
     -- One row per owner: quota, consumed and the running totals of its open reservations
     -- (reserved_*, kept exact by the triggers of migration 0003 on jobs_preallocations), so
     -- the check costs the same whatever the number of open jobs.
-    user = "SELECT quota_cpu_minutes, total_consumed_cpu_minutes, quota_gpu_minutes, "
-        .. "total_consumed_gpu_minutes, reserved_jobs, reserved_cpu_minutes, "
-        .. "reserved_gpu_minutes FROM users WHERE username = ?",
-    account = "SELECT quota_cpu_minutes, total_consumed_cpu_minutes, quota_gpu_minutes, "
-        .. "total_consumed_gpu_minutes, reserved_jobs, reserved_cpu_minutes, "
-        .. "reserved_gpu_minutes FROM accounts WHERE account = ?",
+    -- Every number is read as REAL: lua-dbi-sqlite3 up to 0.7.4 (Debian 12 and 13) reads an
+    -- INTEGER column with sqlite3_column_int, 32 bits, so a quota of 3,000,000,000 minutes
+    -- came back negative (= unlimited). A double is exact up to 2^53.
+    user = "SELECT " .. real_columns .. " FROM users WHERE username = ?",
+    account = "SELECT " .. real_columns .. " FROM accounts WHERE account = ?",
     insert_user = "INSERT INTO users (username, quota_cpu_minutes, quota_gpu_minutes) "
         .. "VALUES (?, ?, ?) ON CONFLICT (username) DO NOTHING",
     insert_account = "INSERT INTO accounts (account, quota_cpu_minutes, quota_gpu_minutes) "
@@ -878,8 +888,9 @@ local SQL = {
     insert_prealloc = "INSERT INTO jobs_preallocations (job_uuid, username, account, "
         .. "preallocated_cpu_minutes, preallocated_gpu_minutes, array_size, created_at) "
         .. "VALUES (?, ?, ?, ?, ?, ?, ?)",
-    prealloc = "SELECT username, account, preallocated_cpu_minutes, preallocated_gpu_minutes, "
-        .. "array_size FROM jobs_preallocations WHERE job_uuid = ?",
+    prealloc = "SELECT username, account, CAST(preallocated_cpu_minutes AS REAL), "
+        .. "CAST(preallocated_gpu_minutes AS REAL), CAST(array_size AS REAL) "
+        .. "FROM jobs_preallocations WHERE job_uuid = ?",
     update_prealloc = "UPDATE jobs_preallocations SET account = ?, preallocated_cpu_minutes = ?, "
         .. "preallocated_gpu_minutes = ? WHERE job_uuid = ?",
 }
@@ -1056,6 +1067,70 @@ local function modify_rates(row, old_time, mv, settings, factors)
     return { cpu = cpu_rate, gpu = gpu_rate, new_r = new_r }
 end
 
+--- The rules of an update, without the database (pure): what the reservation of a job
+--- becomes and which quotas must allow it. mv: read_modify()'s view; row: the job's
+--- preallocation {user, account, cpu, gpu, array_size} (per element); is_admin: the updater is
+--- root, SlurmUser or in ADMIN_UIDS. Returns a plan:
+---   {action = "refuse", message}    the new request cannot be read (users only)
+---   {action = "keep", reason, note} the reservation stays as it is
+---   {action = "update", new_r, account, moved, only, note}: new per-element amounts in
+---     new_r.cpu_minutes/gpu_minutes; `only` names the quotas to check ("user.cpu", ...;
+---     empty for administrators), with the job's own reservation not counted as used.
+function M.modify_rules(mv, row, settings, factors, is_admin)
+    local privileged = is_admin or mv.uid == 0
+    local old_time = M.resolve_time(mv.cur.time, mv.cur.partitions, settings.default_time_minutes)
+    local rates, bad = modify_rates(row, old_time, mv, settings, factors)
+    if not rates then
+        if privileged then return { action = "keep", reason = bad.message, note = "" } end
+        return { action = "refuse", message = bad.message }
+    end
+    local new_time = M.resolve_time(mv.new.time, mv.new.partitions, settings.default_time_minutes)
+    local note = ""
+    if not is_admin and old_time and (not new_time or new_time > old_time)
+        and not M.user_may_raise_time(mv.pending, mv.new.time, new_time, mv.cur.partitions) then
+        -- slurmctld denies this increase after the plugin ran (job running, or beyond
+        -- MaxTime), so the row must not grow. (An operator not in ADMIN_UIDS whose increase
+        -- slurmctld allows keeps the old reservation until the job is charged.)
+        new_time = old_time
+        note = " (time increase by a non-admin that slurmctld denies: reservation not grown)"
+    end
+    if not new_time then
+        return { action = "keep", reason = "no finite time limit", note = note }
+    end
+    local new_r = rates.new_r
+    new_r.cpus, new_r.gpu_weight, new_r.array_count = rates.cpu, rates.gpu, row.array_size
+    M.set_amounts(new_r, new_time)
+    local account = mv.account or row.account
+    local moved = account ~= row.account
+    local only = {}
+    if not privileged then
+        if new_r.cpu_minutes > row.cpu then only["user.cpu"] = true end
+        if new_r.gpu_minutes > row.gpu then only["user.gpu"] = true end
+        if moved or only["user.cpu"] then only["account.cpu"] = true end
+        if moved or only["user.gpu"] then only["account.gpu"] = true end
+    end
+    if new_r.cpu_minutes == row.cpu and new_r.gpu_minutes == row.gpu and not moved then
+        return { action = "keep", reason = "unchanged", note = note }
+    end
+    return { action = "update", new_r = new_r, account = account, moved = moved, only = only,
+        note = note }
+end
+
+--- Check a plan's new request against the ledgers (pure): the job's own current reservation
+--- is taken out of what its user (and its account, unless it moves) has reserved. Returns
+--- decide()'s failure or nil.
+function M.modify_check(plan, row, ledgers)
+    local own_cpu, own_gpu = row.cpu * row.array_size, row.gpu * row.array_size
+    local function exclude(l)
+        l.reserved_cpu = math.max(l.reserved_cpu - own_cpu, 0)
+        l.reserved_gpu = math.max(l.reserved_gpu - own_gpu, 0)
+        l.open_jobs = math.max(l.open_jobs - row.array_size, 0)
+    end
+    if ledgers.user.name == row.user then exclude(ledgers.user) end
+    if not plan.moved then exclude(ledgers.account) end
+    return M.decide(plan.new_r, ledgers, plan.only)
+end
+
 --- slurm_job_modify with an injected env; raises on DB errors.
 function M.modify(env, job_desc, job_rec, part_list, modify_uid)
     local mv = M.read_modify(job_desc, job_rec, part_list)
@@ -1087,85 +1162,52 @@ function M.modify(env, job_desc, job_rec, part_list, modify_uid)
     }
     mv.user = mv.user or row.user
     local settings = load_settings(db)
-    local factors = load_factors(db)
-    local old_time = M.resolve_time(mv.cur.time, mv.cur.partitions, settings.default_time_minutes)
-    local rates, bad = modify_rates(row, old_time, mv, settings, factors)
-    if not rates then
+    local plan = M.modify_rules(mv, row, settings, load_factors(db), is_admin)
+    if plan.action == "refuse" then
         db:exec("rollback")
-        if is_admin or mv.uid == 0 then return RC_SUCCESS end
         log(env, "log_info", string.format("%srefused update of %s: %s", LOG_PREFIX,
-            job_ident(mv), bad.message))
+            job_ident(mv), plan.message))
+        pcall(env.slurm.log_user, "%s", string.format("%syour update of job %s was refused: %s",
+            LOG_PREFIX, job_label(mv), plan.message))
         return RC_ERROR
     end
-    local new_time = M.resolve_time(mv.new.time, mv.new.partitions, settings.default_time_minutes)
-    local note = ""
-    if not is_admin and old_time and (not new_time or new_time > old_time)
-        and not M.user_may_raise_time(mv.pending, mv.new.time, new_time, mv.cur.partitions) then
-        -- slurmctld denies this increase after the plugin ran (job running, or beyond
-        -- MaxTime), so the row must not grow. (An operator not in ADMIN_UIDS whose increase
-        -- slurmctld allows keeps the old reservation until the job is charged.)
-        new_time = old_time
-        note = " (time increase by a non-admin that slurmctld denies: reservation not grown)"
-    end
-    if not new_time then
+    if plan.action == "keep" then
         db:exec("rollback")
-        log(env, "log_info", string.format("%supdate of %s leaves no finite time limit; "
-            .. "reservation %s unchanged", LOG_PREFIX, job_ident(mv), uuid))
+        log(env, "log_info", string.format("%supdate of %s: reservation %s unchanged (%s)%s",
+            LOG_PREFIX, job_ident(mv), uuid, plan.reason, plan.note))
         return RC_SUCCESS
     end
-    local new_r = rates.new_r
-    new_r.cpus, new_r.gpu_weight, new_r.array_count = rates.cpu, rates.gpu, row.array_size
-    M.set_amounts(new_r, new_time)
-    local new_account = mv.account or row.account
+    local new_r, new_account = plan.new_r, plan.account
     mv.account = new_account
-    local moved = new_account ~= row.account
-    if not is_admin and mv.uid ~= 0 then
-        local only = {}
-        if new_r.cpu_minutes > row.cpu then only["user.cpu"] = true end
-        if new_r.gpu_minutes > row.gpu then only["user.gpu"] = true end
-        if moved or only["user.cpu"] then only["account.cpu"] = true end
-        if moved or only["user.gpu"] then only["account.gpu"] = true end
-        if next(only) then
-            local ledgers = {
-                user = load_ledger(db, "user", mv.user, settings),
-                account = load_ledger(db, "account", new_account, settings),
-            }
-            -- the job's own current reservation is not "used" by the new request
-            local own_cpu, own_gpu = row.cpu * row.array_size, row.gpu * row.array_size
-            local function exclude(l)
-                l.reserved_cpu = math.max(l.reserved_cpu - own_cpu, 0)
-                l.reserved_gpu = math.max(l.reserved_gpu - own_gpu, 0)
-                l.open_jobs = math.max(l.open_jobs - row.array_size, 0)
+    if next(plan.only) then
+        local ledgers = {
+            user = load_ledger(db, "user", mv.user, settings),
+            account = load_ledger(db, "account", new_account, settings),
+        }
+        local fail = M.modify_check(plan, row, ledgers)
+        if fail then
+            db:exec("rollback")
+            -- Slurm 23.02+ shows log_user of job_modify to the user (scontrol update prints
+            -- it); 22.05 discards it, so the same lines go to slurmctld's log too.
+            local lines = M.refusal_lines(new_r, fail, { job_label = job_label(mv) })
+            for _, line in ipairs(lines) do
+                log(env, "log_info", line)
+                env.slurm.log_user("%s", line)
             end
-            if ledgers.user.name == row.user then exclude(ledgers.user) end
-            if not moved then exclude(ledgers.account) end
-            local fail = M.decide(new_r, ledgers, only)
-            if fail then
-                db:exec("rollback")
-                -- log_user is discarded by slurmctld in job_modify: the log is the only trace
-                local lines = M.refusal_lines(new_r, fail, { job_label = job_label(mv) })
-                for _, line in ipairs(lines) do log(env, "log_info", line) end
-                log(env, "log_info", string.format("%srefused update of %s: %s %s quota",
-                    LOG_PREFIX, job_ident(mv), fail.owner, RESOURCES[fail.resource].label))
-                return RC_ACCOUNTING_POLICY
-            end
-            if moved then ensure_owner(db, ledgers.account, settings) end
+            log(env, "log_info", string.format("%srefused update of %s: %s %s quota",
+                LOG_PREFIX, job_ident(mv), fail.owner, RESOURCES[fail.resource].label))
+            return RC_ACCOUNTING_POLICY
         end
-    elseif moved then
+        if plan.moved then ensure_owner(db, ledgers.account, settings) end
+    elseif plan.moved then
         ensure_owner(db, load_ledger(db, "account", new_account, settings), settings)
-    end
-    if new_r.cpu_minutes == row.cpu and new_r.gpu_minutes == row.gpu and not moved then
-        db:exec("rollback")
-        log(env, "log_info", string.format("%supdate of %s: reservation %s unchanged%s",
-            LOG_PREFIX, job_ident(mv), uuid, note))
-        return RC_SUCCESS
     end
     db:exec("update_prealloc", new_account, toint(new_r.cpu_minutes), toint(new_r.gpu_minutes), uuid)
     db:exec("commit")
     log(env, "log_info", string.format("%supdated %s uuid=%s by uid %s: cpu_min %s -> %s, "
         .. "gpu_min %s -> %s, account %s -> %s%s", LOG_PREFIX, job_ident(mv), uuid,
         int_str(modify_uid), int_str(row.cpu), int_str(new_r.cpu_minutes), int_str(row.gpu),
-        int_str(new_r.gpu_minutes), tostring(row.account), tostring(new_account), note))
+        int_str(new_r.gpu_minutes), tostring(row.account), tostring(new_account), plan.note))
     return RC_SUCCESS
 end
 

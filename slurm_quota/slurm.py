@@ -322,7 +322,9 @@ def _controller_job(fields: Mapping[str, str]) -> ControllerJob | None:
         start_time=_int_or_none(fields.get("StartTime")),
         end_time=_int_or_none(fields.get("EndTime")),
         num_cpus=_int_or_none(fields.get("NumCPUs")),
-        tres=fields.get("TRES", "").strip(),
+        # 22.05 prints the allocation as TRES=; 23.02+ as AllocTRES= (beside ReqTRES=), and
+        # 25.11+ keeps TRES= for steps only.
+        tres=fields.get("AllocTRES", "").strip() or fields.get("TRES", "").strip(),
         admin_comment=fields.get("AdminComment", "").strip(),
     )
 

@@ -6,9 +6,15 @@ Slurm clients against it, and stopping exactly the processes it started. It must
 process it cannot prove is its own: daemons are found by the PID files in this lab's run/
 directory and checked by name and by the lab marker in their environment.
 
+Several Slurm releases: SLURM_QUOTA_LAB_RELEASE (or --release) picks the Debian release whose
+Slurm the lab runs: the host's own (bookworm = Slurm 22.05 on Debian 12) runs the host's
+packages; another (trixie = 24.11, sid = 26.05) runs the daemons and every Slurm client inside
+a root filesystem of that release (tests/integration/rootfs.py: built once with mmdebstrap,
+cached outside the checkout, mounted per lab as an overlay and entered with chroot).
+
 Usable as a module (`Lab`, used by tests/integration/conftest.py) and as a command:
 
-    python -m tests.integration.lab up|down [--purge]|status|env
+    python -m tests.integration.lab [--release R] up|down [--purge]|status|env|exec -- CMD...
 
 Standard library only (plus tests.syspkgs to install the Debian packages when root).
 """
@@ -32,13 +38,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    from tests.integration import rootfs
+except ImportError:  # run as a script from outside the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.integration import rootfs
+
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 DIR_ENV = "SLURM_QUOTA_LAB_DIR"
 PORT_ENV = "SLURM_QUOTA_LAB_PORT_BASE"
+RELEASE_ENV = "SLURM_QUOTA_LAB_RELEASE"
 DEFAULT_ROOT = "/tmp/slurmlab"
 DEFAULT_PORT_BASE = 16817
+# Labs of other releases default to their own directory and ports (/tmp/slurmlab-sid, base +
+# 100 per release), so that labs of two releases can run side by side.
+RELEASE_PORT_OFFSET = {"bookworm": 0, "trixie": 100, "sid": 200}
 # Set in the environment of every daemon the lab starts (and, via slurm-quota.conf, of the
 # jobcomp wrapper): `down` kills leftovers only when this carries this lab's directory.
 MARKER = "SLURM_QUOTA_LAB_OWNER"
@@ -243,9 +259,26 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 class Lab:
     """One lab: its directory, ports, daemons, and helpers to drive Slurm inside it."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, port_base: int | None = None):
-        self.root = Path(root or os.environ.get(DIR_ENV) or DEFAULT_ROOT).resolve()
-        base = port_base or int(os.environ.get(PORT_ENV) or DEFAULT_PORT_BASE)
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        port_base: int | None = None,
+        release: str | None = None,
+    ):
+        self.release = release or os.environ.get(RELEASE_ENV) or rootfs.host_release()
+        if self.release not in rootfs.SLURM_OF:
+            raise LabError(
+                f"unknown Slurm lab release {self.release!r}; known: {', '.join(rootfs.RELEASES)}"
+            )
+        # True: daemons and clients run inside a root filesystem of that release (chroot).
+        self.chrooted = self.release != rootfs.host_release()
+        default_root = DEFAULT_ROOT + (f"-{self.release}" if self.chrooted else "")
+        self.root = Path(root or os.environ.get(DIR_ENV) or default_root).resolve()
+        base = port_base or int(
+            os.environ.get(PORT_ENV)
+            or DEFAULT_PORT_BASE
+            + (RELEASE_PORT_OFFSET.get(self.release, 300) if self.chrooted else 0)
+        )
         self.port_base = base
         self.ctld_port = base
         self.slurmd_port = base + 1
@@ -263,10 +296,16 @@ class Lab:
         self.charge_log = self.log_dir / "charge.log"
         self.mysql_socket = self.run_dir / "mysqld.sock"
         self.munge_socket = self.run_dir / "munge" / "munge.socket.2"
-        self.quota_bin = _quota_bin()
+        # The chroot of a lab of another release, and its overlay's upper and work dirs.
+        self.chroot_root = self.root / "root"
+        self.overlay_dir = self.root / "overlay"
+        # Inside a chroot the CLI runs on that release's python3 from a shim in $LAB/bin.
+        self.quota_bin = str(self.root / "bin" / "slurm-quota") if self.chrooted else _quota_bin()
         # (stage, seconds since up() began) of the last up()
         self.timings: list[tuple[str, float]] = []
         path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        if self.chrooted:
+            path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         venv_bin = str(Path(self.quota_bin).parent)
         self.env = {
             "SLURM_CONF": str(self.slurm_conf),
@@ -352,7 +391,11 @@ class Lab:
     ) -> subprocess.CompletedProcess:
         """Run a command (any Slurm client) with the lab environment, as root or as user."""
         kwargs: dict = {}
-        if user is not None and user != "root":
+        cwd = str(self.jobs_dir if self.jobs_dir.is_dir() else "/")
+        command = list(argv)
+        if self.chrooted:
+            command = self.in_chroot(command, user=user, cwd=cwd)
+        elif user is not None and user != "root":
             pw = pwd.getpwnam(user)
             kwargs = {
                 "user": pw.pw_uid,
@@ -360,9 +403,9 @@ class Lab:
                 "extra_groups": os.getgrouplist(user, pw.pw_gid),
             }
         proc = subprocess.run(
-            list(argv),
+            command,
             env=self._client_env(user),
-            cwd=str(self.jobs_dir if self.jobs_dir.is_dir() else "/"),
+            cwd=cwd,
             input=input if input is not None else "",
             capture_output=True,
             text=True,
@@ -372,6 +415,27 @@ class Lab:
         if check and proc.returncode != 0:
             raise LabCommandError(list(argv), proc)
         return proc
+
+    def in_chroot(
+        self, argv: list[str], user: str | None = None, cwd: str | None = None
+    ) -> list[str]:
+        """argv made to run inside this lab's root filesystem (as user, in cwd); unchanged
+        for a lab of the host's release."""
+        if not self.chrooted:
+            return list(argv)
+        pre = ["chroot"]
+        if user is not None and user != "root":
+            # numeric ids: no name service lookups on either side of the chroot
+            pw = pwd.getpwnam(user)
+            groups = ",".join(str(g) for g in os.getgrouplist(user, pw.pw_gid))
+            pre += [f"--userspec={pw.pw_uid}:{pw.pw_gid}", f"--groups={groups}"]
+        script = 'cd "$1" || exit 125; shift; exec "$@"'
+        return [*pre, str(self.chroot_root), "/bin/sh", "-c", script, "sh", cwd or "/", *argv]
+
+    def slurm_version(self) -> str:
+        """The running Slurm's version as `scontrol -V` prints it (e.g. 24.11.5)."""
+        out = self.run("scontrol", "-V", check=False).stdout.split()
+        return out[1] if len(out) > 1 else ""
 
     def sbatch(
         self, *args: str, user: str | None = "alice", script: str = "#!/bin/sh\ntrue\n"
@@ -529,12 +593,24 @@ class Lab:
 
     # ------------------------------------------------------------------ plugin, jobcomp, ledger
 
-    def install_plugin(self, path: str | os.PathLike[str]) -> int:
-        """Install a job_submit.lua; its mtime is made newer (whole seconds) than the last one.
+    def install_plugin(
+        self, path: str | os.PathLike[str], module: str | os.PathLike[str] | None = None
+    ) -> int:
+        """Install a job_submit.lua and the module it loads; the file's mtime is made newer
+        (whole seconds) than the last one.
 
-        slurmctld reloads the script only when st_mtime > the loaded script's mtime, so two
-        installs within one second would silently keep the first. Returns the new mtime.
+        module: the slurm_quota.lua to put beside it (default: the one next to path, else the
+        project's). slurmctld reloads the script (and with it the module) only when st_mtime >
+        the loaded script's mtime, so two installs within one second would silently keep the
+        first. Returns the new mtime.
         """
+        if module is None:
+            beside = Path(path).with_name("slurm_quota.lua")
+            module = beside if beside.is_file() else REPO / "lua" / "slurm_quota.lua"
+        tmp_module = self.etc / "slurm_quota.lua.tmp"
+        shutil.copyfile(module, tmp_module)
+        os.chmod(tmp_module, 0o644)
+        os.replace(tmp_module, self.etc / "slurm_quota.lua")
         previous = 0
         with contextlib.suppress(OSError):
             previous = int(self.plugin_path.stat().st_mtime)
@@ -623,7 +699,7 @@ class Lab:
                 f"Point {DIR_ENV} at an empty or lab directory."
             )
         if self.root.exists():
-            shutil.rmtree(self.root)
+            self._remove_tree()
         dirs = {
             "": 0o755,
             "etc": 0o755,
@@ -639,6 +715,7 @@ class Lab:
             "jobs": 0o1777,
             "mysql": 0o700,
             "quota": 0o755,
+            "bin": 0o755,
         }
         for rel, mode in dirs.items():
             d = self.root / rel
@@ -655,6 +732,75 @@ class Lab:
                 )
                 if proc.returncode != 0:
                     raise LabError(f"useradd {user} failed: {proc.stderr.strip()}") from None
+        if self.chrooted:
+            self._copy_users_into_chroot()
+
+    def _copy_users_into_chroot(self) -> None:
+        """The lab's users and their groups, with the host's ids, in the chroot's files."""
+        import grp
+
+        etc = self.chroot_root / "etc"
+        wanted_users = {pwd.getpwnam(u) for u in UNIX_USERS}
+        gids = {pw.pw_gid for pw in wanted_users}
+        for user in UNIX_USERS:
+            gids.update(os.getgrouplist(user, pwd.getpwnam(user).pw_gid))
+        for name, lines in (
+            ("passwd", [":".join(map(str, pw)) for pw in wanted_users]),
+            (
+                "group",
+                [
+                    f"{g.gr_name}:x:{g.gr_gid}:{','.join(g.gr_mem)}"
+                    for g in (grp.getgrgid(gid) for gid in sorted(gids))
+                ],
+            ),
+        ):
+            path = etc / name
+            text = path.read_text()
+            have = {line.split(":", 1)[0] for line in text.splitlines() if line}
+            have_ids = {line.split(":")[2] for line in text.splitlines() if line.count(":") >= 2}
+            add = [
+                ln
+                for ln in lines
+                if ln.split(":", 1)[0] not in have and ln.split(":")[2] not in have_ids
+            ]
+            if add:
+                path.write_text(text.rstrip("\n") + "\n" + "\n".join(add) + "\n")
+
+    def _write_quota_shim(self) -> None:
+        """$LAB/bin/slurm-quota: the project's CLI on the chroot's own python3 (the checkout is
+        bind-mounted read-only at its own path)."""
+        _write(
+            Path(self.quota_bin),
+            "#!/usr/bin/python3\n"
+            "# slurm-quota lab: the checkout's CLI on this release's python3.\n"
+            "import sys\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            "from slurm_quota.entry import run\n"
+            "sys.exit(run())\n",
+            mode=0o755,
+        )
+
+    def _mount_chroot(self) -> None:
+        """Mount the release's tree with /proc, /sys, /dev, the lab dir and the checkout."""
+        try:
+            rootfs.mount_lab_root(
+                self.release,
+                self.overlay_dir,
+                self.chroot_root,
+                binds=[(self.root, False), (REPO, True)],
+                log=self.log_dir / "rootfs-build.log",
+            )
+        except rootfs.RootfsError as err:
+            raise LabError(str(err)) from err
+
+    def _remove_tree(self) -> None:
+        """rm -r of the lab directory, only once nothing is mounted below it (a bind mount of
+        the checkout or of /dev must never be walked into)."""
+        try:
+            rootfs.unmount_under(self.root)
+        except rootfs.RootfsError as err:
+            raise LabError(f"not removing {self.root}: {err}") from err
+        shutil.rmtree(self.root)
 
     def _make_devices(self) -> None:
         for i in range(4):
@@ -691,7 +837,7 @@ class Lab:
         log = self.log_dir / f"{daemon}.start.log"
         with open(log, "ab") as out:
             proc = subprocess.run(
-                argv,
+                self.in_chroot(argv, cwd=str(self.root)),
                 env=self._daemon_env(),
                 cwd=str(self.root),
                 stdin=subprocess.DEVNULL,
@@ -721,7 +867,9 @@ class Lab:
 
     def _start_munged(self) -> None:
         key = self.root / "munge" / "munge.key"
-        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True)
+        subprocess.run(
+            self.in_chroot(["mungekey", "-c", "-k", str(key)]), check=True, capture_output=True
+        )
         os.chmod(key, 0o600)
         self._launch(
             "munged",
@@ -742,7 +890,9 @@ class Lab:
 
     def _mysql(self, sql: str) -> None:
         proc = subprocess.run(
-            ["mariadb", "--no-defaults", "-S", str(self.mysql_socket), "-u", "root", "-e", sql],
+            self.in_chroot(
+                ["mariadb", "--no-defaults", "-S", str(self.mysql_socket), "-u", "root", "-e", sql]
+            ),
             capture_output=True,
             text=True,
             timeout=60,
@@ -754,14 +904,16 @@ class Lab:
         datadir = self.root / "mysql" / "data"
         with open(self.log_dir / "mariadb-install.log", "ab") as out:
             proc = subprocess.run(
-                [
-                    "mariadb-install-db",
-                    "--no-defaults",
-                    f"--datadir={datadir}",
-                    "--user=root",
-                    "--auth-root-authentication-method=socket",
-                    "--skip-test-db",
-                ],
+                self.in_chroot(
+                    [
+                        "mariadb-install-db",
+                        "--no-defaults",
+                        f"--datadir={datadir}",
+                        "--user=root",
+                        "--auth-root-authentication-method=socket",
+                        "--skip-test-db",
+                    ]
+                ),
                 stdout=out,
                 stderr=out,
                 env=self._daemon_env(),
@@ -773,22 +925,28 @@ class Lab:
             )
         with open(self.log_dir / "mysqld.start.log", "ab") as out:
             child = subprocess.Popen(
-                [
-                    "mariadbd",
-                    "--no-defaults",
-                    "--user=root",
-                    f"--datadir={datadir}",
-                    f"--socket={self.mysql_socket}",
-                    f"--pid-file={self.pid_file('mariadbd')}",
-                    "--bind-address=127.0.0.1",
-                    f"--port={self.mysql_port}",
-                    f"--log-error={self._log_file('mariadbd')}",
-                    "--skip-name-resolve",
-                    # the values slurmdbd checks (it logs an error below them)
-                    "--innodb-buffer-pool-size=1G",
-                    "--innodb-log-file-size=64M",
-                    "--innodb-lock-wait-timeout=900",
-                ],
+                self.in_chroot(
+                    [
+                        "mariadbd",
+                        "--no-defaults",
+                        "--user=root",
+                        f"--datadir={datadir}",
+                        f"--socket={self.mysql_socket}",
+                        f"--pid-file={self.pid_file('mariadbd')}",
+                        "--bind-address=127.0.0.1",
+                        f"--port={self.mysql_port}",
+                        f"--log-error={self._log_file('mariadbd')}",
+                        "--skip-name-resolve",
+                        # the values slurmdbd checks (it logs an error below them)
+                        "--innodb-buffer-pool-size=1G",
+                        "--innodb-log-file-size=64M",
+                        "--innodb-lock-wait-timeout=900",
+                        # MariaDB >= 11.8 defaults to ON, and 26.05's slurmdbd warns it will be
+                        # fatal on a write conflict ("loose": older servers ignore the option).
+                        "--loose-innodb-snapshot-isolation=OFF",
+                    ],
+                    cwd=str(self.root),
+                ),
                 env=self._daemon_env(),
                 cwd=str(self.root),
                 stdin=subprocess.DEVNULL,
@@ -803,15 +961,17 @@ class Lab:
                 raise LabError(f"mariadbd exited {child.returncode}")
             return (
                 subprocess.run(
-                    [
-                        "mariadb-admin",
-                        "--no-defaults",
-                        "-S",
-                        str(self.mysql_socket),
-                        "-u",
-                        "root",
-                        "ping",
-                    ],
+                    self.in_chroot(
+                        [
+                            "mariadb-admin",
+                            "--no-defaults",
+                            "-S",
+                            str(self.mysql_socket),
+                            "-u",
+                            "root",
+                            "ping",
+                        ]
+                    ),
                     capture_output=True,
                 ).returncode
                 == 0
@@ -875,7 +1035,7 @@ class Lab:
             raise LabError("the Slurm lab needs root (daemons, useradd, sbatch --uid)")
         if self.is_up():
             return 0.0
-        reason = _ensure_packages()
+        reason = _ensure_packages(self.chrooted)
         if reason:
             raise LabError(reason)
         if self.daemon_pids():
@@ -933,6 +1093,9 @@ class Lab:
 
         self._check_ports()
         self._reset_dir()
+        if self.chrooted:
+            self._mount_chroot()
+            self._write_quota_shim()
         self._ensure_users()
         self._make_devices()
         self._write_configs()
@@ -1015,10 +1178,15 @@ class Lab:
             left = [p for p in left if alive(p)]
         if left:
             raise LabError(f"lab processes still alive after down: {left}")
+        if self.chrooted:
+            try:
+                rootfs.unmount_under(self.chroot_root)
+            except rootfs.RootfsError as err:
+                raise LabError(str(err)) from err
         if purge and self.root.exists():
             if not self._looks_like_lab():
                 raise LabError(f"{self.root} does not look like a lab directory; not removed")
-            shutil.rmtree(self.root)
+            self._remove_tree()
         return running
 
     def status(self) -> dict[str, dict]:
@@ -1027,13 +1195,15 @@ class Lab:
         return {d: {"pid": recorded.get(d), "running": d in self.daemon_pids()} for d in DAEMONS}
 
 
-def _ensure_packages() -> str | None:
+def _ensure_packages(chrooted: bool = False) -> str | None:
+    """Install the host's lab packages (a chrooted lab needs only mmdebstrap on the host: its
+    tree has the rest)."""
     try:
         from tests import syspkgs
     except ImportError:  # run from outside the repo root
         sys.path.insert(0, str(REPO))
         from tests import syspkgs
-    return syspkgs.ensure(PACKAGES)
+    return syspkgs.ensure(["mmdebstrap"] if chrooted else PACKAGES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1045,14 +1215,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port-base", type=int, help=f"first port (env {PORT_ENV}, default {DEFAULT_PORT_BASE})"
     )
+    parser.add_argument(
+        "--release",
+        choices=rootfs.RELEASES,
+        help=f"Debian release whose Slurm runs (env {RELEASE_ENV}, default: this machine's)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="bring the lab up from nothing (no-op when already up)")
     down = sub.add_parser("down", help="stop every process of the lab")
     down.add_argument("--purge", action="store_true", help="also remove the lab directory")
     sub.add_parser("status", help="show the lab's daemons and PIDs")
     sub.add_parser("env", help="print exports for the shell: eval $(... env)")
+    ex = sub.add_parser("exec", help="run a command in the lab's environment (and chroot)")
+    ex.add_argument("--user", help="run as this user (default root)")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     args = parser.parse_args(argv)
-    lab = Lab(args.dir, args.port_base)
+    try:
+        lab = Lab(args.dir, args.port_base, args.release)
+    except LabError as err:
+        print(f"lab: {err}", file=sys.stderr)
+        return 2
     try:
         if args.command == "up":
             was_up = lab.is_up()
@@ -1060,7 +1242,9 @@ def main(argv: list[str] | None = None) -> int:
             stages = ", ".join(f"{name} {at:.1f}" for name, at in lab.timings)
             state = "already up" if was_up else f"up in {took:.1f} s (cumulative s: {stages})"
             print(
-                f"lab {lab.root} {state}; ports ctld={lab.ctld_port} slurmd={lab.slurmd_port} "
+                f"lab {lab.root} (Slurm {lab.slurm_version()}, {lab.release}"
+                f"{', chroot ' + str(lab.chroot_root) if lab.chrooted else ''}) {state}; "
+                f"ports ctld={lab.ctld_port} slurmd={lab.slurmd_port} "
                 f"dbd={lab.dbd_port} mysql={lab.mysql_port}",
                 file=sys.stderr,
             )
@@ -1082,7 +1266,22 @@ def main(argv: list[str] | None = None) -> int:
                     f"{daemon:10} pid={info['pid']} {'running' if info['running'] else 'stopped'}"
                 )
             return 0 if lab.is_up() else 3
+        elif args.command == "exec":
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            if not cmd:
+                parser.error("exec needs a command: exec -- sinfo")
+            proc = lab.run(*cmd, user=args.user, check=False, timeout=3600)
+            sys.stdout.write(proc.stdout)
+            sys.stderr.write(proc.stderr)
+            return proc.returncode
         elif args.command == "env":
+            if lab.chrooted:
+                print(
+                    f"# the {lab.release} lab's clients run inside its chroot: use "
+                    f"`{sys.executable} -m tests.integration.lab --release {lab.release} "
+                    "exec -- sinfo`",
+                    file=sys.stderr,
+                )
             print(f"export SLURM_CONF={lab.env['SLURM_CONF']}")
             print(f"export SLURM_QUOTA_DB={lab.env['SLURM_QUOTA_DB']}")
             print(f'export PATH="{Path(lab.quota_bin).parent}:$PATH"')

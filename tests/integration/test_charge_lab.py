@@ -89,9 +89,18 @@ def clab(clean_ledger):
     lab.set_jobcomp(True)
 
 
+def window_start() -> str:
+    """The --since of a reconcile that must see this test's runs only: the next whole second,
+    waited for. Runs of earlier tests ended before now, so before it; sacct's window starts
+    at whole seconds, and one that started in the second an earlier run ended counted it."""
+    t0 = int(time.time()) + 1
+    while time.time() < t0:
+        time.sleep(0.05)
+    return str(t0)
+
+
 def submit_all(lab) -> tuple[list[int], int]:
     """Submit JOBS plus one cancelled-while-pending job; return (submitted ids, held id)."""
-    time.sleep(1)  # runs of earlier tests end before this test's --since window
     ids = []
     for name, args, script in JOBS:
         res = lab.sbatch(*args, script=script, user="bob" if name == "a100" else "alice")
@@ -177,7 +186,7 @@ def assert_ledger_consistent(lab) -> None:
 
 def test_jobcomp_charges_every_kind_of_job_with_zero_drift(clab):
     lab = clab
-    t0 = str(int(time.time()))
+    t0 = window_start()
     ids, held = submit_all(lab)
     preallocated = ledger_rows(lab, "SELECT COUNT(*), SUM(array_size) FROM jobs_preallocations")
     assert preallocated[0][0] == len(ids)  # the real plugin reserved every submission
@@ -214,7 +223,7 @@ def test_jobcomp_charges_every_kind_of_job_with_zero_drift(clab):
 def test_reconcile_recovers_every_job_the_jobcomp_path_missed(clab):
     lab = clab
     lab.set_jobcomp(False)
-    t0 = str(int(time.time()))
+    t0 = window_start()
     ids, held = submit_all(lab)
     runs = runs_of(lab, ids)
     for r in runs:
@@ -240,7 +249,7 @@ def test_reconcile_recovers_every_job_the_jobcomp_path_missed(clab):
 
 def test_orphan_release_and_prune_keep_queued_jobs(clab):
     lab = clab
-    t0 = str(int(time.time()))
+    t0 = window_start()
     held = lab.sbatch("--hold", script="#!/bin/sh\ntrue\n")
     assert held.rc == 0
     conn = db.connect(lab.db_path)

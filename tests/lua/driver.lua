@@ -65,7 +65,9 @@ for i, c in ipairs(cases) do
     if c.kind == "submit" then
         rc = slurm_job_submit(proxy(c.desc, writes), parts, c.uid or 1001)
     elseif c.kind == "shell" then
-        rc = os.execute(c.cmd)
+        -- 5.1 returns the status; 5.2+ return true|nil, "exit", status
+        local a, _, code = os.execute(c.cmd)
+        rc = type(a) == "number" and a or code
     else
         local rec = c.rec
         if c.token_of then
@@ -82,7 +84,16 @@ end
 package.loaded.slurm_quota.drop_connection()
 do
     local db = os.getenv("SLURM_QUOTA_DB")
-    local pid = require("posix.unistd").getpid()
+    -- luaposix may be missing (Debian 12 has none for Lua 5.4): /proc/self is this process
+    local ok, unistd = pcall(require, "posix.unistd")
+    local pid
+    if ok then
+        pid = unistd.getpid()
+    else
+        local fh = io.open("/proc/self/stat")
+        pid = fh:read("*l"):match("^(%d+)")
+        fh:close()
+    end
     local ls = io.popen("ls -l /proc/" .. tostring(pid) .. "/fd")
     local n = 0
     for line in ls:lines() do

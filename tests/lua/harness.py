@@ -91,9 +91,23 @@ def _md_tables(path: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
+# Slurm series whose job_desc captures exist: 22.05 in fixtures/job_desc_table*.md (the
+# first study), the later ones in tests/fixtures/slurm-<series>/job_desc.tsv (capture.py).
+SERIES = ("22.05", "24.11", "26.05")
+SERIES_FIXTURES = ROOT / "tests" / "fixtures"
+
+
 @cache
-def captured_submits() -> dict[str, dict[str, Any]]:
+def captured_submits(series: str = "22.05") -> dict[str, dict[str, Any]]:
     """job_desc field values per captured submission, keyed like 'c04_c4 (#4)'."""
+    if series != "22.05":
+        out: dict[str, dict[str, Any]] = {}
+        path = SERIES_FIXTURES / f"slurm-{series}" / "job_desc.tsv"
+        for line in path.read_text().splitlines():
+            if line and not line.startswith("#"):
+                case, field, value = line.split("\t")
+                out.setdefault(case, {})[field] = _value(value)
+        return out
     t1 = _md_tables(FIXTURES / "job_desc_table1.md")
     t2 = _md_tables(FIXTURES / "job_desc_table2.md")
     out = {}
@@ -105,9 +119,9 @@ def captured_submits() -> dict[str, dict[str, Any]]:
     return out
 
 
-def submit_case(prefix: str, **overrides: Any) -> dict[str, Any]:
+def submit_case(prefix: str, series: str = "22.05", **overrides: Any) -> dict[str, Any]:
     """A captured job_desc (first case whose name starts with prefix), with overrides."""
-    for case, fields in captured_submits().items():
+    for case, fields in captured_submits(series).items():
         if case.startswith(prefix):
             out = dict(fields)
             out.setdefault("name", case.split(" ")[0])

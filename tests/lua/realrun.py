@@ -1,4 +1,5 @@
-"""Run tests/lua/driver.lua under the real lua5.1 with the real LuaDBI (Debian packages)."""
+"""Run tests/lua/driver.lua under a real Lua (5.1: Debian's Slurm; 5.4: EL9's) with the real
+LuaDBI (Debian packages)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from tests import syspkgs
 from tests.lua.harness import PLUGIN
 
 DRIVER = Path(__file__).resolve().parent / "driver.lua"
-PACKAGES = ["lua5.1", "lua-dbi-sqlite3", "lua-posix"]
+# The interpreters slurmctld links: liblua5.1 (Debian, every release) and Lua 5.4 (EL9).
+INTERPRETERS = ("lua5.1", "lua5.4")
+PACKAGES = [*INTERPRETERS, "lua-dbi-sqlite3", "lua-posix"]
+# The interpreter run_cases() uses; tests/lua/test_real_lua.py runs every test under each.
+current = "lua5.1"
 
 
 def require_real_lua() -> None:
-    """Install lua5.1 + LuaDBI SQLite3 + luaposix, or skip (fail in CI) loudly."""
+    """Install lua5.1, lua5.4 + LuaDBI SQLite3 + luaposix, or skip (fail in CI) loudly."""
     syspkgs.require(PACKAGES)
 
 
@@ -76,11 +81,12 @@ class Run:
 
 def run_cases(cases: list[dict[str, Any]], tmp_path: Path, db_path: Path | str,
               plugin: Path = PLUGIN, timeout: float = 60) -> Run:
-    """Write the cases as Lua, run the driver under lua5.1 with SLURM_QUOTA_DB=db_path."""
+    """Write the cases as Lua, run the driver under the current interpreter with
+    SLURM_QUOTA_DB=db_path."""
     cases_file = tmp_path / "cases.lua"
     cases_file.write_text("return " + lua_literal(cases) + "\n")
     env = dict(os.environ, SLURM_QUOTA_DB=str(db_path))
-    proc = subprocess.run(["lua5.1", str(DRIVER), str(plugin), str(cases_file)],
+    proc = subprocess.run([current, str(DRIVER), str(plugin), str(cases_file)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     calls: dict[int, Call] = {}

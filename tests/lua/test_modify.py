@@ -113,10 +113,13 @@ def test_user_cpu_increase_over_quota_is_refused_and_logged(plugin, db_path):
     set_user_quota(db_path, "alice", cpu=60)
     res = update(plugin, rec, min_cpus=4.0, num_tasks=4.0)  # 80 > 60
     assert res.rc == 2050
-    assert res.user_lines == []  # slurmctld discards log_user in job_modify
+    # Slurm 23.02+ shows job_modify's log_user to the user; 22.05 drops it: both get the lines
+    assert res.user_lines[0].endswith("needs more CPU-minutes than user alice has left.")
+    assert "requested: 80 CPU-minutes = 4 CPUs x 20 min" in res.user_lines[1]
     text = res.log_text("info")
     assert "refused update of user=alice" in text
     assert "requested: 80 CPU-minutes = 4 CPUs x 20 min" in text
+    assert all(line in text for line in res.user_lines)
     assert prealloc(db_path, uuid)[2] == 20
 
 

@@ -1,4 +1,5 @@
-"""The plugin under the real lua5.1 + LuaDBI (SQLite3) on a real file, via tests/lua/driver.lua."""
+"""The plugin under the real lua5.1 and lua5.4 + LuaDBI (SQLite3) on a real file, via
+tests/lua/driver.lua."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 import pytest
 
+from tests.lua import realrun
 from tests.lua.harness import (
     MAIN_PARTITION,
     NO_VAL,
@@ -20,16 +22,18 @@ from tests.lua.test_policy import hold_write_lock
 from tests.lua.test_submit import CAPTURED, set_factor, set_user_quota
 
 
-@pytest.fixture(autouse=True)
-def _real_lua():
+@pytest.fixture(autouse=True, params=realrun.INTERPRETERS)
+def _real_lua(request, monkeypatch):
     require_real_lua()
+    monkeypatch.setattr(realrun, "current", request.param)
+    return request.param
 
 
 def submit(case, **fields):
     return {"kind": "submit", "desc": submit_case(case, **fields), "parts": [MAIN_PARTITION]}
 
 
-def test_captured_submissions_under_real_lua51(tmp_path, db_path):
+def test_captured_submissions_under_real_lua(tmp_path, db_path):
     set_factor(db_path, "h100", 2.0)
     run = run_cases([submit(case) for case, _ in CAPTURED], tmp_path, db_path)
     assert run.load_rc == "0"
@@ -43,7 +47,7 @@ def test_captured_submissions_under_real_lua51(tmp_path, db_path):
         assert row == ("alice", account, cpu, gpu, size), case
 
 
-def test_refusal_message_under_real_lua51(tmp_path, db_path):
+def test_refusal_message_under_real_lua(tmp_path, db_path):
     set_user_quota(db_path, "alice", cpu=100, consumed_cpu=50)
     run = run_cases([submit("c07_array0-9", time_limit=10.0, name="sweep")], tmp_path, db_path)
     call = run.calls[0]
@@ -60,7 +64,7 @@ def test_refusal_message_under_real_lua51(tmp_path, db_path):
     assert rows(db_path, "SELECT COUNT(*) FROM jobs_preallocations") == [(0,)]
 
 
-def test_modify_under_real_lua51(tmp_path, db_path):
+def test_modify_under_real_lua(tmp_path, db_path):
     desc_hold, rec = modify_case(priority=0.0)
     rec = dict(rec, time_limit=20.0)
     desc_lower, _ = modify_case(time_limit=15.0)
@@ -85,7 +89,7 @@ def test_modify_under_real_lua51(tmp_path, db_path):
     assert run.globals == ["slurm_job_modify", "slurm_job_submit"]
 
 
-def test_locked_database_under_real_lua51(tmp_path, db_path):
+def test_locked_database_under_real_lua(tmp_path, db_path):
     holder = hold_write_lock(db_path, 5)
     try:
         start = time.monotonic()
@@ -102,7 +106,7 @@ def test_locked_database_under_real_lua51(tmp_path, db_path):
     assert elapsed < 2.0  # sanity only (includes interpreter start-up)
 
 
-def test_fail_closed_under_real_lua51(tmp_path, db_path):
+def test_fail_closed_under_real_lua(tmp_path, db_path):
     plugin = tmp_path / "job_submit.lua"
     from tests.lua.harness import MODULE, PLUGIN
 
@@ -120,14 +124,14 @@ def test_fail_closed_under_real_lua51(tmp_path, db_path):
     assert "could not be checked" in call.log_text("user")
 
 
-def test_missing_db_is_not_created_under_real_lua51(tmp_path):
+def test_missing_db_is_not_created_under_real_lua(tmp_path):
     missing = tmp_path / "absent.db"
     run = run_cases([submit("c01_plain")], tmp_path, missing)
     assert run.calls[0].rc == 0
     assert not missing.exists()
 
 
-def test_no_time_no_partition_default_under_real_lua51(tmp_path, db_path):
+def test_no_time_no_partition_default_under_real_lua(tmp_path, db_path):
     set_user_quota(db_path, "alice", cpu=1000)
     parts = [dict(MAIN_PARTITION, default_time=NO_VAL, max_time=4294967295)]
     run = run_cases([{"kind": "submit", "desc": submit_case("c01_plain"), "parts": parts}],
@@ -209,7 +213,7 @@ def test_a_failed_statement_is_prepared_again_under_real_luadbi(tmp_path, db_pat
                      "BEGIN SELECT RAISE(ABORT, 'bad user'); END")
     script = tmp_path / "failed.lua"
     script.write_text(FAILED_STATEMENT)
-    proc = subprocess.run(["lua5.1", str(script), str(MODULE), str(db_path)],
+    proc = subprocess.run([realrun.current, str(script), str(MODULE), str(db_path)],
                           capture_output=True, text=True, env=dict(os.environ), timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -219,3 +223,18 @@ def test_a_failed_statement_is_prepared_again_under_real_luadbi(tmp_path, db_pat
     assert lines[3] == "SESSION\ttrue\ttrue"
     assert rows(db_path, "SELECT key FROM settings") == []
     assert rows(db_path, "SELECT username FROM users") == [("good",)]
+
+
+def test_quota_above_32_bits_is_enforced_under_real_luadbi(tmp_path, db_path):
+    # lua-dbi-sqlite3 <= 0.7.4 reads INTEGER columns as 32-bit: 3,000,000,000 came back
+    # negative, which the plugin takes for "unlimited".
+    big = 3_000_000_000
+    set_user_quota(db_path, "alice", cpu=big, consumed_cpu=big - 10)
+    run = run_cases([submit("c01_plain"), submit("c02_time10")], tmp_path, db_path)
+    refused, fits = run.calls
+    assert refused.rc == 2050, refused.logs  # 30 CPU-minutes > 10 left
+    assert "available: 10 CPU-minutes = quota 3000000000 - consumed 2999999990" in (
+        refused.log_text("user")
+    )
+    assert fits.rc == 0, fits.logs  # 10 CPU-minutes fit exactly
+    assert rows(db_path, "SELECT reserved_cpu_minutes FROM users") == [(10,)]
