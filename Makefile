@@ -17,30 +17,47 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Every test: unit, Lua (lupa 5.1-5.4 + LuaJIT, real lua5.1 + LuaDBI), the real Slurm lab.
-# System packages are installed on first use when root; otherwise those tests skip loudly
-# (and fail when SLURM_QUOTA_REQUIRE_SYSTEM=1, as .ci/run sets).
+# The Slurm releases of the lab (docs/lab.md): bookworm = 22.05 (Debian 12), trixie = 24.11
+# (Debian 13), sid = 26.05. A release other than the host's runs in a cached root filesystem.
+RELEASES ?= bookworm trixie sid
+# `make demo RELEASE=trixie`, `make lab-up RELEASE=sid`: empty = the host's release.
+RELEASE ?=
+LAB_RELEASE = $(if $(RELEASE),SLURM_QUOTA_LAB_RELEASE=$(RELEASE))
+
+# Every test: unit, Lua (lupa 5.1-5.4 + LuaJIT, real lua5.1/lua5.4 + LuaDBI) once, then the
+# real Slurm lab's integration tests once per release of RELEASES (every release runs even
+# when one fails; the target fails if any did). System packages are installed on first use
+# when root; otherwise those tests skip loudly (and fail when SLURM_QUOTA_REQUIRE_SYSTEM=1, as
+# .ci/run sets).
 test: venv
 	$(BIN)/ruff check slurm_quota tests bench
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m 'not integration'
+	@failed=""; for r in $(RELEASES); do \
+	    echo "== integration tests on the $$r lab"; \
+	    start=$$(date +%s); \
+	    SLURM_QUOTA_LAB_RELEASE=$$r $(BIN)/python -m pytest tests/integration || failed="$$failed $$r"; \
+	    echo "== $$r: $$(( $$(date +%s) - start )) s"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "integration tests failed on:$$failed"; exit 1; fi
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit tests/lua -m 'not integration'
 
 # The main job: a real Slurm lab showing accept, refusal with its message, charge and stats.
 demo: venv
-	$(BIN)/python -m tests.integration.demo
+	$(LAB_RELEASE) $(BIN)/python -m tests.integration.demo
 
 lint: venv
 	$(BIN)/ruff check slurm_quota tests bench
 
 # The real single-node Slurm lab of tests/integration (root; docs/lab.md). Directory and ports
-# from SLURM_QUOTA_LAB_DIR (/tmp/slurmlab) and SLURM_QUOTA_LAB_PORT_BASE (16817).
+# from SLURM_QUOTA_LAB_DIR (/tmp/slurmlab[-release]) and SLURM_QUOTA_LAB_PORT_BASE (16817,
+# +100 for trixie, +200 for sid); the release from RELEASE= or SLURM_QUOTA_LAB_RELEASE.
 lab-up: venv
-	$(BIN)/python -m tests.integration.lab up
+	$(LAB_RELEASE) $(BIN)/python -m tests.integration.lab up
 
 lab-down: venv
-	$(BIN)/python -m tests.integration.lab down
+	$(LAB_RELEASE) $(BIN)/python -m tests.integration.lab down
 
 # Plugin decision latency (real lua5.1 + LuaDBI, 10k users, 1k vs 100k preallocations) and
 # sbatch throughput with our plugin vs a no-op one on the lab; results in docs/benchmarks.md.

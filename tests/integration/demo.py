@@ -26,8 +26,11 @@ if str(REPO) not in sys.path:
 
 from tests.integration.lab import Lab, LabError  # noqa: E402
 
-DEMO_DIR = os.environ.get("SLURM_QUOTA_DEMO_DIR", "/tmp/slurm-quota-demo")
-DEMO_PORT_BASE = int(os.environ.get("SLURM_QUOTA_DEMO_PORT_BASE", "18817"))
+# The lab's own variables choose the demo's directory, ports and Slurm release
+# (SLURM_QUOTA_LAB_DIR, SLURM_QUOTA_LAB_PORT_BASE, SLURM_QUOTA_LAB_RELEASE); unset, the demo
+# uses a directory and ports of its own, so it never meets a lab left up by `make lab-up`.
+DEMO_DIR = "/tmp/slurm-quota-demo"
+DEMO_PORT_BASE = 19817
 # What a login node needs to run `slurm-quota stats` with the system python3.
 LOGIN_NODE_PACKAGES = ["python3", "python3-click", "python3-tabulate", "python3-requests"]
 BOLD = "" if os.environ.get("NO_COLOR") else "\033[1m"
@@ -169,6 +172,7 @@ def run_demo(lab: Lab) -> None:
             raise DemoFailed("preallocations were not all released by the charges in 120 s")
         print("charge log (written by the jobcomp wrapper):")
         print("\n".join(ln for ln in lab.logs("charge").splitlines() if "charged" in ln))
+        check_gpu_charge(lab, jobs[1])
         demo.admin("history", "--user", "alice", "--limit", "8")
 
         say("Everyone's usage through the HTTP service (what `slurm-quota stats --all` prints)")
@@ -180,6 +184,24 @@ def run_demo(lab: Lab) -> None:
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
+
+
+def check_gpu_charge(lab: Lab, job_id: int | None) -> None:
+    """The --gres=gpu:h100:2 job was charged its real GPU time at the h100 factor: its two
+    typed GPUs from Slurm's allocation, factor 2.0, minutes = 2 x 2.0 x elapsed rounded."""
+    with lab_db(lab) as conn:
+        rows = conn.execute(
+            "SELECT gpus, gpu_factors, elapsed_s, gpu_minutes FROM charges WHERE job_id = ?",
+            (job_id,),
+        ).fetchall()
+    if len(rows) != 1:
+        raise DemoFailed(f"the GPU job {job_id} has {len(rows)} charges, expected 1")
+    gpus, factors, elapsed_s, gpu_minutes = rows[0]
+    expected = int(2 * 2.0 * elapsed_s / 60 + 0.5)
+    print(f"GPU job {job_id}: GPUs {gpus}, factors {factors}, {elapsed_s} s -> "
+          f"{gpu_minutes} GPU-minutes (2 x 2.0 x {elapsed_s} s / 60 = {expected})", flush=True)
+    if gpus != "h100=2" or "h100=2.0" not in factors or gpu_minutes != expected or not expected:
+        raise DemoFailed(f"the GPU job was not charged its h100 GPU-minutes: {rows[0]}")
 
 
 class lab_db:  # noqa: N801 - used as a context manager
@@ -202,17 +224,32 @@ def main() -> int:
               "slurmdbd, MariaDB, munge) and submits jobs as other users.", file=sys.stderr)
         return 1
     from tests import syspkgs
-    from tests.integration.lab import _ensure_packages
+    from tests.integration.lab import DIR_ENV, PORT_ENV, RELEASE_PORT_OFFSET, _ensure_packages
 
-    reason = _ensure_packages() or syspkgs.ensure(LOGIN_NODE_PACKAGES)
+    try:
+        probe = Lab(os.environ.get(DIR_ENV) or DEMO_DIR)
+        suffix = f"-{probe.release}" if probe.chrooted else ""
+        lab = Lab(
+            os.environ.get(DIR_ENV) or DEMO_DIR + suffix,
+            int(
+                os.environ.get(PORT_ENV)
+                or DEMO_PORT_BASE + (RELEASE_PORT_OFFSET[probe.release] if probe.chrooted else 0)
+            ),
+        )
+    except LabError as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 2
+    reason = _ensure_packages(lab.chrooted) or (
+        None if lab.chrooted else syspkgs.ensure(LOGIN_NODE_PACKAGES)
+    )
     if reason:
         print(f"demo: cannot install the lab's packages: {reason}", file=sys.stderr)
         return 1
-    lab = Lab(DEMO_DIR, DEMO_PORT_BASE)
     say(f"Bringing up a single-node Slurm lab in {lab.root} (16 CPUs, 2x h100 + 2x a100)")
     try:
         took = lab.up()
-        print(f"lab up in {took:.1f} s: slurmctld, slurmd, slurmdbd, MariaDB and munge by PID; "
+        print(f"lab up in {took:.1f} s, Slurm {lab.slurm_version()} ({lab.release}): "
+              "slurmctld, slurmd, slurmdbd, MariaDB and munge by PID; "
               f"job_submit.lua and the charge wrapper installed", flush=True)
         run_demo(lab)
     except (DemoFailed, LabError) as err:

@@ -277,3 +277,40 @@ def test_orphan_release_and_prune_keep_queued_jobs(clab):
     lab.run("scancel", str(held.job_id))
     lab.wait_jobcomp(held.job_id)
     assert ledger_rows(lab, "SELECT COUNT(*) FROM jobs_preallocations") == [(0,)]
+
+
+def test_a_token_overwritten_by_scancel_admin_comment_is_released_once(clab):
+    """25.11+: `scancel --admin-comment` replaces AdminComment without job_modify, so our
+    token is gone when the job's jobcomp charge runs. The charge is still made once (by user
+    and account), and reconcile releases the reservation nobody can name any more."""
+    lab = clab
+    major, minor = (int(x) for x in lab.slurm_version().split(".")[:2])
+    t0 = window_start()
+    held = lab.sbatch("--hold", "--time=10", script="#!/bin/sh\ntrue\n")
+    assert held.rc == 0, held.stderr
+    cancel = lab.run("scancel", "--admin-comment=cancelled by ops", str(held.job_id),
+                     check=False)  # fmt: skip
+    if (major, minor) < (25, 11):
+        # no such option before 25.11: there the token can only change through job_modify,
+        # which keeps it (test_plugin_lab.test_admin_comment_rewrite_keeps_the_token)
+        assert cancel.returncode != 0 and "admin-comment" in cancel.stderr, cancel
+        lab.run("scancel", str(held.job_id))
+        lab.wait_jobcomp(held.job_id)
+        assert ledger_rows(lab, "SELECT COUNT(*) FROM jobs_preallocations") == [(0,)]
+        return
+    assert cancel.returncode == 0, cancel.stderr
+    lab.wait_jobcomp(held.job_id)
+    charged = ledger_rows(lab, "SELECT job_state, released_prealloc FROM charges "
+                               "WHERE job_id = ?", held.job_id)  # fmt: skip
+    assert charged == [("CANCELLED", 0)]  # charged once; the token was gone
+    assert ledger_rows(lab, "SELECT COUNT(*) FROM jobs_preallocations") == [(1,)]
+    p = lab.run(lab.quota_bin, "reconcile", "--since", t0, "--grace", "0", "--json",
+                "--spool", str(lab.spool_dir), check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert len(rep["orphans"]) == 1 and rep["charged"] == 0
+    assert ledger_rows(lab, "SELECT COUNT(*) FROM jobs_preallocations") == [(0,)]
+    assert ledger_rows(lab, "SELECT COUNT(*) FROM charges WHERE job_id = ?", held.job_id) == [
+        (1,)
+    ]
+    assert_ledger_consistent(lab)

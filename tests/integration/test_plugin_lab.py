@@ -1,4 +1,5 @@
-"""lua/job_submit.lua inside a real slurmctld 22.05: decisions, messages, rows, updates.
+"""lua/job_submit.lua inside a real slurmctld (22.05, 24.11 or 26.05: the lab's release):
+decisions, messages, rows, updates.
 
 Jobs are submitted held (--hold) so that nothing runs and the reservations stay in place while
 they are checked; the clean_ledger fixture cancels them afterwards. Het jobs never start on
@@ -236,6 +237,57 @@ def test_user_increase_over_quota_is_refused(plab):
     assert out.returncode != 0
     assert row(plab, uuid)[2] == 10
     assert "refused update of user=alice" in plab.logs("slurmctld")
+
+
+def series(lab) -> tuple[int, int]:
+    """The lab's Slurm major.minor, e.g. (24, 11)."""
+    major, minor = lab.slurm_version().split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_refused_update_tells_the_user_why_with_numbers(plab):
+    res = plab.sbatch("--hold", "--job-name=tune", "--time=10", script=SCRIPT)
+    uuid = job_uuid(plab, res.job_id)
+    set_alice_cpu_quota(plab, 30)
+    out = plab.run(
+        "scontrol", "update", f"jobid={res.job_id}", "TimeLimit=60", user="alice", check=False
+    )
+    print(out.stderr)
+    assert out.returncode != 0
+    assert time_limit(plab, res.job_id) == "00:10:00"
+    assert row(plab, uuid)[2] == 10
+    why = [
+        f'slurm-quota: job {res.job_id} "tune" refused: it needs more CPU-minutes than user '
+        "alice has left.",
+        "slurm-quota:   requested: 60 CPU-minutes = 1 CPU x 60 min",
+        "slurm-quota:   available: 30 CPU-minutes = quota 30 - consumed 0 - reserved 0 by 0 "
+        "queued/running jobs",
+    ]
+    log = plab.logs("slurmctld")
+    assert all(line in log for line in why)
+    if series(plab) >= (23, 2):
+        # since 23.02 scontrol prints job_modify's log_user to the user
+        assert all(line in out.stderr for line in why), out.stderr
+    else:
+        # 22.05 drops it: the user sees only Slurm's generic error
+        assert "slurm-quota" not in out.stderr
+
+
+def test_quota_above_32_bits_is_enforced_inside_slurmctld(plab):
+    # lua-dbi-sqlite3 <= 0.7.4 reads INTEGER columns as 32-bit (3e9 came back negative:
+    # unlimited); the plugin reads its numbers as REAL.
+    big = 3_000_000_000
+    write(plab, "INSERT INTO users (username, quota_cpu_minutes, total_consumed_cpu_minutes) "
+                "VALUES ('alice', ?, ?)", big, big - 20)  # fmt: skip
+    refused = plab.sbatch("--hold", "--time=30", script=SCRIPT)
+    assert refused.rc == 1, refused.stderr
+    assert (
+        "available: 20 CPU-minutes = quota 3000000000 - consumed 2999999980 - reserved 0"
+        in refused.stderr
+    )
+    fits = plab.sbatch("--hold", "--time=20", script=SCRIPT)
+    assert fits.rc == 0, fits.stderr
+    assert row(plab, job_uuid(plab, fits.job_id))[2] == 20
 
 
 def test_admin_comment_rewrite_keeps_the_token(plab):
