@@ -60,14 +60,31 @@ local function broken(kind)
     return slurm.SUCCESS
 end
 
+-- The module applies its failure policy to every error of its own; this is the last net, so
+-- that no Lua error ever leaves an entry point (26.05 rejects the job when one does; 22.05
+-- accepted it). The policy is the module's when it can still be read, else fail-open.
+local function escaped(kind, err)
+    local ok, fail_open = pcall(function() return quota.config.fail_open ~= false end)
+    local accept = not ok or fail_open
+    pcall(slurm.log_error, "%s", "slurm-quota: " .. kind .. (accept
+        and " ACCEPTED WITHOUT QUOTA CHECK" or " REFUSED (fail-closed)")
+        .. " (error in the plugin): " .. tostring(err))
+    if accept then return slurm.SUCCESS end
+    return slurm.ERROR
+end
+
 function slurm_job_submit(job_desc, part_list, submit_uid)
     if not loaded then return broken("submit") end
-    return quota.job_submit(job_desc, part_list, submit_uid)
+    local ok, rc = pcall(quota.job_submit, job_desc, part_list, submit_uid)
+    if ok and type(rc) == "number" then return rc end
+    return escaped("submit", ok and "no decision returned" or rc)
 end
 
 function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
     if not loaded then return broken("update") end
-    return quota.job_modify(job_desc, job_rec, part_list, modify_uid)
+    local ok, rc = pcall(quota.job_modify, job_desc, job_rec, part_list, modify_uid)
+    if ok and type(rc) == "number" then return rc end
+    return escaped("update", ok and "no decision returned" or rc)
 end
 
 if not loaded then

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slurm_quota import db
-from tests.lua.harness import execute, prealloc, rows, submit_case
+from tests.lua.harness import execute, modify_case, prealloc, rows, submit_case
 
 HOLD_LOCK = """
 import sqlite3, sys, time
@@ -90,6 +90,25 @@ def test_lua_error_in_orchestration(plugin, db_path, fail_open, rc):
     assert "boom in the plugin" in res.log_text("error")
     assert plugin.bridge.conns == {}  # connection closed on the error path
     assert rows(db_path, "SELECT COUNT(*) FROM users") == [(0,)]
+
+
+@pytest.mark.parametrize("entry", ["job_submit", "job_modify"])
+@pytest.mark.parametrize("fail_open, rc", [(True, 0), (False, -1)])
+def test_no_error_leaves_the_entry_points(plugin, entry, fail_open, rc):
+    # 26.05 rejects the job when a Lua error escapes job_submit/job_modify: even an error
+    # outside the module's own guard (here: in the entry point itself) must be turned into
+    # the failure policy by the wiring.
+    plugin.lua.execute(
+        f"package.loaded.slurm_quota.{entry} = function() error('escaped the guard') end"
+    )
+    plugin.m.config.fail_open = fail_open
+    if entry == "job_submit":
+        res = plugin.submit(submit_case("c01_plain"))
+    else:
+        desc, rec = modify_case(time_limit=15.0)
+        res = plugin.modify(desc, rec, modify_uid=1001)
+    assert res.rc == rc
+    assert "escaped the guard" in res.log_text("error")
 
 
 def test_fail_closed_message_asks_to_retry(plugin, tmp_path):
