@@ -10,8 +10,14 @@
    with our plugin vs a no-op job_submit.lua, interleaved rounds; ratio = ours / no-op. The
    jobcomp script is a no-op meanwhile (the cancelled jobs would otherwise start one charge
    process each during the next round) and is restored afterwards.
+3. slurmctld's CPU (--ctld-cpu): the same held submissions, but what is measured is
+   slurmctld's own CPU time (utime + stime of /proc/<pid>/stat) over each round, divided by
+   the submissions: ours and the no-op interleaved, median and spread over the rounds. This
+   is what the plugin costs the controller (the sbatch client's time is not in it). The lab's
+   release comes from SLURM_QUOTA_LAB_RELEASE, so the same command measures 22.05, 24.11, 26.05.
 
     .venv/bin/python bench/plugin_latency.py [--calls 3000] [--runs 3] [--lab] [--lab-rounds 5]
+    SLURM_QUOTA_LAB_RELEASE=sid .venv/bin/python bench/plugin_latency.py --no-latency --ctld-cpu
 """
 
 from __future__ import annotations
@@ -192,6 +198,60 @@ def lab_throughput(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
             "pair_ratios": pair_ratios, "all": rates, "load_before_rounds": loads}
 
 
+def ctld_cpu_s(pid: int) -> float:
+    """utime + stime of a process in seconds (/proc/<pid>/stat, clock ticks)."""
+    data = Path(f"/proc/{pid}/stat").read_text()
+    fields = data[data.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def lab_ctld_cpu(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
+    """slurmctld CPU ms per held submission, our plugin vs a no-op, interleaved rounds."""
+    from tests.integration.lab import Lab
+
+    lab = Lab()
+    started = False
+    if not lab.is_up():
+        lab.up()
+        started = True
+    noop = Path(tempfile.mkdtemp()) / "noop.lua"
+    noop.write_text(NOOP_PLUGIN)
+    per_sub: dict[str, list[float]] = {"ours": [], "noop": []}
+    loads: list[str] = []
+    jobcomp_was = lab.jobcomp_enabled()
+    lab.set_jobcomp(False)
+    try:
+        version = lab.slurm_version()
+        lab.cancel_all()
+        for _ in range(rounds):
+            for name, path in (("ours", plugin), ("noop", noop)):
+                lab.install_plugin(path)
+                time.sleep(1.1)  # slurmctld reloads on an mtime newer in whole seconds
+                warm = lab.sbatch("--hold", "--wrap=true", script="")
+                assert warm.rc == 0, warm.stderr
+                ac = lab.run("scontrol", "-o", "show", "job", str(warm.job_id)).stdout
+                marker = "slurm-quota:" if name == "ours" else "AdminComment=noop"
+                assert marker in ac, f"{name} plugin not active: {ac}"
+                time.sleep(2)  # let the previous round's cancellations settle
+                pid = lab.daemon_pids()["slurmctld"]
+                loads.append(load())
+                before = ctld_cpu_s(pid)
+                for _ in range(jobs):
+                    res = lab.sbatch("--hold", "--time=10", "-n", "2", script="#!/bin/sh\ntrue\n")
+                    assert res.rc == 0, res.stderr
+                per_sub[name].append((ctld_cpu_s(pid) - before) * 1000 / jobs)
+                lab.cancel_all()
+        lab.install_plugin(PLUGIN)
+    finally:
+        lab.set_jobcomp(jobcomp_was)
+        if started:
+            lab.down()
+    ours, noop_ms = statistics.median(per_sub["ours"]), statistics.median(per_sub["noop"])
+    return {"slurm": version, "release": lab.release, "jobs_per_round": jobs, "rounds": rounds,
+            "ours_ms": ours, "noop_ms": noop_ms, "added_ms": ours - noop_ms,
+            "noop_over_ours": noop_ms / ours, "all": per_sub, "load_before_rounds": loads}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=3000)
@@ -203,6 +263,10 @@ def main() -> int:
     ap.add_argument("--lab", action="store_true", help="also measure sbatch throughput")
     ap.add_argument("--lab-jobs", type=int, default=100)
     ap.add_argument("--lab-rounds", type=int, default=5)
+    ap.add_argument("--ctld-cpu", action="store_true",
+                    help="slurmctld CPU per submission, ours vs no-op, on the lab")
+    ap.add_argument("--ctld-jobs", type=int, default=200)
+    ap.add_argument("--ctld-rounds", type=int, default=4)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result: dict = {
@@ -218,6 +282,8 @@ def main() -> int:
         result["ratio_p50"] = result["large"]["p50_us"] / result["small"]["p50_us"]
     if args.lab:
         result["lab"] = lab_throughput(args.lab_jobs, args.lab_rounds, args.plugin)
+    if args.ctld_cpu:
+        result["ctld"] = lab_ctld_cpu(args.ctld_jobs, args.ctld_rounds, args.plugin)
     result["load_end"] = load()
     if args.json:
         print(json.dumps(result, indent=1))
@@ -249,6 +315,15 @@ def main() -> int:
         print(f"lab sbatch: ours {lab['ours_per_s']:.1f}/s, no-op {lab['noop_per_s']:.1f}/s, "
               f"ratio {lab['ratio']:.3f} (medians of {lab['rounds']} rounds x "
               f"{lab['jobs_per_round']} jobs); loads {', '.join(lab['load_before_rounds'])}")
+    if "ctld" in result:
+        c = result["ctld"]
+        print(f"slurmctld CPU per submission, Slurm {c['slurm']} ({c['release']}), "
+              f"{c['rounds']} rounds x {c['jobs_per_round']} held sbatch:")
+        for name in ("ours", "noop"):
+            vals = ", ".join(f"{v:.3f}" for v in c["all"][name])
+            print(f"  {name}: median {c[name + '_ms']:.3f} ms (rounds: {vals})")
+        print(f"  added by the plugin: {c['added_ms']:.3f} ms; no-op/ours "
+              f"{c['noop_over_ours']:.3f}; loads {', '.join(c['load_before_rounds'])}")
     print(f"load average at end {result['load_end']}")
     return 0
 

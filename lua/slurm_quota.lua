@@ -867,7 +867,13 @@ local SQL = {
     -- WAL + NORMAL: a commit does not fsync (DESIGN §6: every row can be rebuilt by reconcile);
     -- with the default FULL each accepted submission paid an fsync (measured: ~5 ms here).
     synchronous = "PRAGMA synchronous = NORMAL",
-    user_version = "PRAGMA user_version",
+    -- The schema check of every call also gives data_version, which changes only when
+    -- another connection committed: settings and GPU factors are read again only then.
+    user_version = "SELECT (SELECT user_version FROM pragma_user_version), "
+        .. "(SELECT data_version FROM pragma_data_version)",
+    -- Checkpoints never run on slurmctld's path: the Python side (charge, reconcile) runs
+    -- them with SQLite's default wal_autocheckpoint (it cost ~10 ms about every 125 calls).
+    wal_autocheckpoint = "PRAGMA wal_autocheckpoint = 0",
     begin = "BEGIN IMMEDIATE",
     commit = "COMMIT",
     rollback = "ROLLBACK",
@@ -919,17 +925,23 @@ local function num_or(v, default)
     return float(v)
 end
 
-local function load_settings(db)
-    return M.parse_settings(db:query("settings"))
-end
-
-local function load_factors(db)
+local function parse_factors(rows)
     local f = {}
-    for _, row in ipairs(db:query("gpu_factors")) do
+    for _, row in ipairs(rows) do
         local v = tonumber(row[2])
         if type(row[1]) == "string" and v then f[row[1]] = float(v) end
     end
     return f
+end
+
+-- Settings and factors (read-only tables: never modified by their users), from the
+-- connection's cache while no other connection has committed since they were read.
+local function load_settings(db)
+    return db:memo("settings", M.parse_settings)
+end
+
+local function load_factors(db)
+    return db:memo("gpu_factors", parse_factors)
 end
 
 local function load_ledger(db, owner, name, settings)
@@ -1302,6 +1314,7 @@ end
 local function check_schema(s)
     local v = s:query("user_version")[1]
     local version = v and tonumber(v[1])
+    s.data_version = v and tonumber(v[2])
     if version ~= SCHEMA_VERSION then
         error(db_error(string.format("the database %s has schema version %s, this plugin "
             .. "knows %s (run `slurm-quota migrate`, or update the plugin)", s.path,
@@ -1330,6 +1343,7 @@ function M.open_db(path)
         s:exec_once("busy_timeout")
         s:exec_once("foreign_keys")
         s:exec_once("synchronous")
+        s:exec_once("wal_autocheckpoint")
         check_schema(s)
     end)
     if not okv then
@@ -1389,19 +1403,28 @@ function M.session()
 end
 
 local urandom
+-- Random bytes are read 64 UUIDs at a time: one read(2) per 64 submissions instead of one
+-- each (a cold syscall inside slurmctld cost ~15 us). The bytes stay in this process only.
+local random_pool, random_at = "", 1
+local RANDOM_BATCH = 16 * 64
 --- A version 4 UUID from /dev/urandom (never math.random).
 function M.uuid4()
-    if not urandom then
-        urandom = io.open("/dev/urandom", "rb")
-        if not urandom then error("cannot open /dev/urandom") end
-        pcall(urandom.setvbuf, urandom, "no")
+    if random_at + 15 > #random_pool then
+        if not urandom then
+            urandom = io.open("/dev/urandom", "rb")
+            if not urandom then error("cannot open /dev/urandom") end
+            pcall(urandom.setvbuf, urandom, "no")
+        end
+        local b = urandom:read(RANDOM_BATCH)
+        if not b or #b ~= RANDOM_BATCH then
+            pcall(urandom.close, urandom)
+            urandom = nil
+            error("short read from /dev/urandom")
+        end
+        random_pool, random_at = b, 1
     end
-    local b = urandom:read(16)
-    if not b or #b ~= 16 then
-        pcall(urandom.close, urandom)
-        urandom = nil
-        error("short read from /dev/urandom")
-    end
+    local b = random_pool:sub(random_at, random_at + 15)
+    random_at = random_at + 16
     return M.uuid_from_bytes(b)
 end
 
@@ -1497,6 +1520,27 @@ function Lazy:exec(name, ...)
         check_schema(s)
     end
     return true
+end
+
+--- The rows of query `name` parsed by parse, kept on the connection while its data_version
+--- (read by the schema check of this call) is the one they were read under.
+function Lazy:memo(name, parse)
+    local s = self:get()
+    if self.unchecked then
+        self.unchecked = false
+        check_schema(s)
+    end
+    local c = s.cache
+    if not c or c.version == nil or c.version ~= s.data_version then
+        c = { version = s.data_version }
+        s.cache = c
+    end
+    local value = c[name]
+    if value == nil then
+        value = parse(s:query(name))
+        c[name] = value
+    end
+    return value
 end
 
 -- ok = the call ended normally: a cached connection stays open (with no transaction).

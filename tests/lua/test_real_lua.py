@@ -238,3 +238,32 @@ def test_quota_above_32_bits_is_enforced_under_real_luadbi(tmp_path, db_path):
     )
     assert fits.rc == 0, fits.logs  # 10 CPU-minutes fit exactly
     assert rows(db_path, "SELECT reserved_cpu_minutes FROM users") == [(10,)]
+
+
+def test_no_submission_pays_a_wal_checkpoint_under_real_luadbi(tmp_path, db_path):
+    # A WAL past SQLite's automatic checkpoint size (1000 pages), written by another
+    # connection that stays open (closing the last connection would checkpoint it):
+    # the plugin's commit must leave the checkpoint to the Python side.
+    import sqlite3
+
+    other = sqlite3.connect(str(db_path), isolation_level=None)
+    try:
+        other.execute("PRAGMA wal_autocheckpoint = 0")
+        other.execute("BEGIN")
+        for i in range(1200):
+            other.execute(
+                "INSERT INTO journal (actor, action, target_kind, target, reason) "
+                "VALUES ('test', 'fill', 'user', ?, ?)", (f"u{i}", "x" * 4000))
+        other.execute("COMMIT")
+        wal = db_path.with_name(db_path.name + "-wal")
+        assert wal.stat().st_size > 1000 * 4096
+        before = db_path.stat()
+        run = run_cases([submit("c01_plain")], tmp_path, db_path)
+        assert run.calls[0].rc == 0
+        after = db_path.stat()
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        # the Python side checkpoints as usual
+        other.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        assert db_path.stat().st_size > before.st_size
+    finally:
+        other.close()
