@@ -20,9 +20,16 @@ venv: $(STAMP)
 # Every test: unit, Lua (lupa 5.1-5.4 + LuaJIT, real lua5.1 + LuaDBI), the real Slurm lab.
 # System packages are installed on first use when root; otherwise those tests skip loudly
 # (and fail when SLURM_QUOTA_REQUIRE_SYSTEM=1, as .ci/run sets).
-test: venv
+test: venv test-py39
 	$(BIN)/ruff check slurm_quota tests bench
 	$(BIN)/python -m pytest
+
+# The unit tests again under CPython 3.9 with the library versions EL9 ships (EL9's python3 is
+# 3.9, its SQLite 3.34.1): tests/py39/run.py builds a Debian 11 tree once, cached in
+# /var/cache/slurm-quota-lab/bullseye-py39, and runs them there (root; about 2 minutes).
+.PHONY: test-py39
+test-py39: venv
+	$(BIN)/python -m tests.py39.run
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit tests/lua -m 'not integration'
