@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ SUITE = "bullseye"
 DEBS = ["python3", "python3-venv", "ca-certificates"]
 VENV = "/opt/slurm-quota-py39"  # inside the tree
 SRC = "/src"  # where the checkout is mounted inside the tree
+PYCACHE = "/var/cache/slurm-quota-pycache"  # inside the tree
 COMPLETE = ".slurm-quota-py39-complete"  # written last by a successful build
 EL9 = {"python": "3.9", "sqlite": "3.34.1"}
 REQUIRE_ENV = "SLURM_QUOTA_REQUIRE_SYSTEM"
@@ -100,10 +102,19 @@ def chroot_run(cmd: list[str], *, env: dict[str, str], cwd: str = "/", check: bo
         os.chroot(tree)
         os.chdir(cwd)
 
-    proc = subprocess.run(cmd, env=env, preexec_fn=enter, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"in {TREE}: {' '.join(cmd)} exited {proc.returncode}")
-    return proc.returncode
+    # Its own process group, so that an interrupted run leaves nothing behind (servers that
+    # tests start included) and the checkout can be unmounted.
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=enter, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    if check and rc != 0:
+        raise RuntimeError(f"in {TREE}: {' '.join(cmd)} exited {rc}")
+    return rc
 
 
 def base_env() -> dict[str, str]:
@@ -200,6 +211,14 @@ def ensure_venv() -> None:
     # every EL9 pin (pip.conf above), else this fails here, before any test.
     chroot_run([*pip, "-e", f"{SRC}[test]"], env=env, cwd=SRC)
     chroot_run([f"{VENV}/bin/python", "-m", "pip", "check"], env=env)
+    # Byte code of /src goes to the tree, not the checkout: every process of this venv, even
+    # the ones tests start with a clean environment, reads this .pth at start-up.
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run(["chroot", str(TREE), f"{VENV}/bin/python", "-c", code], env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (TREE / site.lstrip("/") / "zz_slurm_quota_pycache.pth").write_text(
+        f"import sys; sys.pycache_prefix = {PYCACHE!r}\n"
+    )
     stamp.write_text(digest)
     say(f"venv ready in {time.monotonic() - started:.0f} s")
 
@@ -223,9 +242,17 @@ def report_versions() -> None:
     chroot_run([f"{VENV}/bin/python", "-c", code], env=base_env())
 
 
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str]) -> int:
     if sys.platform != "linux" or os.geteuid() != 0:
         return skip_or_fail("tests/py39 needs root (mmdebstrap, mount, chroot)")
+    # TERM and HUP (a CI timeout, a closed terminal) unwind like ^C: the finally blocks stop
+    # the tests and unmount. INT too, even when the shell started us with it ignored.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, interrupted)
     TREE.parent.mkdir(parents=True, exist_ok=True)
     lock = open(TREE.with_name(f"{TREE.name}.lock"), "w")  # one run at a time per tree
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -240,7 +267,7 @@ def main(argv: list[str]) -> int:
             ensure_slurm_user()
             report_versions()
             args = argv or DEFAULT_ARGS
-            env = dict(base_env(), PYTHONDONTWRITEBYTECODE="1")
+            env = base_env()
             for key in (REQUIRE_ENV, "PYTHONUNBUFFERED"):
                 if key in os.environ:
                     env[key] = os.environ[key]
@@ -259,4 +286,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt as exc:
+        say(f"interrupted ({exc or 'SIGINT'}); tests stopped, tree unmounted")
+        sys.exit(130)
