@@ -24,9 +24,10 @@ test: venv test-py39
 	$(BIN)/ruff check slurm_quota tests bench
 	$(BIN)/python -m pytest
 
-# The unit tests again under CPython 3.9 with the library versions EL9 ships (EL9's python3 is
-# 3.9, its SQLite 3.34.1): tests/py39/run.py builds a Debian 11 tree once, cached in
-# /var/cache/slurm-quota-lab/bullseye-py39, and runs them there (root; about 2 minutes).
+# The unit tests (and tests/lua's lupa-hosted ones) again under CPython 3.9 with the library
+# versions EL9 ships (EL9's python3 is 3.9, its SQLite 3.34.1): tests/py39/run.py builds a
+# Debian 11 tree once, cached in /var/cache/slurm-quota-lab/bullseye-py39, and runs them there
+# (root; about 3 minutes on 2 cores, 40 s more when the tree or its venv is (re)built).
 .PHONY: test-py39
 test-py39: venv
 	$(BIN)/python -m tests.py39.run
