@@ -867,10 +867,7 @@ local SQL = {
     -- WAL + NORMAL: a commit does not fsync (DESIGN §6: every row can be rebuilt by reconcile);
     -- with the default FULL each accepted submission paid an fsync (measured: ~5 ms here).
     synchronous = "PRAGMA synchronous = NORMAL",
-    -- The schema check of every call also gives data_version, which changes only when
-    -- another connection committed: settings and GPU factors are read again only then.
-    user_version = "SELECT (SELECT user_version FROM pragma_user_version), "
-        .. "(SELECT data_version FROM pragma_data_version)",
+    user_version = "PRAGMA user_version",
     -- Checkpoints never run on slurmctld's path: the Python side (charge, reconcile) runs
     -- them with SQLite's default wal_autocheckpoint (it cost ~10 ms about every 125 calls).
     wal_autocheckpoint = "PRAGMA wal_autocheckpoint = 0",
@@ -934,14 +931,14 @@ local function parse_factors(rows)
     return f
 end
 
--- Settings and factors (read-only tables: never modified by their users), from the
--- connection's cache while no other connection has committed since they were read.
+-- Read on every call: caching them behind PRAGMA data_version was measured inside slurmctld
+-- and the version probe cost as much as the settings query it saved (docs/benchmarks.md).
 local function load_settings(db)
-    return db:memo("settings", M.parse_settings)
+    return M.parse_settings(db:query("settings"))
 end
 
 local function load_factors(db)
-    return db:memo("gpu_factors", parse_factors)
+    return parse_factors(db:query("gpu_factors"))
 end
 
 local function load_ledger(db, owner, name, settings)
@@ -1314,7 +1311,6 @@ end
 local function check_schema(s)
     local v = s:query("user_version")[1]
     local version = v and tonumber(v[1])
-    s.data_version = v and tonumber(v[2])
     if version ~= SCHEMA_VERSION then
         error(db_error(string.format("the database %s has schema version %s, this plugin "
             .. "knows %s (run `slurm-quota migrate`, or update the plugin)", s.path,
@@ -1520,27 +1516,6 @@ function Lazy:exec(name, ...)
         check_schema(s)
     end
     return true
-end
-
---- The rows of query `name` parsed by parse, kept on the connection while its data_version
---- (read by the schema check of this call) is the one they were read under.
-function Lazy:memo(name, parse)
-    local s = self:get()
-    if self.unchecked then
-        self.unchecked = false
-        check_schema(s)
-    end
-    local c = s.cache
-    if not c or c.version == nil or c.version ~= s.data_version then
-        c = { version = s.data_version }
-        s.cache = c
-    end
-    local value = c[name]
-    if value == nil then
-        value = parse(s:query(name))
-        c[name] = value
-    end
-    return value
 end
 
 -- ok = the call ended normally: a cached connection stays open (with no transaction).

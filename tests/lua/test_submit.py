@@ -392,25 +392,7 @@ def test_connection_is_cached_across_calls(plugin, db_path):
     assert len(plugin.bridge.conns) == 1
     opens = [s for s in plugin.bridge.statements if s == "PRAGMA busy_timeout = 200"]
     assert len(opens) == 1  # opened once
-    checks = [s for s in plugin.bridge.statements if "pragma_user_version" in s]
-    assert len(checks) == 5  # the schema version is checked on every call
-    # nobody else committed: the settings were read once and kept on the connection
-    assert plugin.bridge.statements.count("SELECT key, value FROM settings") == 1
-
-
-def test_settings_are_read_again_once_another_connection_commits(plugin, db_path):
-    set_setting(db_path, "default_user_quota_cpu_minutes", "100")
-    assert plugin.submit(submit_case("c01_plain", user_name="carol")).rc == 0
-    assert plugin.submit(submit_case("c01_plain", user_name="dave")).rc == 0
-    # an administrator changes a default between two submissions: the next one sees it
-    execute(db_path, "UPDATE settings SET value = '10' WHERE key = ?",
-            "default_user_quota_cpu_minutes")
-    res = plugin.submit(submit_case("c01_plain", user_name="erin"))
-    assert res.rc == 2050, res.logs
-    assert plugin.bridge.statements.count("SELECT key, value FROM settings") == 2
-    assert rows(db_path, "SELECT username, quota_cpu_minutes FROM users ORDER BY 1") == [
-        ("carol", 100), ("dave", 100)
-    ]
+    assert plugin.bridge.statements.count("PRAGMA user_version") == 5  # checked every call
 
 
 def test_statements_are_prepared_once_per_connection(plugin, db_path):
@@ -423,10 +405,9 @@ def test_statements_are_prepared_once_per_connection(plugin, db_path):
     for _ in range(3):
         assert plugin.submit(submit_case("c10_gres_h100x2")).rc == 0
     assert plugin.bridge.prepared == []  # every statement re-executed from the cache
-    # one call = begin, schema check, user, account, insert, commit; settings and factors
-    # stay cached while no other connection commits
-    assert len(plugin.bridge.statements) == 3 * 6
-    assert plugin.bridge.statements[:2] == ["BEGIN IMMEDIATE", plugin.m.SQL.user_version]
+    # one call = schema check, begin, settings, factors, user, account, insert, commit
+    assert len(plugin.bridge.statements) == 3 * 8
+    assert plugin.bridge.statements[:2] == ["BEGIN IMMEDIATE", "PRAGMA user_version"]
     # the open-time pragmas are not kept; the per-call statements are
     assert "PRAGMA busy_timeout = 200" not in plugin.bridge.prepared
     kept = plugin.bridge.open_statements()
