@@ -18,6 +18,9 @@
 
     .venv/bin/python bench/plugin_latency.py [--calls 3000] [--runs 3] [--lab] [--lab-rounds 5]
     SLURM_QUOTA_LAB_RELEASE=sid .venv/bin/python bench/plugin_latency.py --no-latency --ctld-cpu
+4. Where the plugin's CPU goes inside slurmctld (--ctld-profile): bench/plugin_profile.lua as
+   the lab's job_submit.lua times the real module's parts with the thread CPU clock over
+   --ctld-jobs held submissions; the table is per call, parts overlapping.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from slurm_quota import db  # noqa: E402
 
 PLUGIN = REPO / "lua" / "job_submit.lua"
+PROFILE_PLUGIN = REPO / "bench" / "plugin_profile.lua"
 DRIVER = REPO / "bench" / "plugin_latency_driver.lua"
 NOOP_PLUGIN = """function slurm_job_submit(job_desc, part_list, submit_uid)
     job_desc.admin_comment = "noop"
@@ -98,17 +102,51 @@ def load() -> str:
     return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def latency_run(ledger: Path, users_file: Path, calls: int, plugin: Path = PLUGIN) -> dict:
+class Checkpointer:
+    """What the charge path and the reconcile timer do on a live cluster: a PASSIVE WAL
+    checkpoint from another process's connection every `every_s` seconds (the plugin never
+    checkpoints: its connection has wal_autocheckpoint = 0). every_s <= 0: none."""
+
+    def __init__(self, path: Path, every_s: float) -> None:
+        import threading
+
+        self.path, self.every_s, self.count = path, every_s, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=5)
+        try:
+            while not self.stop.wait(self.every_s):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.count += 1
+        finally:
+            conn.close()
+
+    def __enter__(self) -> Checkpointer:
+        if self.every_s > 0:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def latency_run(ledger: Path, users_file: Path, calls: int, plugin: Path = PLUGIN,
+                checkpoint_s: float = 1.0) -> dict:
     """One driver run on a fresh copy of ledger; p50/p99/mean/max (µs), prepares, open cost."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
         shutil.copyfile(ledger, path)
         env = dict(os.environ, SLURM_QUOTA_DB=str(path))
         load_before = load()
-        proc = subprocess.run(
-            ["lua5.1", str(DRIVER), str(plugin), str(users_file), str(calls), "200"],
-            capture_output=True, text=True, env=env, check=True,
-        )
+        with Checkpointer(path, checkpoint_s) as ckpt:
+            proc = subprocess.run(
+                ["lua5.1", str(DRIVER), str(plugin), str(users_file), str(calls), "200"],
+                capture_output=True, text=True, env=env, check=True,
+            )
         if proc.stderr.strip():
             raise SystemExit(f"plugin logged errors:\n{proc.stderr[-2000:]}")
         times, opens, rcs, prepares = [], [], set(), None
@@ -129,12 +167,12 @@ def latency_run(ledger: Path, users_file: Path, calls: int, plugin: Path = PLUGI
         "p50_us": statistics.median(times), "p99_us": pct(times, 99),
         "mean_us": statistics.fmean(times), "max_us": max(times), "rcs": sorted(rcs),
         "prepares_per_call": prepares, "open_p50_us": statistics.median(opens),
-        "load_before": load_before,
+        "load_before": load_before, "checkpoints": ckpt.count,
     }
 
 
 def latency(preallocs: int, calls: int, runs: int, users: int, accounts: int,
-            plugin: Path = PLUGIN) -> dict:
+            plugin: Path = PLUGIN, checkpoint_s: float = 1.0) -> dict:
     """`runs` driver runs on one ledger (copied fresh for each); every run and the medians."""
     with tempfile.TemporaryDirectory() as tmp:
         ledger = build_ledger(Path(tmp) / "ledger.db", users, accounts, preallocs)
@@ -142,7 +180,8 @@ def latency(preallocs: int, calls: int, runs: int, users: int, accounts: int,
         rnd = random.Random(2)
         users_file.write_text("".join(
             f"user{u:05d} acct{rnd.randrange(accounts):04d}\n" for u in range(users)))
-        all_runs = [latency_run(ledger, users_file, calls, plugin) for _ in range(runs)]
+        all_runs = [latency_run(ledger, users_file, calls, plugin, checkpoint_s)
+                    for _ in range(runs)]
     out: dict = {"preallocations": preallocs, "users": users, "accounts": accounts,
                  "runs": all_runs}
     for key in ("p50_us", "p99_us", "mean_us", "max_us", "open_p50_us"):
@@ -252,6 +291,40 @@ def lab_ctld_cpu(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
             "noop_over_ours": noop_ms / ours, "all": per_sub, "load_before_rounds": loads}
 
 
+def lab_ctld_profile(jobs: int) -> dict:
+    """Per-call thread CPU (us) of the plugin's parts inside slurmctld (plugin_profile.lua)."""
+    from tests.integration.lab import Lab
+
+    lab = Lab()
+    started = False
+    if not lab.is_up():
+        lab.up()
+        started = True
+    jobcomp_was = lab.jobcomp_enabled()
+    lab.set_jobcomp(False)
+    out = lab.log_dir / "plugin-profile.tsv"
+    try:
+        version = lab.slurm_version()
+        lab.cancel_all()
+        out.unlink(missing_ok=True)
+        lab.install_plugin(PROFILE_PLUGIN, module=REPO / "lua" / "slurm_quota.lua")
+        time.sleep(1.1)
+        for _ in range(jobs):
+            res = lab.sbatch("--hold", "--time=10", "-n", "2", script="#!/bin/sh\ntrue\n")
+            assert res.rc == 0, res.stderr
+        lab.cancel_all()
+        lab.install_plugin(PLUGIN)
+        parts = {}
+        for line in out.read_text().splitlines():
+            name, us, hits = line.split("\t")
+            parts[name] = {"us_per_call": float(us), "calls": int(hits)}
+    finally:
+        lab.set_jobcomp(jobcomp_was)
+        if started:
+            lab.down()
+    return {"slurm": version, "release": lab.release, "submissions": jobs, "parts": parts}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=3000)
@@ -259,6 +332,8 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--accounts", type=int, default=1_000)
     ap.add_argument("--plugin", type=Path, default=PLUGIN, help="the job_submit.lua to measure")
+    ap.add_argument("--checkpoint-every", type=float, default=1.0, metavar="S",
+                    help="a PASSIVE checkpoint from another connection every S s (0: none)")
     ap.add_argument("--no-latency", action="store_true", help="only the lab throughput")
     ap.add_argument("--lab", action="store_true", help="also measure sbatch throughput")
     ap.add_argument("--lab-jobs", type=int, default=100)
@@ -267,6 +342,8 @@ def main() -> int:
                     help="slurmctld CPU per submission, ours vs no-op, on the lab")
     ap.add_argument("--ctld-jobs", type=int, default=200)
     ap.add_argument("--ctld-rounds", type=int, default=4)
+    ap.add_argument("--ctld-profile", action="store_true",
+                    help="thread CPU of the plugin's parts inside slurmctld, on the lab")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result: dict = {
@@ -277,13 +354,15 @@ def main() -> int:
     if not args.no_latency:
         for key, size in (("small", 1_000), ("large", 100_000)):
             result[key] = latency(size, args.calls, args.runs, args.users, args.accounts,
-                                  args.plugin)
+                                  args.plugin, args.checkpoint_every)
         result["ratio_p99"] = result["large"]["p99_us"] / result["small"]["p99_us"]
         result["ratio_p50"] = result["large"]["p50_us"] / result["small"]["p50_us"]
     if args.lab:
         result["lab"] = lab_throughput(args.lab_jobs, args.lab_rounds, args.plugin)
     if args.ctld_cpu:
         result["ctld"] = lab_ctld_cpu(args.ctld_jobs, args.ctld_rounds, args.plugin)
+    if args.ctld_profile:
+        result["profile"] = lab_ctld_profile(args.ctld_jobs)
     result["load_end"] = load()
     if args.json:
         print(json.dumps(result, indent=1))
@@ -299,7 +378,8 @@ def main() -> int:
             print(f"  run {i}: p50 {run['p50_us'] / 1000:.3f} ms, p99 {run['p99_us'] / 1000:.3f} "
                   f"ms, mean {run['mean_us'] / 1000:.3f} ms, max {run['max_us'] / 1000:.3f} ms "
                   f"over {run['calls']} calls; {run['prepares_per_call']:.2f} prepares/call; "
-                  f"open {run['open_p50_us'] / 1000:.3f} ms; load {run['load_before']}")
+                  f"open {run['open_p50_us'] / 1000:.3f} ms; {run['checkpoints']} checkpoints "
+                  f"by another connection; load {run['load_before']}")
         lo50, hi50 = r["p50_spread_us"]
         lo99, hi99 = r["p99_spread_us"]
         print(f"  median: p50 {r['p50_us'] / 1000:.3f} ms ({lo50 / 1000:.3f}-{hi50 / 1000:.3f}), "
@@ -324,6 +404,12 @@ def main() -> int:
             print(f"  {name}: median {c[name + '_ms']:.3f} ms (rounds: {vals})")
         print(f"  added by the plugin: {c['added_ms']:.3f} ms; no-op/ours "
               f"{c['noop_over_ours']:.3f}; loads {', '.join(c['load_before_rounds'])}")
+    if "profile" in result:
+        prof = result["profile"]
+        print(f"plugin parts inside slurmctld, Slurm {prof['slurm']} ({prof['release']}), "
+              f"{prof['submissions']} held sbatch (thread CPU per call, parts overlap):")
+        for name, v in sorted(prof["parts"].items(), key=lambda kv: -kv[1]["us_per_call"]):
+            print(f"  {name:32} {v['us_per_call']:8.1f} us  ({v['calls']} timed)")
     print(f"load average at end {result['load_end']}")
     return 0
 

@@ -216,6 +216,18 @@ def connect(
     return conn
 
 
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """A PASSIVE WAL checkpoint (copies what no reader still needs; never waits for locks).
+
+    The plugin's connection never checkpoints (wal_autocheckpoint = 0: not on slurmctld's
+    path), so the Python side does: every commit here past SQLite's 1000-page threshold, and
+    this at the end of each reconcile (the timer), which bounds the WAL on a cluster where
+    nothing completes. A busy or failing checkpoint is harmless: the next one catches up.
+    """
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
 @contextlib.contextmanager
 def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """Run the block in one BEGIN IMMEDIATE transaction: all of it or none of it."""

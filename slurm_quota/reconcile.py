@@ -298,6 +298,8 @@ def reconcile(
                             old_value=_prealloc_text(row), new_value=None,
                             reason="token neither queued nor in recent accounting",
                         )  # fmt: skip
+    if not dry_run:
+        db.checkpoint(conn)  # the plugin never checkpoints; the timer bounds the WAL
     return ReconcileReport(
         since=since,
         until=now,

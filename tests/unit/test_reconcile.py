@@ -96,6 +96,25 @@ def test_reconcile_charges_every_ended_run_once_and_matches_sacct(conn):
         assert consumed(conn, "user", user) == totals
 
 
+def test_reconcile_checkpoints_the_wal_the_plugin_leaves(conn, db_path):
+    # the plugin's connection never checkpoints; a WAL left by it (here: another connection
+    # with autocheckpoint off, still open so that closing does not checkpoint) is copied
+    # back into the database file by reconcile, with nothing to charge
+    import sqlite3
+
+    other = sqlite3.connect(str(db_path), isolation_level=None)
+    try:
+        other.execute("PRAGMA wal_autocheckpoint = 0")
+        for i in range(50):
+            other.execute("INSERT INTO settings (key, value) VALUES (?, 'x')", (f"k{i}",))
+        before = db_path.stat().st_mtime_ns
+        time.sleep(0.01)
+        R.reconcile(conn, since=NOW - 60, now=NOW, runner=slurm(RunResult(0, "", "")))
+        assert db_path.stat().st_mtime_ns > before  # the WAL's pages were written back
+    finally:
+        other.close()
+
+
 def test_reconcile_skips_runs_the_jobcomp_path_already_charged(conn):
     for name in ("plain", "exclusive", "array_task2", "requeue_run1", "cancelled_pending"):
         C.charge_env(conn, case(name)["env"], runner=FakeSlurm(
