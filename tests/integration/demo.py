@@ -134,8 +134,14 @@ def run_demo(lab: Lab) -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
+    # The service runs where the rest of the lab's product runs (the release's chroot, on its
+    # python3, for a lab of another release); chroot execs, so the PID is the server's.
     serve = subprocess.Popen(
-        [demo.quota, "--db", str(lab.db_path), "serve", "--port", str(port), "--idle-timeout", "0"],
+        lab.in_chroot(
+            [demo.quota, "--db", str(lab.db_path), "serve", "--port", str(port),
+             "--idle-timeout", "0"],
+            cwd=str(lab.root),
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
