@@ -26,7 +26,7 @@ LAB_RELEASE = $(if $(RELEASE),SLURM_QUOTA_LAB_RELEASE=$(RELEASE))
 
 # Every test: unit, Lua (lupa 5.1-5.4 + LuaJIT, real lua5.1/lua5.4 + LuaDBI) once, the unit
 # tests again under Python 3.9 with EL9's libraries (test-py39), then the real Slurm lab's
-# integration tests once per release of RELEASES (every release runs even
+# integration tests and the demo once per release of RELEASES (every release runs even
 # when one fails; the target fails if any did). System packages are installed on first use
 # when root; otherwise those tests skip loudly (and fail when SLURM_QUOTA_REQUIRE_SYSTEM=1, as
 # .ci/run sets).
@@ -38,6 +38,9 @@ test: venv
 	    echo "== integration tests on the $$r lab"; \
 	    start=$$(date +%s); \
 	    SLURM_QUOTA_LAB_RELEASE=$$r $(BIN)/python -m pytest tests/integration || failed="$$failed $$r"; \
+	    echo "== make demo on the $$r lab"; \
+	    NO_COLOR=1 SLURM_QUOTA_LAB_RELEASE=$$r $(BIN)/python -m tests.integration.demo \
+	        || failed="$$failed $$r(demo)"; \
 	    echo "== $$r: $$(( $$(date +%s) - start )) s"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "integration tests failed on:$$failed"; exit 1; fi
