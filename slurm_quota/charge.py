@@ -30,7 +30,7 @@ import time
 from collections import namedtuple
 from collections.abc import Mapping
 
-from slurm_quota import ledger
+from slurm_quota import ledger, numbers
 from slurm_quota import slurm as slurm_mod
 from slurm_quota.errors import InvalidInput, SlurmUnavailable
 
@@ -54,10 +54,10 @@ def _env_int(env: Mapping[str, str], key: str, *, required: bool) -> int | None:
         if required:
             raise InvalidInput(f"The jobcomp environment has no {key} (is this run by Slurm?).")
         return None
-    try:
-        return int(raw)
-    except ValueError as err:
-        raise InvalidInput(f"The jobcomp variable {key}={raw!r} is not a number.") from err
+    value = numbers.int_or_none(raw)
+    if value is None:
+        raise InvalidInput(f"The jobcomp variable {key}={numbers.shown(raw)} is not a number.")
+    return value
 
 
 def _id_or_none(value: int | None) -> int | None:
@@ -176,7 +176,7 @@ def run_from_sacct(row: slurm_mod.AccountingJob) -> Run | None:
     array_job_id = row.array_job_id
     if meta:
         head = row.job_id_text.split("_", 1)[0]
-        array_job_id = int(head) if head.isdigit() else row.job_id
+        array_job_id = numbers.int_or_none(head) or row.job_id
     return Run(
         job_id=row.job_id,
         start_time=start,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slurm_quota import charge as charge_mod
+from slurm_quota import numbers
 from slurm_quota import slurm as slurm_mod
 from slurm_quota.errors import InvalidInput, SlurmQuotaError, SlurmUnavailable
 
@@ -46,8 +47,9 @@ def parse_created_at(value: object) -> int | None:
     if isinstance(value, (int, float)):
         return int(value)
     text = str(value).strip().replace("T", " ")
-    if text.isdigit():
-        return int(text)
+    epoch = numbers.int_or_none(text)
+    if epoch is not None:
+        return epoch
     text = text.split(".", 1)[0].rstrip("Z")
     try:
         return calendar.timegm(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S"))

@@ -13,6 +13,7 @@ import click
 
 from slurm_quota.cli.base import (
     Settings,
+    WholeNumber,
     cli,
     echo_json,
     open_db,
@@ -546,7 +547,7 @@ def set_gpu_factor_cmd(settings: Settings, gpu_type: str, factor: str, reason: s
 @click.option("--job", "job", metavar="JOBID", help="Only charges of this job (or array/het job).")
 @click.option(
     "--limit",
-    type=click.IntRange(1, 100_000),
+    type=WholeNumber(1, 100_000),
     default=50,
     show_default=True,
     help="Show at most this many entries.",
