@@ -28,6 +28,10 @@ class SchemaError(SlurmQuotaError):
     """The database schema is not the one this version understands."""
 
 
+class DatabaseDamaged(SchemaError):
+    """The ledger file is damaged, or is not a SQLite file at all (e.g. a FIFO at its path)."""
+
+
 class Inconsistent(SlurmQuotaError):
     """The ledger failed its consistency check (`slurm-quota check`)."""
 

@@ -70,7 +70,7 @@ def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
     from slurm_quota import admin, check
     from slurm_quota.errors import Inconsistent
 
-    with _ledger(settings, readonly=not repair) as conn:
+    with _ledger(settings, readonly=not repair, checked_by_caller=True) as conn:
         report = check.check(conn, repair=repair, actor=admin.current_actor())
     if as_json:
         echo_json(report.as_dict())
@@ -160,9 +160,15 @@ def _json_option(func):
 
 
 @contextlib.contextmanager
-def _ledger(settings: Settings, *, readonly: bool = False) -> Iterator[Any]:
-    """Open the ledger for one command and close it afterwards."""
-    conn = open_db(settings, readonly=readonly)
+def _ledger(
+    settings: Settings, *, readonly: bool = False, checked_by_caller: bool = False
+) -> Iterator[Any]:
+    """Open the ledger for one command and close it afterwards.
+
+    A writable open refuses a ledger that fails the integrity check (no admin write into a
+    damaged file), unless the command checks that itself (check --repair).
+    """
+    conn = open_db(settings, readonly=readonly, intact=not (readonly or checked_by_caller))
     try:
         yield conn
     finally:

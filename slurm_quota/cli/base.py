@@ -99,11 +99,16 @@ def require_root(command: str) -> None:
         )
 
 
-def open_db(settings: Settings, *, readonly: bool = False):  # -> sqlite3.Connection
-    """Open the ledger named by --db (lazy import keeps start-up fast)."""
+def open_db(
+    settings: Settings, *, readonly: bool = False, intact: bool = False
+):  # -> sqlite3.Connection
+    """Open the ledger named by --db (lazy import keeps start-up fast).
+
+    intact=True (admin writes) refuses a file that fails SQLite's integrity check.
+    """
     from slurm_quota import db
 
-    return db.connect(settings.db_path, readonly=readonly)
+    return db.connect(settings.db_path, readonly=readonly, intact=intact)
 
 
 def echo_json(data: Any) -> None:

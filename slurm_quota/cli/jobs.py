@@ -260,7 +260,7 @@ def prune_cmd(
 
     if all_ or not (preallocs or users or accounts):
         preallocs = users = accounts = True
-    conn = open_db(settings, readonly=dry_run)
+    conn = open_db(settings, readonly=dry_run, intact=not dry_run)
     try:
         report = reconcile.prune(
             conn,
