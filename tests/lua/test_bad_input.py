@@ -102,14 +102,19 @@ def test_an_array_spec_over_the_length_bound_is_refused_with_a_message(plugin, d
 
 
 def test_an_array_spec_at_the_length_bound_is_still_counted(plugin):
-    items = [str(i) for i in range(0, 30_000, 3)]
-    spec = ",".join(items)
-    need = 65536 - len(spec)
-    if need % 2:
-        spec, need = "0" + spec, need - 1  # "00" is index 0 again
-    spec += ",0" * (need // 2)  # duplicates of index 0: the count stays
+    items = [str(1_000_000 + 3 * i) for i in range(8000)]
+    need = 65536 - len(",".join(items))
+    dups, zeros = divmod(need, len(",1000000-1000000:1"))
+    items[:zeros] = ["0" + i for i in items[:zeros]]  # 01000000 is index 1000000 still
+    spec = ",".join(items) + ",1000000-1000000:1" * dups  # index 1000000 again
     assert len(spec) == 65536
-    assert plugin.m.parse_array_inx(spec) == len(items)
+    assert plugin.m.parse_array_inx(spec) == 8000
+
+
+def test_an_array_spec_with_more_than_10000_items_is_refused(plugin):
+    got = plugin.m.parse_array_inx(",".join(["0"] * 10_001))
+    assert got[0] is None and "lists more than 10000 indices or ranges" in got[1]
+    assert plugin.m.parse_array_inx(",".join(["0"] * 10_000)) == 1
 
 
 def test_a_long_tres_field_is_refused_with_a_message(plugin):
