@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -219,3 +220,22 @@ def test_a_failed_statement_is_prepared_again_under_real_luadbi(tmp_path, db_pat
     assert lines[3] == "SESSION\ttrue\ttrue"
     assert rows(db_path, "SELECT key FROM settings") == []
     assert rows(db_path, "SELECT username FROM users") == [("good",)]
+
+
+def test_a_job_without_user_name_is_reserved_for_its_uid_by_real_luaposix(tmp_path, db_path):
+    # issue 19: the name comes from posix.pwd.getpwuid(user_id); uid 0 is root everywhere
+    run = run_cases([submit("c01_plain", user_name=None, user_id=0.0)], tmp_path, db_path)
+    call = run.calls[0]
+    assert call.rc == 0, call.logs
+    assert prealloc(db_path, call.uuid)[0] == "root"
+    assert "user_id 0 is root" in call.log_text("info")
+
+
+def test_a_fifo_at_the_ledger_path_is_not_opened_by_real_lua51(tmp_path):
+    # issue 19: the open of a FIFO blocked slurmctld forever; run_cases times out at 60 s
+    fifo = tmp_path / "ledger.db"
+    os.mkfifo(fifo)
+    run = run_cases([submit("c01_plain")], tmp_path, fifo, timeout=60)
+    call = run.calls[0]
+    assert call.rc == 0  # fail-open, with the reason logged
+    assert "is not a regular file" in call.log_text("error")
