@@ -184,8 +184,9 @@ def check_plausible(run: Run) -> None:
         if value is not None and not 0 <= value <= maximum:
             raise ImplausibleSlurmData(
                 f"Job {run.job_id}: {name}={value} is not a value Slurm can give (0 to "
-                f"{maximum}); nothing was charged. `slurm-quota reconcile` charges this run "
-                f"from accounting."
+                f"{maximum}); nothing was charged. Check the job with `sacct -j "
+                f"{run.job_id}`: `slurm-quota reconcile` charges the run from accounting "
+                f"when it reads sanely there."
             )
 
 
