@@ -2,13 +2,12 @@
 
 Owns: what counts as a number (ASCII digits only, optionally one sign where the caller allows
 it; never Unicode digits, `_` separators, hex or exponents, which Python's int() and float()
-accept and the Lua plugin does not) and the bounds that keep a value where SQLite and every
-Lua can hold it exactly. Pure: no I/O; imported by the charge fast path, so no heavy imports.
+accept and the Lua plugin does not) and how many digits are read at all. Callers check the
+range of the value and word the message. Pure: no I/O, no imports (the charge fast path
+imports it).
 """
 
 from __future__ import annotations
-
-from slurm_quota.errors import InvalidInput
 
 # Longest digit string read at all: more than any value below needs, far below the length
 # at which int() refuses (4300 digits on Python 3.11) or gets slow.
@@ -36,31 +35,6 @@ def int_or_none(text: object, *, signed: bool = False) -> int | None:
     if len(value) > MAX_DIGITS or not is_ascii_digits(value):
         return None
     return sign * int(value)
-
-
-def parse_int(
-    text: object,
-    what: str,
-    *,
-    minimum: int | None = None,
-    maximum: int | None = None,
-    signed: bool = False,
-    hint: str = "",
-) -> int:
-    """The integer written in text within [minimum, maximum], or InvalidInput naming `what`.
-
-    hint ends the message (e.g. "a positive whole number, e.g. 12345").
-    """
-    quoted = shown(text)
-    value = int_or_none(text, signed=signed)
-    tail = f" ({hint})" if hint else ""
-    if value is None:
-        raise InvalidInput(f"{what} {quoted} is not a whole number written in digits 0-9{tail}.")
-    if minimum is not None and value < minimum:
-        raise InvalidInput(f"{what} {quoted} is below the minimum {minimum}{tail}.")
-    if maximum is not None and value > maximum:
-        raise InvalidInput(f"{what} {quoted} is above the maximum {maximum}{tail}.")
-    return value
 
 
 def shown(text: object) -> str:
