@@ -9,8 +9,8 @@ imports it).
 
 from __future__ import annotations
 
-# Longest digit string read at all: more than any value below needs, far below the length
-# at which int() refuses (4300 digits on Python 3.11) or gets slow.
+# Longest digit string read at all: more than any value slurm-quota reads needs, far below
+# the length at which int() refuses (4300 digits on Python 3.11) or gets slow.
 MAX_DIGITS = 30
 
 
