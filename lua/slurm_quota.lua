@@ -56,6 +56,16 @@ local MAX_ARRAY_INDEX = 4000000
 -- Overlapping array ranges with a step are de-duplicated exactly up to this many elements;
 -- above it their counts are added (an over-reservation, never an under-reservation).
 local ARRAY_DEDUP_LIMIT = 20000
+-- Longest --array specification read at all: the parse must stay far inside the 250 ms
+-- budget of a decision whatever it is given (a 3.6 MB one took 2.2 s). 65536 characters hold
+-- over 9,000 explicit indices of 7 digits; beyond it a job is refused with a message.
+-- (bench/plugin_fuzz.py measures the worst decision over specifications up to several MB.)
+local MAX_ARRAY_SPEC_LEN = 65536
+-- Most comma-separated items (indices or ranges) read: their sort is what costs (32,768
+-- items "0,0,0,..." took 86 ms under lua5.1 on the 2-core VM; 10,000 take about a third).
+local MAX_ARRAY_ITEMS = 10000
+-- Longest TRES/GRES string (one field) and partition list read at all, for the same reason.
+local MAX_FIELD_LEN = 4096
 
 -- Slurm's "unset" and "unlimited" markers (slurm.h, identical in 22.05 to 24.x).
 local NO_VAL = 4294967294
@@ -116,6 +126,15 @@ local function num_str(x)
     return s
 end
 
+-- A long user-given text shortened for a message (the whole of it may be megabytes), cut
+-- before a UTF-8 continuation byte so that the message stays valid text.
+local function short(s)
+    if #s <= 40 then return s end
+    local n = 40
+    while n > 1 and s:byte(n + 1) >= 128 and s:byte(n + 1) < 192 do n = n - 1 end
+    return s:sub(1, n) .. "... (" .. #s .. " bytes)"
+end
+
 local function plural(n, one, many)
     if n == 1 then return int_str(n) .. " " .. one end
     return int_str(n) .. " " .. (many or (one .. "s"))
@@ -135,20 +154,31 @@ end
 function M.parse_array_inx(spec)
     if spec == nil or spec == "" then return 1 end
     if type(spec) ~= "string" then return nil, "the array specification is not text" end
+    if #spec > MAX_ARRAY_SPEC_LEN then
+        return nil, string.format("--array=%s is longer than %s characters, the most this "
+            .. "plugin reads: use ranges (A-B, A-B:S) instead of long lists", short(spec),
+            int_str(MAX_ARRAY_SPEC_LEN))
+    end
+    local shown = short(spec)
     local body = spec
     local pct = body:find("%", 1, true)
     if pct then
         local throttle = body:sub(pct + 1)
         if not throttle:match("^%d+$") then
-            return nil, string.format("the throttle after %% in --array=%s is not a number", spec)
+            return nil, string.format("the throttle after %% in --array=%s is not a number", shown)
         end
         body = body:sub(1, pct - 1)
     end
     local inner = body:match("^%[(.*)%]$")
     if inner then body = inner end
-    if body == "" then return nil, string.format("--array=%s lists no index", spec) end
+    if body == "" then return nil, string.format("--array=%s lists no index", shown) end
     local ranges, total, all_step1 = {}, 0, true
     for item in split_commas(body) do
+        if #ranges >= MAX_ARRAY_ITEMS then
+            return nil, string.format("--array=%s lists more than %s indices or ranges, the "
+                .. "most this plugin reads: use ranges (A-B, A-B:S) instead of long lists",
+                shown, int_str(MAX_ARRAY_ITEMS))
+        end
         local a, b, step = item:match("^(%d+)%-(%d+):(%d+)$")
         if not a then
             a, b = item:match("^(%d+)%-(%d+)$")
@@ -160,22 +190,22 @@ function M.parse_array_inx(spec)
         end
         if not a then
             return nil, string.format("cannot read %q in --array=%s (expected N, A-B or A-B:S, "
-                .. "comma separated, with an optional %%T throttle)", item, spec)
+                .. "comma separated, with an optional %%T throttle)", short(item), shown)
         end
         if #a > 9 or #b > 9 or #step > 9 then
             return nil, string.format("an index in --array=%s is larger than %s, the most "
-                .. "Slurm allows", spec, int_str(MAX_ARRAY_INDEX))
+                .. "Slurm allows", shown, int_str(MAX_ARRAY_INDEX))
         end
         local lo, hi, st = tonumber(a), tonumber(b), tonumber(step)
         if hi > MAX_ARRAY_INDEX or lo > MAX_ARRAY_INDEX then
             return nil, string.format("an index in --array=%s is larger than %s, the most "
-                .. "Slurm allows", spec, int_str(MAX_ARRAY_INDEX))
+                .. "Slurm allows", shown, int_str(MAX_ARRAY_INDEX))
         end
         if hi < lo then
-            return nil, string.format("the range %s in --array=%s ends before it starts", item, spec)
+            return nil, string.format("the range %s in --array=%s ends before it starts", item, shown)
         end
         if st < 1 then
-            return nil, string.format("the step of %s in --array=%s must be at least 1", item, spec)
+            return nil, string.format("the step of %s in --array=%s must be at least 1", item, shown)
         end
         if st ~= 1 then all_step1 = false end
         ranges[#ranges + 1] = { lo, hi, st }
@@ -220,6 +250,23 @@ local function parse_count(text)
     return float(tonumber(digits)) * COUNT_SUFFIX[suffix:lower()]
 end
 
+-- Written like a number but not a count parse_count reads (too many digits, a sign, a
+-- fraction, an exponent, hex): in gpu:X such an X is a bad count, never a GPU type. (Types
+-- may start with a digit, e.g. MIG's 1g.5gb, so "starts with a digit" is not the test.)
+local NUMBER_LIKE = {
+    "^[%+%-]?%d+[kKmMgGtTpP]?$",
+    "^[%+%-]?%d*%.?%d+[eE][%+%-]?%d+$",
+    "^[%+%-]?%d+%.%d*$",
+    "^[%+%-]?%.%d+$",
+    "^[%+%-]?0[xX]%x*$",
+}
+local function number_like(text)
+    for _, pat in ipairs(NUMBER_LIKE) do
+        if text:match(pat) then return true end
+    end
+    return false
+end
+
 --- GPUs named in one TRES/GRES string, as a list of {type = name or false, count = n}.
 --- Accepts every spelling Slurm used: gres:gpu:h100:2, gres:gpu:2 (22.05), gres/gpu:h100:2,
 --- gres/gpu:2, gres/gpu=2, gres/gpu:h100=2 (later), bare gpu:2, comma lists. Other GRES and
@@ -229,6 +276,10 @@ function M.parse_gpus(text)
     local out = {}
     if text == nil or text == "" then return out end
     if type(text) ~= "string" then return nil, "the GPU request is not text" end
+    if #text > MAX_FIELD_LEN then
+        return nil, string.format("cannot read the GPU request %s: longer than %s characters",
+            short(text), int_str(MAX_FIELD_LEN))
+    end
     for raw in split_commas(text) do
         local entry = trim(raw)
         if entry ~= "" then
@@ -247,13 +298,17 @@ function M.parse_gpus(text)
                         gpu_type, count_text = a, b
                     elseif parse_count(t) then
                         count_text = t
+                    elseif number_like(t) then
+                        return nil, string.format("cannot read the GPU request %q: %s is not "
+                            .. "a GPU count (a whole number of at most 15 digits, e.g. "
+                            .. "gpu:2 or gpu:h100:2)", short(entry), short(t))
                     else
                         gpu_type, count_text = t, "1"
                     end
                 end
                 local count = parse_count(count_text or "")
                 if not count or gpu_type == "" then
-                    return nil, string.format("cannot read the GPU request %q", entry)
+                    return nil, string.format("cannot read the GPU request %q", short(entry))
                 end
                 out[#out + 1] = { type = gpu_type or false, count = count }
             end
@@ -641,9 +696,12 @@ function M.parse_settings(rows)
     for _, row in ipairs(rows) do
         if type(row[1]) == "string" and row[2] ~= nil then s[row[1]] = tostring(row[2]) end
     end
+    -- Whole numbers in ASCII digits only (what `slurm-quota` stores): tonumber() would also
+    -- read " 0x10", "1e5" or "inf", which the Python side refuses.
     local function number(key)
-        local v = tonumber(s[key])
-        if v and v == v then s[key] = v else s[key] = nil end
+        local text = s[key] and trim(s[key])
+        local digits = text and text:match("^%-?(%d+)$")
+        if digits and #digits <= 15 then s[key] = tonumber(text) else s[key] = nil end
     end
     for _, key in ipairs({ "default_user_quota_cpu_minutes", "default_user_quota_gpu_minutes",
         "default_account_quota_cpu_minutes", "default_account_quota_gpu_minutes",
@@ -994,7 +1052,19 @@ end
 --- slurm_job_submit with an injected env; raises on DB errors (the wiring applies the policy).
 function M.submit(env, job_desc, part_list, submit_uid)
     local view = M.read_submit(job_desc, part_list)
-    if not view.user then error("the job has no user_name (user_id " .. int_str(view.uid) .. ")") end
+    if not view.user and view.uid and env.user_name then
+        -- slurmctld leaves user_name unset on some paths (e.g. sbatch --uid, REST); the
+        -- quota still applies, so the name comes from the passwd database.
+        view.user = env.user_name(view.uid)
+        if view.user then
+            log(env, "log_info", string.format("%sjob %s has no user_name; user_id %s is %s",
+                LOG_PREFIX, job_label(view), int_str(view.uid), view.user))
+        end
+    end
+    if not view.user then
+        error("the job has no user_name and user_id " .. int_str(view.uid)
+            .. " has no passwd entry")
+    end
     local is_root = view.uid == 0
     view.account = view.account or ""
     local db = env.db
@@ -1318,10 +1388,38 @@ local function check_schema(s)
     end
 end
 
+local posix_stat
+
+-- The file type bits of a st_mode (S_IFMT / 4096) without bit operators: 8 = regular file.
+local function file_type(mode)
+    return floor(mode / 4096) % 16
+end
+
+-- The ledger must exist and be a regular file before SQLite opens it: opening or reading a
+-- FIFO blocks forever, and slurmctld holds its locks meanwhile. With luaposix nothing is
+-- opened (stat, also of -wal/-shm); without it the file is opened read-write (which does not
+-- block on a FIFO) and must be seekable, which a FIFO or a terminal is not.
 local function check_exists(path)
-    local f = io.open(path, "rb")
-    if not f then error(db_error("the database " .. path .. " is missing or unreadable"), 0) end
+    local missing = "the database " .. path .. " is missing or unreadable"
+    if posix_stat then
+        for _, suffix in ipairs({ "", "-wal", "-shm" }) do
+            local st = posix_stat.stat(path .. suffix)
+            if not st and suffix == "" then error(db_error(missing), 0) end
+            if st and type(st.st_mode) == "number" and file_type(st.st_mode) ~= 8 then
+                error(db_error("the database " .. path .. suffix .. " is not a regular file "
+                    .. "(a FIFO, directory or device); it is not opened"), 0)
+            end
+        end
+        return
+    end
+    local f = io.open(path, "r+b")
+    if not f then error(db_error(missing), 0) end
+    local size = f:seek("end")
     f:close()
+    if not size then
+        error(db_error("the database " .. path .. " is not a regular file (it cannot seek); "
+            .. "it is not opened"), 0)
+    end
 end
 
 --- Open the ledger: must exist, bounded lock wait, known schema. Raises a db error.
@@ -1349,8 +1447,19 @@ function M.open_db(path)
     return s
 end
 
+--- The name of a uid from the passwd database (luaposix), or nil.
+function M.user_name_of(uid)
+    if type(uid) ~= "number" then return nil end
+    local ok, pwd = pcall(require, "posix.pwd")
+    if not ok or type(pwd) ~= "table" or not pwd.getpwuid then return nil end
+    local okp, pw = pcall(pwd.getpwuid, uid)
+    if okp and type(pw) == "table" and type(pw.pw_name) == "string" and pw.pw_name ~= "" then
+        return pw.pw_name
+    end
+    return nil
+end
+
 -- The identity of the DB file (device:inode) when luaposix is there, else nil.
-local posix_stat
 do
     local ok, mod = pcall(require, "posix.sys.stat")
     if ok and type(mod) == "table" and mod.stat then posix_stat = mod end
@@ -1473,6 +1582,7 @@ local function make_env()
         now = os.time,
         uuid = M.uuid4,
         is_admin = M.is_admin,
+        user_name = M.user_name_of,
     }
 end
 M.make_env = make_env

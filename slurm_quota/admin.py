@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Union
 
-from slurm_quota import db, ledger
+from slurm_quota import db, ledger, numbers
 from slurm_quota.errors import InvalidInput, NotFound, SchemaError
 
 KINDS = ("user", "account")
@@ -413,7 +413,7 @@ def set_default_quotas(
 SETTING_DEFAULT_TIME = "default_time_minutes"
 SETTING_NODE_GPUS = "node_gpus"
 _NODE_GPUS_KEY_RE = re.compile(r"node_gpus(?:\.([A-Za-z0-9_.-]{1,64}))?")
-_NODE_GPU_ENTRY_RE = re.compile(r"gpu(?::([A-Za-z0-9_.-]{1,64}))?:(\d{1,4})")
+_NODE_GPU_ENTRY_RE = re.compile(r"gpu(?::([A-Za-z0-9_.-]{1,64}))?:([0-9]{1,4})")
 
 
 @dataclass(frozen=True)
@@ -440,28 +440,41 @@ def parse_setting(key: str, value: str | None) -> tuple[str, str | None]:
     if key == SETTING_DEFAULT_TIME:
         if value is None:
             return key, None
-        text = value.strip()
-        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 10**7:
+        minutes = numbers.int_or_none(value)
+        if minutes is None or not 1 <= minutes <= 10**7:
             raise InvalidInput(
                 f"{key} must be a whole number of minutes from 1 to 10000000, not {_shown(value)}."
             )
-        return key, str(int(text))
+        return key, str(minutes)
     if _NODE_GPUS_KEY_RE.fullmatch(key):
         if value is None:
             return key, None
         entries = [e.strip() for e in value.split(",")]
-        for entry in entries:
-            m = _NODE_GPU_ENTRY_RE.fullmatch(entry)
-            if not m or int(m.group(2)) < 1:
-                raise InvalidInput(
-                    f"{key}: {_shown(entry)} is not a GPU entry like gpu:h100:2 or gpu:4 "
-                    f"(comma-separated, as in the node's Gres=)."
-                )
+        parse_node_gpus(",".join(entries), key)
         return key, ",".join(entries)
     raise InvalidInput(
         f"Unknown setting {_shown(key)}: the settings are {SETTING_DEFAULT_TIME}, "
         f"{SETTING_NODE_GPUS} and {SETTING_NODE_GPUS}.<partition>."
     )
+
+
+def parse_node_gpus(value: str, key: str = SETTING_NODE_GPUS) -> list[tuple[str | None, int]]:
+    """(type or None, count) of each entry of a node_gpus value (`gpu:h100:2,gpu:4`).
+
+    Counts are 1 to 9999 in ASCII digits: what the plugin reads from the same text.
+    """
+    out: list[tuple[str | None, int]] = []
+    for entry in value.split(","):
+        entry = entry.strip()
+        m = _NODE_GPU_ENTRY_RE.fullmatch(entry)
+        count = numbers.int_or_none(m.group(2)) if m else None
+        if count is None or count < 1:
+            raise InvalidInput(
+                f"{key}: {_shown(entry)} is not a GPU entry like gpu:h100:2 or gpu:4 "
+                f"(comma-separated, as in the node's Gres=; a count from 1 to 9999)."
+            )
+        out.append((m.group(1), count))
+    return out
 
 
 def list_settings(conn: Any) -> dict[str, str]:
@@ -688,8 +701,12 @@ def _parse_db_time(value: Any) -> datetime | None:
     if isinstance(value, (int, float)):
         return datetime.fromtimestamp(value, timezone.utc)
     text = str(value).strip()
-    if text.isdigit():
-        return datetime.fromtimestamp(int(text), timezone.utc)
+    epoch = numbers.int_or_none(text)
+    if epoch is not None:
+        try:
+            return datetime.fromtimestamp(epoch, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
     if text.endswith("Z"):
         text = text[:-1] + "+00:00"
     try:
@@ -758,12 +775,13 @@ def parse_job_id(text: str | int | None) -> int | None:
     """A Slurm job id (a positive integer; an array or het job id matches its elements)."""
     if text is None:
         return None
-    value = str(text).strip()
-    if not value.isdigit() or not 0 < int(value) < 2**32:
+    job_id = numbers.int_or_none(str(text))
+    if job_id is None or not 0 < job_id < 2**32:
         raise InvalidInput(
-            f"Job id {text!r} is not a Slurm job id (a positive whole number, e.g. 12345)."
+            f"Job id {numbers.shown(text)} is not a Slurm job id (a positive whole number, "
+            f"e.g. 12345)."
         )
-    return int(value)
+    return job_id
 
 
 _EPOCH = datetime.fromtimestamp(0, timezone.utc)

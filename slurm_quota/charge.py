@@ -30,11 +30,16 @@ import time
 from collections import namedtuple
 from collections.abc import Mapping
 
-from slurm_quota import ledger
+from slurm_quota import ledger, numbers
 from slurm_quota import slurm as slurm_mod
-from slurm_quota.errors import InvalidInput, SlurmUnavailable
+from slurm_quota.errors import ImplausibleSlurmData, InvalidInput, SlurmUnavailable
 
 NO_VAL = 4294967294
+# Bounds of what Slurm can hand over for one run: ids, task ids, offsets and CPU counts are
+# uint32 in Slurm; times are epoch seconds (2**34 is in the year 2514). Anything beyond is
+# refused before any write, so a run is never half-charged and SQLite never overflows.
+MAX_SLURM_ID = 2**32 - 1
+MAX_SLURM_EPOCH = 2**34
 # Bounded retry while sacct may still be stale right after a job ended (seen ≤ 0.57 s).
 SACCT_RETRY_DELAYS_S = (0.1, 0.2, 0.3, 0.4)
 
@@ -54,10 +59,10 @@ def _env_int(env: Mapping[str, str], key: str, *, required: bool) -> int | None:
         if required:
             raise InvalidInput(f"The jobcomp environment has no {key} (is this run by Slurm?).")
         return None
-    try:
-        return int(raw)
-    except ValueError as err:
-        raise InvalidInput(f"The jobcomp variable {key}={raw!r} is not a number.") from err
+    value = numbers.int_or_none(raw)
+    if value is None:
+        raise InvalidInput(f"The jobcomp variable {key}={numbers.shown(raw)} is not a number.")
+    return value
 
 
 def _id_or_none(value: int | None) -> int | None:
@@ -143,7 +148,7 @@ def run_from_env(env: Mapping[str, str]) -> Run:
     array_job_id = _id_or_none(_env_int(env, "ARRAYJOBID", required=False))
     raw_task = _env_int(env, "ARRAYTASKID", required=False)
     array_task_id = None if raw_task in (None, NO_VAL) else raw_task
-    return Run(
+    run = Run(
         job_id=job_id,
         start_time=start,
         end_time=end,
@@ -159,6 +164,30 @@ def run_from_env(env: Mapping[str, str]) -> Run:
         # The unsplit pending record of an array: ARRAYJOBID == JOBID, no task id.
         array_meta=array_job_id is not None and array_job_id == job_id and array_task_id is None,
     )
+    check_plausible(run)
+    return run
+
+
+def check_plausible(run: Run) -> None:
+    """Refuse (ImplausibleSlurmData) a run whose numbers no real Slurm job can have."""
+    fields = (
+        ("JOBID", run.job_id, MAX_SLURM_ID),
+        ("START", run.start_time, MAX_SLURM_EPOCH),
+        ("END", run.end_time, MAX_SLURM_EPOCH),
+        ("PROCS", run.cpus, MAX_SLURM_ID),
+        ("ARRAYJOBID", run.array_job_id, MAX_SLURM_ID),
+        ("ARRAYTASKID", run.array_task_id, MAX_SLURM_ID),
+        ("HETJOBID", run.het_job_id, MAX_SLURM_ID),
+        ("HETJOBOFFSET", run.het_job_offset, MAX_SLURM_ID),
+    )
+    for name, value, maximum in fields:
+        if value is not None and not 0 <= value <= maximum:
+            raise ImplausibleSlurmData(
+                f"Job {run.job_id}: {name}={value} is not a value Slurm can give (0 to "
+                f"{maximum}); nothing was charged. Check the job with `sacct -j "
+                f"{run.job_id}`: `slurm-quota reconcile` charges the run from accounting "
+                f"when it reads sanely there."
+            )
 
 
 def run_from_sacct(row: slurm_mod.AccountingJob) -> Run | None:
@@ -176,7 +205,7 @@ def run_from_sacct(row: slurm_mod.AccountingJob) -> Run | None:
     array_job_id = row.array_job_id
     if meta:
         head = row.job_id_text.split("_", 1)[0]
-        array_job_id = int(head) if head.isdigit() else row.job_id
+        array_job_id = numbers.int_or_none(head) or row.job_id
     return Run(
         job_id=row.job_id,
         start_time=start,
@@ -392,12 +421,16 @@ class ChargeResult(_ChargeResultFields):
 def compute_charge(
     run: Run, allocation: Allocation, factors: Mapping[str, float], source: str
 ) -> Charge:
-    """Minutes of one run (DESIGN §4): rounded once, half up, on the products."""
+    """Minutes of one run (DESIGN §4): rounded once, half up, on the products.
+
+    Raises ImplausibleSlurmData, before anything is written, for numbers no real run has.
+    """
+    check_plausible(run)
     gpus = {} if run.never_started else dict(allocation.gpus_by_type)
     used = {t: ledger.factor_for(t, factors) for t in gpus}
     elapsed = 0 if run.never_started else run.elapsed_s
     cpus = 0 if run.never_started else run.cpus
-    return Charge(
+    charge = Charge(
         run=run,
         token=allocation.token,
         gpus_by_type=gpus,
@@ -406,6 +439,15 @@ def compute_charge(
         gpu_minutes=ledger.gpu_minutes_charged(gpus, factors, elapsed),
         source=source,
     )
+    for label, minutes in (("CPU", charge.cpu_minutes), ("GPU", charge.gpu_minutes)):
+        if minutes > ledger.MAX_MINUTES:
+            raise ImplausibleSlurmData(
+                f"Job {run.job_id} (run {run.charge_key}): {minutes} {label} minutes "
+                f"({cpus} CPUs, GPUs {gpus or 'none'}, {elapsed} s) is more than any run can "
+                f"use (at most {ledger.MAX_MINUTES}); nothing was charged. Check the job with "
+                f"sacct; `slurm-quota reconcile` charges it once Slurm reports it sanely."
+            )
+    return charge
 
 
 def factors_of(conn) -> dict[str, float]:

@@ -17,10 +17,18 @@ import os
 import pwd
 import re
 import sqlite3
+import stat
 from collections.abc import Iterator
 from functools import cache
 
-from slurm_quota.errors import DatabaseMissing, DatabaseUnavailable, NotPermitted, SchemaError
+from slurm_quota.errors import (
+    DatabaseDamaged,
+    DatabaseMissing,
+    DatabaseUnavailable,
+    NotPermitted,
+    SchemaError,
+    SlurmQuotaError,
+)
 
 # pathlib is imported only where a Path is handed out (migrate, migration_files): opening the
 # ledger for a charge must not pay its import (slurmctld runs one charge after another).
@@ -136,6 +144,139 @@ def _is_damaged(err: sqlite3.Error) -> bool:
     return "not a database" in text or "malformed" in text
 
 
+def _damaged(db_path: str, detail: str) -> DatabaseDamaged:
+    return DatabaseDamaged(
+        f"The database {db_path} is not a SQLite database or is damaged ({detail}); nothing "
+        f"was written. See what is wrong with `slurm-quota check`, then restore it from a "
+        f"backup (sqlite3 .backup) or recover it with `sqlite3 {db_path} .recover`."
+    )
+
+
+def _ledger_error(err: sqlite3.DatabaseError, db_path: str) -> SlurmQuotaError | None:
+    """The error a person reads for a SQLite error that retrying cannot fix, else None.
+
+    Locks stay sqlite3 errors: their callers map them with a message of their own.
+    """
+    text = str(err).lower()
+    if _is_damaged(err):
+        return _damaged(db_path, str(err))
+    if "readonly database" in text:
+        return NotPermitted(
+            f"The database {db_path} is read-only for uid {os.getuid()} ({err}); nothing was "
+            f"written. Writing needs write access to the file, its -wal and -shm files and "
+            f"its directory on a file system mounted read-write: run as root or as the "
+            f"ledger's owner (SlurmUser); `slurm-quota migrate` as root restores its owner "
+            f"and mode."
+        )
+    return None
+
+
+class _LedgerCursor(sqlite3.Cursor):
+    """A cursor whose damaged-file and read-only errors are SlurmQuotaErrors (see _Ledger)."""
+
+    def _reraise(self, err: sqlite3.DatabaseError) -> None:
+        path = getattr(self.connection, "ledger_path", None)
+        mapped = _ledger_error(err, path) if path is not None else None
+        if mapped is not None:
+            raise mapped from err
+
+    def execute(self, *args):  # type: ignore[override]
+        try:
+            return super().execute(*args)
+        except sqlite3.DatabaseError as err:
+            self._reraise(err)
+            raise
+
+    def executemany(self, *args):  # type: ignore[override]
+        try:
+            return super().executemany(*args)
+        except sqlite3.DatabaseError as err:
+            self._reraise(err)
+            raise
+
+    def fetchone(self):  # type: ignore[override]
+        try:
+            return super().fetchone()
+        except sqlite3.DatabaseError as err:
+            self._reraise(err)
+            raise
+
+    def fetchmany(self, *args):  # type: ignore[override]
+        try:
+            return super().fetchmany(*args)
+        except sqlite3.DatabaseError as err:
+            self._reraise(err)
+            raise
+
+    def fetchall(self):  # type: ignore[override]
+        try:
+            return super().fetchall()
+        except sqlite3.DatabaseError as err:
+            self._reraise(err)
+            raise
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except sqlite3.DatabaseError as err:
+            self._reraise(err)
+            raise
+
+
+class _Ledger(sqlite3.Connection):
+    """A connection to the ledger: a damaged page or a read-only file met by ANY statement,
+    at any time, becomes DatabaseDamaged or NotPermitted with what to do, never a bare
+    sqlite3 error (ledger_path is set once connect() has set the connection up)."""
+
+    ledger_path: str | None = None
+
+    def cursor(self, factory=_LedgerCursor):  # type: ignore[override]
+        return super().cursor(factory)
+
+    def execute(self, sql, parameters=(), /):  # type: ignore[override]
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql, parameters, /):  # type: ignore[override]
+        return self.cursor().executemany(sql, parameters)
+
+    def executescript(self, script, /):  # type: ignore[override]
+        try:
+            return super().executescript(script)
+        except sqlite3.DatabaseError as err:
+            mapped = _ledger_error(err, self.ledger_path) if self.ledger_path else None
+            if mapped is not None:
+                raise mapped from err
+            raise
+
+
+def _require_regular_files(db_path: str) -> None:
+    """Refuse a ledger (or -wal/-shm) that is not a regular file: opening a FIFO blocks."""
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            mode = os.stat(db_path + suffix).st_mode
+        except (OSError, ValueError):
+            continue
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) \
+                else "a device or socket"
+            raise DatabaseDamaged(
+                f"{db_path}{suffix} is {kind}, not a regular file, so it is not opened (reading "
+                f"it could block forever). Point --db (SLURM_QUOTA_DB) at the ledger file, or "
+                f"remove what is at that path and restore the ledger from a backup."
+            )
+
+
+def require_intact(conn: sqlite3.Connection, db_path: str) -> None:
+    """Refuse (DatabaseDamaged) a ledger that fails SQLite's quick_check: no admin write then."""
+    problems = quick_check(conn)
+    if problems:
+        raise DatabaseDamaged(
+            f"The database {db_path} fails SQLite's integrity check ({problems[0]}), so no "
+            f"change is written to it. Run `slurm-quota check` for the details, then restore "
+            f"it from a backup or recover it with `sqlite3 {db_path} .recover`."
+        )
+
+
 def connect(
     path: str | os.PathLike[str],
     *,
@@ -144,13 +285,16 @@ def connect(
     check_schema: bool = True,
     busy_timeout_ms: int = BUSY_TIMEOUT_MS,
     durable: bool = True,
+    intact: bool = False,
 ) -> sqlite3.Connection:
     """Open the ledger; refuse a missing file unless create=True, and an unknown schema.
 
     durable=False sets `PRAGMA synchronous = NORMAL` on this connection (WAL: a commit is not
     fsynced until the next checkpoint; a power loss may drop the last commits, never corrupts
     the file). Only for writers whose rows `reconcile` rebuilds from Slurm (the jobcomp charge),
-    as the plugin's connection does (DESIGN §6).
+    as the plugin's connection does (DESIGN §6). intact=True also refuses a file that fails
+    SQLite's quick_check (admin writes). Only regular files are opened: a FIFO at the path
+    would block the open or the first read forever.
     """
     db_path = _pathlib_form(path)
     try:
@@ -164,16 +308,19 @@ def connect(
         raise DatabaseMissing(
             f"The database {db_path} does not exist. Create it with `slurm-quota migrate`."
         )
+    _require_regular_files(db_path)
     try:
         if readonly:
             uri = f"file:{os.path.realpath(db_path)}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False, factory=_Ledger
+            )
         else:
             if create:
                 from pathlib import Path
 
                 Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(db_path, isolation_level=None)
+            conn = sqlite3.connect(db_path, isolation_level=None, factory=_Ledger)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -195,11 +342,9 @@ def connect(
             ) from err
         if _is_damaged(err):
             # Not worth retrying: exit 1, not 75.
-            raise SchemaError(
-                f"{db_path} is not a SQLite database or is damaged: {err}. Restore it from a "
-                f"backup (sqlite3 .backup) or point --db at the right file."
-            ) from err
+            raise _damaged(db_path, str(err)) from err
         raise DatabaseUnavailable(f"Cannot open the database {db_path}: {err}.") from err
+    conn.ledger_path = db_path
     if check_schema:
         latest = _code_schema_version()
         if version != latest:
@@ -213,6 +358,12 @@ def connect(
                 f"The database {db_path} has schema version {version}, this slurm-quota needs "
                 f"{latest}. Run `slurm-quota migrate`."
             )
+    if intact:
+        try:
+            require_intact(conn, db_path)
+        except BaseException:
+            conn.close()
+            raise
     return conn
 
 
@@ -249,6 +400,11 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             conn.execute("ROLLBACK")
             if _is_locked(err):
                 raise DatabaseUnavailable(f"The database is locked: {err}.") from err
+            raise
+        except SlurmQuotaError:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error, SlurmQuotaError):
+                    conn.execute("ROLLBACK")
             raise
 
 
@@ -866,8 +1022,10 @@ def quick_check(conn: sqlite3.Connection) -> list[str]:
     """PRAGMA quick_check: [] when SQLite finds the file sound, else its messages."""
     try:
         messages = [str(row[0]) for row in conn.execute("PRAGMA quick_check").fetchall()]
+    except DatabaseDamaged as err:  # damaged past what quick_check can list
+        return [str(err.__cause__ or err)]
     except sqlite3.DatabaseError as err:
-        if _is_damaged(err):  # damaged past what quick_check can list
+        if _is_damaged(err):
             return [str(err)]
         if _is_locked(err):
             raise DatabaseUnavailable(f"The database is locked: {err}.") from err

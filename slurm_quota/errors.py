@@ -12,6 +12,10 @@ class InvalidInput(SlurmQuotaError):
     """A value given on the command line or in a request is not acceptable."""
 
 
+class ImplausibleSlurmData(SlurmQuotaError):
+    """Slurm handed over a value no real job can have (e.g. PROCS=2**70); nothing was written."""
+
+
 class NotPermitted(SlurmQuotaError):
     """The caller may not do this (e.g. an admin command run by a non-root user)."""
 
@@ -22,6 +26,10 @@ class NotFound(SlurmQuotaError):
 
 class SchemaError(SlurmQuotaError):
     """The database schema is not the one this version understands."""
+
+
+class DatabaseDamaged(SchemaError):
+    """The ledger file is damaged, or is not a SQLite file at all (e.g. a FIFO at its path)."""
 
 
 class Inconsistent(SlurmQuotaError):

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from functools import cache
 
 from slurm_quota.errors import InvalidInput
+from slurm_quota.numbers import MAX_DIGITS, int_or_none, shown
 
 # Imported by every `slurm-quota charge` (slurmctld runs one after another): decimal and
 # fractions are imported where they are needed (a CPU-only charge needs neither), and the one
@@ -139,7 +140,6 @@ def usage_fraction(quota: int, consumed: int, preallocated: int) -> float | None
 # ASCII digits only: \d would also match e.g. Arabic-Indic or full-width digits, which
 # int() accepts; `\Z` because `$` also matches before a trailing newline.
 # Compiled on first use (_regex): only admin commands parse typed values.
-_INT_RE = r"^[+-]?[0-9]+\Z"
 _SIGNED_RE = r"^[+-][0-9]+(\.[0-9]+)?\Z"
 _DECIMAL_RE = r"^[+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z"
 
@@ -152,12 +152,11 @@ def _regex(pattern: str) -> re.Pattern[str]:
 
 def parse_quota(text: str) -> int:
     """A quota in minutes: an integer ≥ −1 (−1 = unlimited), at most MAX_MINUTES."""
-    value = str(text).strip()
-    if not _regex(_INT_RE).match(value):
+    quota = int_or_none(str(text), signed=True)
+    if quota is None:
         raise InvalidInput(
-            f"Quota {text!r} is not a whole number of minutes (use -1 for unlimited)."
+            f"Quota {shown(text)} is not a whole number of minutes (use -1 for unlimited)."
         )
-    quota = int(value)
     if quota < UNLIMITED:
         raise InvalidInput(f"Quota {quota} is below -1 (use -1 for unlimited).")
     if quota > MAX_MINUTES:
@@ -171,26 +170,30 @@ def parse_factor(text: str) -> float:
     try:
         factor = float(value)
     except ValueError as err:
-        raise InvalidInput(f"GPU factor {text!r} is not a number.") from err
+        raise InvalidInput(f"GPU factor {shown(text)} is not a number.") from err
     if not math.isfinite(factor):
-        raise InvalidInput(f"GPU factor {text!r} is not finite.")
+        raise InvalidInput(f"GPU factor {shown(text)} is not finite.")
     if factor < 0:
         raise InvalidInput(f"GPU factor {factor} is negative; it must be 0 or more.")
     if factor > 1e6:
         raise InvalidInput(f"GPU factor {factor} is implausibly large (maximum 1e6).")
     if not _regex(_DECIMAL_RE).match(value):
         # float() also takes "1_0" and non-ASCII digits; the Lua side and people read ASCII.
-        raise InvalidInput(f"GPU factor {text!r} is not a plain decimal number (e.g. 0.5).")
+        raise InvalidInput(f"GPU factor {shown(text)} is not a plain decimal number (e.g. 0.5).")
     return factor
 
 
 def parse_signed_minutes(text: str, *, hours: bool = False) -> int:
     """An explicitly signed delta (`+30`, `-2`; hours may be `+1.5`) converted to minutes."""
     value = str(text).strip()
-    if not _regex(_SIGNED_RE).match(value) or (not hours and "." in value):
+    if (
+        len(value) > MAX_DIGITS
+        or not _regex(_SIGNED_RE).match(value)
+        or (not hours and "." in value)
+    ):
         unit = "hours" if hours else "minutes"
         raise InvalidInput(
-            f"Adjustment {text!r} must be an explicitly signed whole number of {unit}, "
+            f"Adjustment {shown(text)} must be an explicitly signed whole number of {unit}, "
             f"e.g. +30 or -30" + (" (or +1.5 hours)" if hours else "") + "."
         )
     if hours:
@@ -198,12 +201,12 @@ def parse_signed_minutes(text: str, *, hours: bool = False) -> int:
 
         minutes_dec = Decimal(value) * 60
         if minutes_dec != minutes_dec.to_integral_value():
-            raise InvalidInput(f"Adjustment {text!r} hours is not a whole number of minutes.")
+            raise InvalidInput(f"Adjustment {shown(text)} hours is not a whole number of minutes.")
         minutes = int(minutes_dec)
     else:
         minutes = int(value)
     if abs(minutes) > MAX_MINUTES:
-        raise InvalidInput(f"Adjustment {text!r} exceeds the maximum {MAX_MINUTES} minutes.")
+        raise InvalidInput(f"Adjustment {shown(text)} exceeds the maximum {MAX_MINUTES} minutes.")
     return minutes
 
 

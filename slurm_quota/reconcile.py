@@ -21,8 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slurm_quota import charge as charge_mod
+from slurm_quota import numbers
 from slurm_quota import slurm as slurm_mod
-from slurm_quota.errors import InvalidInput, SlurmQuotaError, SlurmUnavailable
+from slurm_quota.errors import (
+    ImplausibleSlurmData,
+    InvalidInput,
+    SlurmQuotaError,
+    SlurmUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +52,9 @@ def parse_created_at(value: object) -> int | None:
     if isinstance(value, (int, float)):
         return int(value)
     text = str(value).strip().replace("T", " ")
-    if text.isdigit():
-        return int(text)
+    epoch = numbers.int_or_none(text)
+    if epoch is not None:
+        return epoch
     text = text.split(".", 1)[0].rstrip("Z")
     try:
         return calendar.timegm(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S"))
@@ -217,7 +224,11 @@ def reconcile(
                 if db.charge_exists(conn, run.charge_key):
                     already += 1
                     continue
-                c = charge_mod.compute_charge(run, alloc, factors, "reconcile:sacct")
+                try:
+                    c = charge_mod.compute_charge(run, alloc, factors, "reconcile:sacct")
+                except ImplausibleSlurmData as err:
+                    log.warning("%s", err)
+                    continue
                 charged_keys.append(run.charge_key)
                 cpu_total += c.cpu_minutes
                 gpu_total += c.gpu_minutes
@@ -226,9 +237,14 @@ def reconcile(
             factors = charge_mod.factors_of(conn)
             for run in chunk:
                 alloc = charge_mod.Allocation(tokens[run.charge_key], gpus[run.charge_key])
-                res = charge_mod.charge_in_transaction(
-                    conn, run, alloc, "reconcile:sacct", factors
-                )
+                try:
+                    res = charge_mod.charge_in_transaction(
+                        conn, run, alloc, "reconcile:sacct", factors
+                    )
+                except ImplausibleSlurmData as err:
+                    # Raised before this run wrote anything: the others of the batch stay.
+                    log.warning("%s", err)
+                    continue
                 if not res.charged:
                     already += 1
                     continue
@@ -245,7 +261,7 @@ def reconcile(
         try:
             env = read_spool_file(path)
             run = charge_mod.run_from_env(env)
-        except (OSError, InvalidInput) as err:
+        except (OSError, InvalidInput, ImplausibleSlurmData) as err:
             kept.append((path.name, f"unreadable: {err}"))
             continue
         if run.charge_key in done_keys or db.charge_exists(conn, run.charge_key):

@@ -32,6 +32,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 
+from slurm_quota import numbers
 from slurm_quota.errors import SlurmUnavailable
 
 # Per-command bounds (seconds). sacct was seen hanging > 20 s when slurmdbd is gone.
@@ -186,10 +187,8 @@ def parse_tres(tres: str | None) -> dict[str, str]:
 
 def _count(value: str) -> int:
     # TRES counts are plain integers; memory-like values never reach here (only gres/gpu).
-    try:
-        return int(value)
-    except ValueError:
-        return 0
+    n = numbers.int_or_none(value)
+    return 0 if n is None else n
 
 
 def gpus_by_type(tres: str | None) -> dict[str, int]:
@@ -217,22 +216,12 @@ def gpus_by_type(tres: str | None) -> dict[str, int]:
 
 def cpus_in(tres: str | None) -> int | None:
     """The `cpu=N` count of a TRES string, None when absent."""
-    value = parse_tres(tres).get("cpu")
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
+    return numbers.int_or_none(parse_tres(tres).get("cpu"))
 
 
 def _int_or_none(text: str | None) -> int | None:
-    if text is None:
-        return None
-    text = text.strip()
-    if not text or not text.lstrip("-").isdigit():
-        return None  # "Unknown", "None", "N/A", "(null)"
-    return int(text)
+    # None for "Unknown", "None", "N/A", "(null)"
+    return numbers.int_or_none(text, signed=True)
 
 
 def base_state(state: str) -> str:
@@ -424,8 +413,8 @@ class AccountingJob(_AccountingJobFields):
         return is_final(self.state) and self.end_time is not None
 
 
-_ARRAY_ID = r"^(\d+)_(\d+)$"
-_HET_ID = r"^(\d+)\+(\d+)$"
+_ARRAY_ID = r"^([0-9]{1,20})_([0-9]{1,20})$"
+_HET_ID = r"^([0-9]{1,20})\+([0-9]{1,20})$"
 
 
 def _sacct_row(parts: Sequence[str]) -> AccountingJob | None:

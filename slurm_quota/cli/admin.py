@@ -13,6 +13,7 @@ import click
 
 from slurm_quota.cli.base import (
     Settings,
+    WholeNumber,
     cli,
     echo_json,
     open_db,
@@ -69,7 +70,7 @@ def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
     from slurm_quota import admin, check
     from slurm_quota.errors import Inconsistent
 
-    with _ledger(settings, readonly=not repair) as conn:
+    with _ledger(settings, readonly=not repair, checked_by_caller=True) as conn:
         report = check.check(conn, repair=repair, actor=admin.current_actor())
     if as_json:
         echo_json(report.as_dict())
@@ -159,9 +160,15 @@ def _json_option(func):
 
 
 @contextlib.contextmanager
-def _ledger(settings: Settings, *, readonly: bool = False) -> Iterator[Any]:
-    """Open the ledger for one command and close it afterwards."""
-    conn = open_db(settings, readonly=readonly)
+def _ledger(
+    settings: Settings, *, readonly: bool = False, checked_by_caller: bool = False
+) -> Iterator[Any]:
+    """Open the ledger for one command and close it afterwards.
+
+    A writable open refuses a ledger that fails the integrity check (no admin write into a
+    damaged file), unless the command checks that itself (check --repair).
+    """
+    conn = open_db(settings, readonly=readonly, intact=not (readonly or checked_by_caller))
     try:
         yield conn
     finally:
@@ -546,7 +553,7 @@ def set_gpu_factor_cmd(settings: Settings, gpu_type: str, factor: str, reason: s
 @click.option("--job", "job", metavar="JOBID", help="Only charges of this job (or array/het job).")
 @click.option(
     "--limit",
-    type=click.IntRange(1, 100_000),
+    type=WholeNumber(1, 100_000),
     default=50,
     show_default=True,
     help="Show at most this many entries.",

@@ -52,6 +52,44 @@ def cli(ctx: click.Context, db_path: str) -> None:
 pass_settings = click.make_pass_decorator(Settings)
 
 
+class WholeNumber(click.IntRange):
+    """click.IntRange over ASCII digits only (click.INT also takes ² and ٣ through int())."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from slurm_quota import numbers
+
+        if isinstance(value, str):
+            parsed = numbers.int_or_none(value, signed=True)
+            if parsed is None:
+                self.fail(
+                    f"{numbers.shown(value)} is not a valid integer (digits 0-9).", param, ctx
+                )
+            value = parsed
+        return super().convert(value, param, ctx)
+
+
+class Seconds(click.FloatRange):
+    """click.FloatRange over plain decimals in ASCII digits (no nan, inf, 1_0 or ٣)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        import re
+
+        from slurm_quota import numbers
+
+        if isinstance(value, str):
+            text = value.strip()
+            if len(text) > numbers.MAX_DIGITS or not re.fullmatch(
+                r"[0-9]+(\.[0-9]*)?|\.[0-9]+", text
+            ):
+                self.fail(
+                    f"{numbers.shown(value)} is not a number of seconds (e.g. 600 or 0.5).",
+                    param,
+                    ctx,
+                )
+            value = float(text)
+        return super().convert(value, param, ctx)
+
+
 def require_root(command: str) -> None:
     """Refuse the command unless the real uid is 0 (sudo keeps the real uid 0)."""
     if os.getuid() != 0:
@@ -61,11 +99,16 @@ def require_root(command: str) -> None:
         )
 
 
-def open_db(settings: Settings, *, readonly: bool = False):  # -> sqlite3.Connection
-    """Open the ledger named by --db (lazy import keeps start-up fast)."""
+def open_db(
+    settings: Settings, *, readonly: bool = False, intact: bool = False
+):  # -> sqlite3.Connection
+    """Open the ledger named by --db (lazy import keeps start-up fast).
+
+    intact=True (admin writes) refuses a file that fails SQLite's integrity check.
+    """
     from slurm_quota import db
 
-    return db.connect(settings.db_path, readonly=readonly)
+    return db.connect(settings.db_path, readonly=readonly, intact=intact)
 
 
 def echo_json(data: Any) -> None:

@@ -14,6 +14,7 @@ import click
 
 from slurm_quota.cli.base import (
     Settings,
+    WholeNumber,
     cli,
     echo_json,
     open_db,
@@ -63,28 +64,42 @@ def charge_cmd(settings: Settings, dry_run: bool, as_json: bool) -> None:
 
 
 def _parse_since(text: str | None) -> int | None:
-    """--since: epoch seconds, a local date/time, or a relative `-6h` / `2d` / `90m`."""
+    """--since: epoch seconds, a local date/time, or a relative `-6h` / `2d` / `90m`.
+
+    Digits are ASCII only; the result is a time between the epoch and now.
+    """
+    from slurm_quota import numbers
     from slurm_quota.errors import InvalidInput
 
     if text is None:
         return None
     value = text.strip()
     now = int(time.time())
-    if value.isdigit():
-        return int(value)
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     rel = value.lstrip("-")
-    if rel[:-1].isdigit() and rel[-1:] in units:
-        return now - int(rel[:-1]) * units[rel[-1]]
-    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
-        try:
-            return int(time.mktime(time.strptime(value, fmt)))
-        except ValueError:
-            continue
-    raise InvalidInput(
-        f"--since {text!r} is not a time: use epoch seconds, YYYY-MM-DD[THH:MM[:SS]] (local "
-        f"time) or a relative age like 6h, 2d, 90m."
-    )
+    since: int | None = numbers.int_or_none(value)
+    if since is None and rel[-1:] in units:
+        age = numbers.int_or_none(rel[:-1])
+        if age is not None:
+            since = now - age * units[rel[-1]]
+    if since is None and value.isascii():
+        for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
+            try:
+                since = int(time.mktime(time.strptime(value, fmt)))
+                break
+            except (ValueError, OverflowError, OSError):
+                continue
+    if since is None:
+        raise InvalidInput(
+            f"--since {numbers.shown(text)} is not a time: use epoch seconds, "
+            f"YYYY-MM-DD[THH:MM[:SS]] (local time) or a relative age like 6h, 2d, 90m."
+        )
+    if not 0 <= since <= now:
+        raise InvalidInput(
+            f"--since {numbers.shown(text)} is {'before 1970' if since < 0 else 'in the future'}"
+            f": give a time between the epoch and now."
+        )
+    return since
 
 
 def _spool_option(func):
@@ -103,7 +118,7 @@ def _grace_option(func):
     return click.option(
         "--grace",
         "grace_min",
-        type=click.IntRange(min=0),
+        type=WholeNumber(0, 10**7),
         default=10,
         show_default=True,
         metavar="MINUTES",
@@ -245,7 +260,7 @@ def prune_cmd(
 
     if all_ or not (preallocs or users or accounts):
         preallocs = users = accounts = True
-    conn = open_db(settings, readonly=dry_run)
+    conn = open_db(settings, readonly=dry_run, intact=not dry_run)
     try:
         report = reconcile.prune(
             conn,

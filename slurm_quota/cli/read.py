@@ -12,7 +12,15 @@ import sys
 import click
 from click.core import ParameterSource
 
-from slurm_quota.cli.base import Settings, cli, echo_json, open_db, pass_settings
+from slurm_quota.cli.base import (
+    Seconds,
+    Settings,
+    WholeNumber,
+    cli,
+    echo_json,
+    open_db,
+    pass_settings,
+)
 
 DEFAULT_URL = "http://127.0.0.1:9911/"  # same as slurm_quota.stats.DEFAULT_URL
 _EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
@@ -133,12 +141,12 @@ def stats_cmd(
 @cli.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option(
-    "--port", type=click.IntRange(0, 65535), default=9911, show_default=True, help="TCP port."
+    "--port", type=WholeNumber(0, 65535), default=9911, show_default=True, help="TCP port."
 )
 @click.option(
     "--idle-timeout",
     "idle_timeout_s",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=600,
     show_default=True,
     metavar="SECONDS",
@@ -146,7 +154,7 @@ def stats_cmd(
 )
 @click.option(
     "--processes",
-    type=click.IntRange(1, 64),
+    type=WholeNumber(1, 64),
     default=None,
     metavar="N",
     help="Server processes sharing the socket [default: one per CPU, at most 4].",
@@ -154,7 +162,7 @@ def stats_cmd(
 @click.option(
     "--max-stale",
     "max_stale_s",
-    type=click.FloatRange(min=0, max=3600),
+    type=Seconds(min=0, max=3600),
     default=0,
     show_default=True,
     metavar="SECONDS",

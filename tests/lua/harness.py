@@ -205,9 +205,9 @@ _LUA_POSIX_STAT = r"""
 local py = ...
 package.preload["posix.sys.stat"] = function()
     return { stat = function(path)
-        local dev, ino = py.stat(path)
+        local dev, ino, mode = py.stat(path)
         if not dev then return nil end
-        return { st_dev = dev, st_ino = ino }
+        return { st_dev = dev, st_ino = ino, st_mode = mode }
     end }
 end
 """
@@ -283,7 +283,7 @@ class _Bridge:
             st = os.stat(path)
         except OSError:
             return None
-        return st.st_dev, st.st_ino
+        return st.st_dev, st.st_ino, st.st_mode
 
     def log(self, level: str, msg: str) -> None:
         self.logs.append((level, msg))

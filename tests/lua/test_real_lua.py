@@ -3,6 +3,7 @@ tests/lua/driver.lua."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -267,3 +268,31 @@ def test_no_submission_pays_a_wal_checkpoint_under_real_luadbi(tmp_path, db_path
         assert db_path.stat().st_size > before.st_size
     finally:
         other.close()
+
+def test_a_job_without_user_name_is_reserved_for_its_uid_by_real_luaposix(tmp_path, db_path):
+    # issue 19: the name comes from posix.pwd.getpwuid(user_id); uid 0 is root everywhere
+    import subprocess
+
+    run = run_cases([submit("c01_plain", user_name=None, user_id=0.0)], tmp_path, db_path)
+    call = run.calls[0]
+    assert call.rc == 0, call.logs
+    has_posix = subprocess.run([realrun.current, "-e", 'require "posix.pwd"'],
+                               capture_output=True).returncode == 0
+    if has_posix:
+        assert prealloc(db_path, call.uuid)[0] == "root"
+        assert "user_id 0 is root" in call.log_text("info")
+    else:
+        # Debian 12 has no luaposix for Lua 5.4: no name can be had, the failure policy
+        # applies (root's job is accepted), with the reason logged
+        assert call.uuid is None
+        assert "ACCEPTED WITHOUT QUOTA CHECK" in call.log_text("error"), call.logs
+
+
+def test_a_fifo_at_the_ledger_path_is_not_opened_by_real_lua51(tmp_path):
+    # issue 19: the open of a FIFO blocked slurmctld forever; run_cases times out at 60 s
+    fifo = tmp_path / "ledger.db"
+    os.mkfifo(fifo)
+    run = run_cases([submit("c01_plain")], tmp_path, fifo, timeout=60)
+    call = run.calls[0]
+    assert call.rc == 0  # fail-open, with the reason logged
+    assert "is not a regular file" in call.log_text("error")

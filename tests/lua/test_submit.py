@@ -498,4 +498,5 @@ def test_cached_connection_never_reopens_the_file_with_another_descriptor(runtim
     """, str(db_path))
     for _ in range(3):
         assert p.submit(submit_case("c01_plain")).rc == 0
-    assert p.lua.globals().OPENED == 1  # only before the first connection existed
+    # with luaposix the file is only stat()ed, never opened (issue 19: it may be a FIFO)
+    assert p.lua.globals().OPENED == 0

@@ -20,8 +20,9 @@ from slurm_quota import charge as C
 from slurm_quota import db
 from slurm_quota import slurm as S
 from slurm_quota.cli import main
-from slurm_quota.errors import InvalidInput, SlurmUnavailable
+from slurm_quota.errors import ImplausibleSlurmData, InvalidInput, SlurmUnavailable
 from slurm_quota.slurm import RunResult
+from tests.unit.cli_helpers import snapshot
 from tests.unit.slurm_fixtures import FakeSlurm, case, load, result, runner_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -554,3 +555,48 @@ def test_charge_help_does_not_import_sqlite_or_subprocess():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(REPO), check=True).stdout  # fmt: skip
     assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("PROCS", str(2**70)), ("END", str(2**40)), ("JOBID", str(2**40)), ("ARRAYJOBID", "9" * 25)],
+)
+def test_charge_command_refuses_implausible_slurm_values_with_exit_1(
+    db_path, jobcomp_env, monkeypatch, capsys, key, value
+):
+    jobcomp_env("plain")
+    monkeypatch.setenv(key, value)
+    before = snapshot(db_path)
+    assert main(["--db", str(db_path), "charge"]) == 1
+    err = capsys.readouterr().err
+    assert f"{key}={value}" in err and "nothing was charged" in err
+    assert snapshot(db_path) == before
+
+
+def test_charge_fast_path_refuses_procs_2_pow_70_with_exit_1(
+    db_path, jobcomp_env, monkeypatch, capsys
+):
+    jobcomp_env("plain")
+    monkeypatch.setenv("PROCS", str(2**70))
+    monkeypatch.setenv("SLURM_QUOTA_DB", str(db_path))
+    before = snapshot(db_path)
+    assert C.main([]) == 1
+    assert "PROCS=1180591620717411303424" in capsys.readouterr().err
+    assert snapshot(db_path) == before
+
+
+def test_a_charge_beyond_max_minutes_is_refused_before_any_write(conn):
+    run = C.Run(job_id=7, start_time=0, end_time=2**33, cpus=2**32 - 1, username="alice",
+                account="research", job_state="COMPLETED")
+    with pytest.raises(ImplausibleSlurmData, match="CPU minutes"):
+        C.apply_charge(conn, run, C.Allocation(None), "test")
+    assert charges(conn) == []
+    assert consumed(conn, "user", "alice") is None
+
+
+def test_an_absurd_gpu_count_is_refused_before_any_write(conn):
+    run = C.Run(job_id=7, start_time=0, end_time=3600, cpus=1, username="alice",
+                account="research", job_state="COMPLETED")
+    with pytest.raises(ImplausibleSlurmData, match="GPU minutes"):
+        C.apply_charge(conn, run, C.Allocation(None, {"h100": 10**29}), "test")
+    assert charges(conn) == []

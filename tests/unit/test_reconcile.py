@@ -6,6 +6,7 @@ The sacct window and squeue outputs are real lab captures (tests/fixtures/slurm-
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -314,3 +315,27 @@ def test_parse_created_at_forms():
 
 def test_fixture_dir_exists():
     assert Path(CHARGE).is_dir()
+
+
+def test_an_implausible_sacct_row_is_skipped_and_the_others_are_charged(conn, tmp_path):
+    # issue 19: one absurd AllocCPUS must neither abort the batch nor be half-charged
+    lines = window().stdout.splitlines()
+    target = next(i for i, line in enumerate(lines)
+                  if (r := S.parse_sacct(line)) and r[0].final and r[0].alloc_cpus > 0
+                  and r[0].start_time and r[0].end_time and r[0].end_time > r[0].start_time)
+    bad = C.run_from_sacct(S.parse_sacct(lines[target])[0])
+    parts = lines[target].split("|")
+    parts[6] = str(2**40)
+    lines[target] = "|".join(parts)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    env_text = re.sub(r"(?m)^PROCS=.*$", f"PROCS={2**70}", _env_text("plain"))
+    (spool / "5.1.env").write_text(env_text)
+    fake = slurm(window_out=RunResult(0, "\n".join(lines) + "\n", ""))
+    report = R.reconcile(conn, since=NOW - 86400, now=NOW, runner=fake, spool_dir=spool)
+    keys = {r["charge_key"] for r in charges(conn)}
+    assert bad.charge_key not in keys
+    assert report.charged == report.runs - 1 and len(keys) == report.charged
+    assert [name for name, _ in report.spool_kept] == ["5.1.env"]
+    kept_reason = report.spool_kept[0][1]
+    assert f"PROCS={2**70}" in kept_reason and "nothing was charged" in kept_reason
