@@ -314,3 +314,34 @@ def test_a_token_overwritten_by_scancel_admin_comment_is_released_once(clab):
         (1,)
     ]
     assert_ledger_consistent(lab)
+
+
+def test_a_completed_job_requeued_is_charged_once_per_run(clab):
+    """`scontrol requeue` of a completed job runs it again. 25.11.3+ runs no jobcomp for the
+    requeue itself (earlier releases may); either way each run is charged exactly once, by
+    jobcomp at its end, and a reconcile over the window finds nothing left to charge."""
+    lab = clab
+    t0 = window_start()
+    res = lab.sbatch("--requeue", "--time=5", script="#!/bin/sh\nsleep 2\n")
+    assert res.rc == 0, res.stderr
+    assert lab.wait_job_end(res.job_id) == "COMPLETED"
+    lab.wait_jobcomp(res.job_id)
+    wait_for_charges(lab, 1)
+    lab.run("scontrol", "requeue", str(res.job_id))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        runs = ledger_rows(lab, "SELECT COUNT(*) FROM charges WHERE job_id = ?", res.job_id)
+        if runs[0][0] >= 2 and lab.job_state(res.job_id) == "COMPLETED":
+            break
+        time.sleep(1)
+    lab.wait_jobcomp(res.job_id)
+    rows = ledger_rows(lab, "SELECT charge_key, start_time FROM charges WHERE job_id = ? "
+                            "ORDER BY start_time", res.job_id)  # fmt: skip
+    assert len(rows) == 2, rows  # two runs, two distinct keys
+    assert rows[0][1] < rows[1][1]
+    p = lab.run(lab.quota_bin, "reconcile", "--since", t0, "--json",
+                "--spool", str(lab.spool_dir), check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["charged"] == 0
+    assert ledger_rows(lab, "SELECT COUNT(*) FROM charges WHERE job_id = ?", res.job_id) == [(2,)]
+    assert ledger_rows(lab, "SELECT COUNT(*) FROM jobs_preallocations") == [(0,)]
