@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -145,11 +146,12 @@ def stats_cmd(
     help="Exit after this long without a request (0 = never).",
 )
 @click.option(
-    "--processes",
+    "--threads",
     type=click.IntRange(1, 64),
-    default=None,
+    default=4,
+    show_default=True,
     metavar="N",
-    help="Server processes sharing the socket [default: one per CPU, at most 4].",
+    help="Worker threads answering complete requests.",
 )
 @click.option(
     "--max-stale",
@@ -168,17 +170,15 @@ def serve_cmd(
     host: str,
     port: int,
     idle_timeout_s: float,
-    processes: int | None,
+    threads: int,
     max_stale_s: float,
     verbose: bool,
 ) -> None:
-    """Serve /health, /stats and /metrics over HTTP (read-only), for `stats` and dashboards.
+    """Serve the API (/health, /stats, /metrics) and the dashboard (/) over HTTP, read-only.
 
     With systemd socket activation (LISTEN_PID/LISTEN_FDS) the socket passed on fd 3 is
-    used and --host/--port are ignored. Each process answers its clients one at a time
-    in an event loop; --processes N forks N of them on one socket to use N CPUs. Each has
-    a builder process for the answers about the whole ledger (/stats without a selector,
-    /metrics); --max-stale lets them answer from a recent copy while it builds.
+    used and --host/--port are ignored. The server is waitress: one event loop reads every
+    connection, and --threads workers answer complete requests.
 
     \b
     Examples:
@@ -188,17 +188,16 @@ def serve_cmd(
     """
     import logging
 
-    from slurm_quota import serve
+    from slurm_quota import app, serve
 
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
-    serve.serve(
-        settings.db_path,
+    serve.run(
+        app.Settings(db_path=Path(settings.db_path), max_stale_s=max_stale_s),
         host=host,
         port=port,
         idle_timeout_s=idle_timeout_s,
+        threads=threads,
         log_requests=verbose,
-        processes=processes,
-        max_stale_s=max_stale_s,
     )

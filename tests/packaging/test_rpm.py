@@ -117,6 +117,8 @@ def test_controller_requires_lua_dbi_lua_posix_and_the_cli(packages):
 def test_common_requires_come_from_the_wheel_metadata(packages):
     requires = _rpm("-qp", "--requires", str(packages["slurm-quota"])).splitlines()
     assert any(re.fullmatch(r"python3\.\d+dist\(click\) >= 8(\.0)?", r) for r in requires), requires
+    assert "python3-waitress >= 2.1" in requires
+    assert any(re.fullmatch(r"python3\.\d+dist\(waitress\) >= 2\.1", r) for r in requires), requires
     assert any(r.startswith("python(abi) = 3.") for r in requires), requires
 
 
