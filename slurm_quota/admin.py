@@ -14,8 +14,6 @@ with `.`, `-`, `@` or `$` (POSIX portable user names plus `user@domain` from sss
 
 from __future__ import annotations
 
-import os
-import pwd
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from datetime import datetime, timezone
 from typing import Any, Union
 
 from slurm_quota import db, ledger
+from slurm_quota.access import current_actor
 from slurm_quota.errors import InvalidInput, NotFound, SchemaError
 
 KINDS = ("user", "account")
@@ -309,21 +308,6 @@ def _check_quota(minutes: int) -> int:
     if isinstance(minutes, bool) or not isinstance(minutes, int):
         raise InvalidInput(f"Quota {minutes!r} is not a whole number of minutes.")
     return ledger.parse_quota(str(minutes))
-
-
-def current_actor() -> str:
-    """Who is acting: the real uid's user name, plus the sudo user when SUDO_USER is set."""
-    uid = os.getuid()
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = f"uid {uid}"
-    sudo_user = "".join(
-        ch for ch in os.environ.get("SUDO_USER", "") if not unicodedata.category(ch)[0] == "C"
-    )[:NAME_MAX_LEN]
-    if sudo_user and sudo_user != name:
-        return f"{name} (sudo {sudo_user})"
-    return name
 
 
 # ---------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def _prealloc_text(row: Mapping[str, object]) -> str:
 
 
 def _actor() -> str:
-    from slurm_quota.admin import current_actor
+    from slurm_quota.access import current_actor
 
     return current_actor()
 

@@ -66,11 +66,11 @@ def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
     """
     if repair:
         require_root("check --repair")
-    from slurm_quota import admin, check
+    from slurm_quota import access, check
     from slurm_quota.errors import Inconsistent
 
     with _ledger(settings, readonly=not repair) as conn:
-        report = check.check(conn, repair=repair, actor=admin.current_actor())
+        report = check.check(conn, repair=repair, actor=access.current_actor())
     if as_json:
         echo_json(report.as_dict())
     else:
