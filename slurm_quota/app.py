@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
-from slurm_quota import db, stats, web
+from slurm_quota import client, db, metrics, stats, web
 from slurm_quota.errors import (
     DatabaseMissing,
     DatabaseUnavailable,
@@ -54,7 +54,7 @@ class Settings:
     """Where the answers come from, and the dashboard's refresh period."""
 
     db_path: Path | None = None  # the ledger, read-only; None: ask the service at api_url
-    api_url: str = stats.DEFAULT_URL  # environ SLURM_QUOTA_URL (Apache SetEnv) overrides it
+    api_url: str = client.DEFAULT_URL  # environ SLURM_QUOTA_URL (Apache SetEnv) overrides it
     max_stale_s: float = 0.0
     refresh_s: int = web.DEFAULT_REFRESH_S
 
@@ -66,7 +66,7 @@ class Settings:
             refresh_s = int(env.get("SLURM_QUOTA_WEB_REFRESH") or web.DEFAULT_REFRESH_S)
         except ValueError:
             refresh_s = web.DEFAULT_REFRESH_S
-        return cls(api_url=env.get("SLURM_QUOTA_URL") or stats.DEFAULT_URL, refresh_s=refresh_s)
+        return cls(api_url=env.get("SLURM_QUOTA_URL") or client.DEFAULT_URL, refresh_s=refresh_s)
 
 
 def parse_query(path: str, query: str) -> dict[str, str]:
@@ -140,7 +140,7 @@ class Routes:
     def metrics(self) -> Response:
         """GET /metrics (Prometheus text format 0.0.4)."""
         with self.model.connection() as conn:
-            text = stats.metrics_text(conn, db_path=self.model.db_path)
+            text = metrics.metrics_text(conn, db_path=self.model.db_path)
         return Response(200, METRICS_TYPE, text.encode())
 
     def health(self) -> Response:
@@ -202,7 +202,7 @@ def create_app(settings: Settings) -> WSGIApp:
     """The WSGI application for settings."""
     routes = Routes(ReadModel(settings.db_path, max_stale_s=settings.max_stale_s)) \
         if settings.db_path is not None else None
-    cache = stats.StatsCache() if routes is None else None
+    cache = client.StatsCache() if routes is None else None
 
     def source(environ: Mapping[str, Any]) -> tuple[str, Callable[..., dict[str, Any]]]:
         """Where the dashboard's data comes from: a label and a fetch(**selector)."""
@@ -214,7 +214,7 @@ def create_app(settings: Settings) -> WSGIApp:
                     return stats.stats_payload(conn, **selector)
             return f"the ledger {settings.db_path}", local
         url = str(environ.get("SLURM_QUOTA_URL") or settings.api_url)
-        return url, lambda **selector: stats.fetch_stats(url, cache=cache, **selector)
+        return url, lambda **selector: client.fetch_stats(url, cache=cache, **selector)
 
     def dashboard(environ: Mapping[str, Any], start_response: StartResponse) -> list[bytes]:
         raw = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)

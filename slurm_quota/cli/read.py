@@ -1,7 +1,7 @@
 """Read commands: stats (HTTP or local database) and serve.
 
 Parse, call one library function, format. No SQL here. Heavy imports (sqlite3 through
-slurm_quota.db, requests, http.server) stay inside the commands so `--help` starts fast.
+slurm_quota.db, requests, waitress) stay inside the commands so `--help` starts fast.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from slurm_quota import DEFAULT_URL
 from slurm_quota.cli.base import Settings, cli, echo_json, open_db, pass_settings
 
-DEFAULT_URL = "http://127.0.0.1:9911/"  # same as slurm_quota.stats.DEFAULT_URL
 _EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
@@ -111,7 +111,7 @@ def stats_cmd(
     if username is None and account is None and not all_:
         username = _calling_user()
 
-    from slurm_quota import stats
+    from slurm_quota import client, stats, tables
 
     if _local_mode(ctx, local):
         conn = open_db(settings, readonly=True)
@@ -120,13 +120,13 @@ def stats_cmd(
         finally:
             conn.close()
     else:
-        payload = stats.fetch_stats(url, username=username, account=account)
+        payload = client.fetch_stats(url, username=username, account=account)
     if as_json:
         echo_json(payload)
         return
     selector = ("user", username) if username else ("account", account) if account else None
-    use_color = stats.color_wanted(color, isatty=sys.stdout.isatty())
-    text = stats.render_tables(payload, hours=hours, color=use_color, selector=selector)
+    use_color = tables.color_wanted(color, isatty=sys.stdout.isatty())
+    text = tables.render_tables(payload, hours=hours, color=use_color, selector=selector)
     # click.echo would strip the colour codes off a non-terminal even under --color always.
     click.echo(text, nl=False, color=use_color)
 

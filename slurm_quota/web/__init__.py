@@ -19,14 +19,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 from slurm_quota import __version__
+from slurm_quota.stats import CRIT_PERCENT, WARN_PERCENT, usage_level
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
-DEFAULT_URL = "http://127.0.0.1:9911/"
 DEFAULT_REFRESH_S = 60
 MAX_ROWS = 500  # per table; a filter narrows the rest
-WARN_PERCENT = 80.0
-CRIT_PERCENT = 95.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -36,13 +34,7 @@ CRIT_PERCENT = 95.0
 
 def usage_class(percent: float | None) -> str:
     """CSS class of a usage bar: ok, warn above 80 %, crit above 95 %, '' when unlimited."""
-    if percent is None:
-        return ""
-    if percent > CRIT_PERCENT:
-        return "crit"
-    if percent > WARN_PERCENT:
-        return "warn"
-    return "ok"
+    return usage_level(percent)
 
 
 def percent_of(row: Mapping[str, Any], res: str) -> float | None:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from slurm_quota import db, readmodel, stats
+from slurm_quota import client, db, readmodel
 from slurm_quota.app import Settings, create_app
 from tests.web.readside import (
     EXPECTED_USERS,
@@ -189,21 +189,21 @@ def test_etag_matches(header, etag, expected):
 
 
 def test_fetch_stats_with_a_cache_revalidates_and_sees_changes(seeded):
-    cache = stats.StatsCache()
+    cache = client.StatsCache()
     with server_thread(seeded) as base:
-        first = stats.fetch_stats(base, cache=cache)
+        first = client.fetch_stats(base, cache=cache)
         assert cache.revalidated == 0
-        again = stats.fetch_stats(base, cache=cache)
+        again = client.fetch_stats(base, cache=cache)
         assert cache.revalidated == 1
         assert again is first  # the copy, after a 304
         write(seeded, "UPDATE users SET quota_gpu_minutes = 4242 WHERE username = 'dave'")
-        changed = stats.fetch_stats(base, cache=cache)
+        changed = client.fetch_stats(base, cache=cache)
         assert cache.revalidated == 1
         dave = next(r for r in changed["users"] if r["username"] == "dave")
         assert dave["quota_gpu_minutes"] == 4242
         # Per-user answers are never kept.
-        alice = stats.fetch_stats(base, username="alice", cache=cache)
-        alice_again = stats.fetch_stats(base, username="alice", cache=cache)
+        alice = client.fetch_stats(base, username="alice", cache=cache)
+        alice_again = client.fetch_stats(base, username="alice", cache=cache)
         assert cache.revalidated == 1
         assert alice == alice_again and alice is not alice_again
 
@@ -211,12 +211,12 @@ def test_fetch_stats_with_a_cache_revalidates_and_sees_changes(seeded):
 def test_the_dashboard_revalidates_its_copy(seeded, monkeypatch):
     caches = []
 
-    class Counted(stats.StatsCache):
+    class Counted(client.StatsCache):
         def __init__(self):
             super().__init__()
             caches.append(self)
 
-    monkeypatch.setattr(stats, "StatsCache", Counted)
+    monkeypatch.setattr(client, "StatsCache", Counted)
     with server_thread(seeded) as base:
         dashboard = create_app(Settings(api_url=base))
 
