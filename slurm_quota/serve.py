@@ -154,6 +154,9 @@ def make_server(
     """A waitress server of app on the listening socket sock, with our limits."""
     import waitress  # lazy: `slurm-quota --help` must not pay for it
 
+    # Requests waiting for a free thread are normal under a burst (100 clients at once); the
+    # queue logs a warning per waiting request, which would flood the journal.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return waitress.create_server(
         app, sockets=[sock], threads=threads, backlog=LISTEN_BACKLOG,
         connection_limit=connection_limit(), asyncore_use_poll=True,
