@@ -153,8 +153,8 @@ class ReadModel:
         """The answer for key as of the ledger now, built once per ledger change.
 
         One thread builds; others asking meanwhile wait for it (each answer holds every
-        change committed before its request), or, under max_stale_s, get the kept answer
-        if it is young enough.
+        change committed before its request). Under max_stale_s, a kept answer young enough
+        is sent at once instead, and a fresh one is built behind it for the next clients.
         """
         seq = self.observe()
         entry = self._cache.get(key)
@@ -162,9 +162,20 @@ class ReadModel:
             return entry[1]
         lock = self._build_locks[key]
         recent = entry is not None and time.monotonic() - entry[2] <= self.max_stale_s
-        if not lock.acquire(blocking=not recent):
+        if recent:
             assert entry is not None
-            return entry[1]  # a build is under way: the recent copy meanwhile
+            if lock.acquire(blocking=False):  # nobody is building: build behind this answer
+                threading.Thread(
+                    target=self._build_behind, args=(key, seq, build, lock), daemon=True
+                ).start()
+            return entry[1]
+        lock.acquire()
+        return self._build_locked(key, seq, build, lock)
+
+    def _build_locked(
+        self, key: str, seq: int, build: Callable[[], Response], lock: threading.Lock
+    ) -> Response:
+        """Build key's answer unless one at seq or later is kept; releases lock."""
         try:
             entry = self._cache.get(key)  # built by another thread while this one waited?
             if entry is not None and entry[0] >= seq:
@@ -179,6 +190,14 @@ class ReadModel:
             return response
         finally:
             lock.release()
+
+    def _build_behind(
+        self, key: str, seq: int, build: Callable[[], Response], lock: threading.Lock
+    ) -> None:
+        try:
+            self._build_locked(key, seq, build, lock)
+        except Exception as err:  # nobody waits for it: the next request builds and answers
+            log.warning("building the %s answer behind a recent copy failed: %s", key, err)
 
     def close(self) -> None:
         """Close every pooled connection and the change probe."""
