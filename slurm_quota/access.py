@@ -13,7 +13,7 @@ import unicodedata
 
 from slurm_quota.errors import NotPermitted
 
-SUDO_USER_MAX_LEN = 128  # as long as a user name may be (admin.NAME_MAX_LEN)
+SUDO_USER_MAX_LEN = 128  # as long as a user name may be (validate.NAME_MAX_LEN)
 
 
 def require_ledger_writer(db_path: str, command: str) -> None:

@@ -1,21 +1,13 @@
 """Admin operations: quotas, adjustments, default quotas, GPU factors and the history view.
 
-Owns what the admin commands do to the ledger: validate names and values (numbers through
-ledger.py), apply the seed system's semantics (a quota set on a new row gives the other
-resource the configured default; adjustments clamp at 0), and journal every change in the
-same transaction as the change. All SQL is in db.py; nothing here prints or exits.
-
-Names: user and account names are kept exactly as typed (Slurm compares them
-case-sensitively with what the plugin and charge see: `job_desc.user_name`, the job's
-account). Allowed: 1 to 128 characters among letters, digits and `_ . @ $ -`, not starting
-with `.`, `-`, `@` or `$` (POSIX portable user names plus `user@domain` from sssd/LDAP and
-`$` of machine accounts). Whitespace, control characters and anything else are refused.
+Owns what the admin commands do to the ledger: apply the seed system's semantics (a quota
+set on a new row gives the other resource the configured default; adjustments clamp at 0),
+and journal every change in the same transaction as the change. Names and values are
+checked by slurm_quota.validate. All SQL is in db.py; nothing here prints or exits.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Union
@@ -23,17 +15,16 @@ from typing import Any, Union
 from slurm_quota import db, ledger
 from slurm_quota.access import current_actor
 from slurm_quota.errors import InvalidInput, NotFound, SchemaError
-
-KINDS = ("user", "account")
-NAME_MAX_LEN = 128
-GPU_TYPE_MAX_LEN = 64
-REASON_MAX_LEN = 500
-HISTORY_DEFAULT_LIMIT = 50
-HISTORY_MAX_LIMIT = 100_000
-
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@$-]*")
-_GPU_TYPE_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_KIND_LABEL = {"user": "User", "account": "Account"}
+from slurm_quota.validate import (
+    KIND_LABEL,
+    check_kind,
+    check_quota,
+    check_resource,
+    parse_gpu_type,
+    parse_name,
+    parse_reason,
+    parse_setting,
+)
 
 # Journal actions.
 ACTION_CREATE = "create"
@@ -143,6 +134,322 @@ class FactorChange:
     new_factor: float
 
 
+
+
+# ---------------------------------------------------------------------------------------
+# Defaults
+# ---------------------------------------------------------------------------------------
+
+
+def default_key(kind: str, resource: str) -> str:
+    """Settings key of a default quota: default_{user,account}_quota_{cpu,gpu}_minutes."""
+    check_kind(kind)
+    check_resource(resource)
+    return f"default_{kind}_quota_{resource}_minutes"
+
+
+def _read_default(conn: Any, kind: str, resource: str) -> int:
+    key = default_key(kind, resource)
+    value = db.get_setting(conn, key)
+    if value is None:
+        return ledger.UNLIMITED
+    try:
+        return ledger.parse_quota(value)
+    except InvalidInput as err:
+        raise SchemaError(
+            f"The setting {key} holds {value!r}, not a quota in minutes; "
+            f"fix it with `slurm-quota set-default-quotas`."
+        ) from err
+
+
+def get_default_quotas(conn: Any) -> DefaultQuotas:
+    """The four default quotas (-1 for a key that is absent)."""
+    return DefaultQuotas(
+        user_cpu_minutes=_read_default(conn, "user", ledger.CPU),
+        user_gpu_minutes=_read_default(conn, "user", ledger.GPU),
+        account_cpu_minutes=_read_default(conn, "account", ledger.CPU),
+        account_gpu_minutes=_read_default(conn, "account", ledger.GPU),
+    )
+
+
+def set_default_quotas(
+    conn: Any,
+    *,
+    user_cpu: int | None = None,
+    user_gpu: int | None = None,
+    account_cpu: int | None = None,
+    account_gpu: int | None = None,
+    reason: str | None = None,
+) -> list[DefaultChange]:
+    """Set the given default quotas (at least one); existing rows are not touched."""
+    wanted = {
+        default_key("user", ledger.CPU): user_cpu,
+        default_key("user", ledger.GPU): user_gpu,
+        default_key("account", ledger.CPU): account_cpu,
+        default_key("account", ledger.GPU): account_gpu,
+    }
+    given = {k: check_quota(v) for k, v in wanted.items() if v is not None}
+    if not given:
+        raise InvalidInput(
+            "Give at least one of --user-cpu, --user-gpu, --account-cpu, --account-gpu."
+        )
+    reason = parse_reason(reason)
+    actor = current_actor()
+    changes: list[DefaultChange] = []
+    with db.write_transaction(conn):
+        current = get_default_quotas(conn).as_settings()
+        for key, new in given.items():
+            old = current[key]
+            db.set_setting(conn, key, str(new))
+            db.insert_journal(
+                conn,
+                actor=actor,
+                action=ACTION_SET_DEFAULT,
+                target_kind="setting",
+                target=key,
+                field="value",
+                old_value=str(old),
+                new_value=str(new),
+                reason=reason,
+            )
+            changes.append(DefaultChange(key=key, old_minutes=old, new_minutes=new))
+    return changes
+
+
+# ---------------------------------------------------------------------------------------
+# Plugin settings: the keys job_submit.lua reads besides the default quotas
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SettingChange:
+    """One plugin setting changed (None = not set)."""
+
+    key: str
+    old: str | None
+    new: str | None
+
+
+def list_settings(conn: Any) -> dict[str, str]:
+    """Every stored setting (default quotas and plugin settings), by key."""
+    return {str(row[0]): str(row[1]) for row in db.list_settings(conn)}
+
+
+def set_setting(
+    conn: Any, key: str, value: str | None, *, reason: str | None = None
+) -> SettingChange:
+    """Set (or, with value None, unset) one plugin setting, journaled."""
+    key, new = parse_setting(key, value)
+    reason = parse_reason(reason)
+    with db.write_transaction(conn):
+        old = db.get_setting(conn, key)
+        if new is None:
+            db.delete_setting(conn, key)
+        else:
+            db.set_setting(conn, key, new)
+        db.insert_journal(
+            conn,
+            actor=current_actor(),
+            action=ACTION_SET_SETTING,
+            target_kind="setting",
+            target=key,
+            field="value",
+            old_value=old,
+            new_value=new,
+            reason=reason,
+        )
+    return SettingChange(key=key, old=old, new=new)
+
+
+# ---------------------------------------------------------------------------------------
+# Quotas and adjustments
+# ---------------------------------------------------------------------------------------
+
+
+def _owner_from_row(kind: str, row: Any) -> Owner:
+    return Owner(
+        kind=kind,
+        name=str(row["name"]),
+        quota_cpu_minutes=int(row["quota_cpu_minutes"]),
+        quota_gpu_minutes=int(row["quota_gpu_minutes"]),
+        consumed_cpu_minutes=int(row["total_consumed_cpu_minutes"] or 0),
+        consumed_gpu_minutes=int(row["total_consumed_gpu_minutes"] or 0),
+        last_updated=None if row["last_updated"] is None else str(row["last_updated"]),
+    )
+
+
+def get_owner(conn: Any, kind: str, name: str) -> Owner | None:
+    """The user or account row, or None."""
+    check_kind(kind)
+    row = db.get_owner(conn, kind, parse_name(kind, name))
+    return None if row is None else _owner_from_row(kind, row)
+
+
+def set_quota(
+    conn: Any,
+    kind: str,
+    name: str,
+    resource: str,
+    minutes: int,
+    *,
+    reason: str | None = None,
+) -> QuotaChange:
+    """Set the CPU or GPU quota of a user/account, creating the row (with defaults) if needed."""
+    check_kind(kind)
+    check_resource(resource)
+    name = parse_name(kind, name)
+    minutes = check_quota(minutes)
+    reason = parse_reason(reason)
+    actor = current_actor()
+    other = ledger.GPU if resource == ledger.CPU else ledger.CPU
+    with db.write_transaction(conn):
+        row = db.get_owner(conn, kind, name)
+        if row is None:
+            other_minutes = _read_default(conn, kind, other)
+            quotas = {resource: minutes, other: other_minutes}
+            db.insert_owner(conn, kind, name, quotas[ledger.CPU], quotas[ledger.GPU])
+            db.insert_journal(
+                conn,
+                actor=actor,
+                action=ACTION_CREATE,
+                target_kind=kind,
+                target=name,
+                field=db.quota_column(other),
+                old_value=None,
+                new_value=str(other_minutes),
+                reason=reason,
+            )
+            old: int | None = None
+            created = True
+        else:
+            old = int(row[db.quota_column(resource)])
+            other_minutes = None
+            created = False
+            db.set_owner_quota(conn, kind, name, resource, minutes)
+        db.insert_journal(
+            conn,
+            actor=actor,
+            action=ACTION_SET_QUOTA,
+            target_kind=kind,
+            target=name,
+            field=db.quota_column(resource),
+            old_value=None if old is None else str(old),
+            new_value=str(minutes),
+            reason=reason,
+        )
+    return QuotaChange(
+        kind=kind,
+        name=name,
+        resource=resource,
+        old_minutes=old,
+        new_minutes=minutes,
+        created=created,
+        other_quota_minutes=other_minutes,
+    )
+
+
+def adjust(
+    conn: Any,
+    kind: str,
+    name: str,
+    resource: str,
+    delta_minutes: int,
+    *,
+    reason: str | None = None,
+) -> Adjustment:
+    """Add a signed delta to a consumed total, clamped at 0; the row must exist."""
+    check_kind(kind)
+    check_resource(resource)
+    name = parse_name(kind, name)
+    if isinstance(delta_minutes, bool) or not isinstance(delta_minutes, int):
+        raise InvalidInput(f"Adjustment {delta_minutes!r} is not a whole number of minutes.")
+    if abs(delta_minutes) > ledger.MAX_MINUTES:
+        raise InvalidInput(f"Adjustment {delta_minutes} exceeds {ledger.MAX_MINUTES} minutes.")
+    reason = parse_reason(reason)
+    actor = current_actor()
+    with db.write_transaction(conn):
+        row = db.get_owner(conn, kind, name)
+        if row is None:
+            raise NotFound(
+                f"{KIND_LABEL[kind]} {name} is not in the ledger; nothing was adjusted "
+                f"(check the name, or set a quota first with `slurm-quota {kind}-quota`)."
+            )
+        old = int(row[db.consumed_column(resource)] or 0)
+        result = ledger.apply_adjustment(old, delta_minutes)
+        db.set_owner_consumed(conn, kind, name, resource, result.new)
+        db.insert_journal(
+            conn,
+            actor=actor,
+            action=ACTION_ADJUST,
+            target_kind=kind,
+            target=name,
+            field=db.consumed_column(resource),
+            old_value=str(old),
+            new_value=str(result.new),
+            reason=reason,
+        )
+    return Adjustment(
+        kind=kind,
+        name=name,
+        resource=resource,
+        delta_minutes=delta_minutes,
+        old_minutes=old,
+        new_minutes=result.new,
+        clamped=result.clamped,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# GPU factors
+# ---------------------------------------------------------------------------------------
+
+
+def gpu_factors(conn: Any) -> list[GpuFactor]:
+    """Every GPU factor: `default` first (built-in 1.0 when not configured), then by type."""
+    stored = {str(r["gpu_type"]): float(r["factor"]) for r in db.list_gpu_factors(conn)}
+    result: list[GpuFactor] = []
+    if ledger.DEFAULT_GPU_TYPE in stored:
+        result.append(GpuFactor(ledger.DEFAULT_GPU_TYPE, stored[ledger.DEFAULT_GPU_TYPE], True))
+    else:
+        result.append(GpuFactor(ledger.DEFAULT_GPU_TYPE, ledger.DEFAULT_GPU_FACTOR, False))
+    for gpu_type in sorted(t for t in stored if t != ledger.DEFAULT_GPU_TYPE):
+        result.append(GpuFactor(gpu_type, stored[gpu_type], True))
+    return result
+
+
+def set_gpu_factor(
+    conn: Any, gpu_type: str, factor: float, *, reason: str | None = None
+) -> FactorChange:
+    """Set the factor of a GPU type (`default` = the fallback for untyped/unknown GPUs)."""
+    gpu_type = parse_gpu_type(gpu_type)
+    factor = ledger.parse_factor(repr(factor) if isinstance(factor, float) else str(factor))
+    reason = parse_reason(reason)
+    actor = current_actor()
+    with db.write_transaction(conn):
+        old = db.get_gpu_factor(conn, gpu_type)
+        db.set_gpu_factor(conn, gpu_type, factor)
+        db.insert_journal(
+            conn,
+            actor=actor,
+            action=ACTION_SET_GPU_FACTOR,
+            target_kind="gpu_factor",
+            target=gpu_type,
+            field="factor",
+            old_value=None if old is None else repr(old),
+            new_value=repr(factor),
+            reason=reason,
+        )
+    return FactorChange(gpu_type=gpu_type, old_factor=old, new_factor=factor)
+
+
+# ---------------------------------------------------------------------------------------
+# History: journal + charges
+# ---------------------------------------------------------------------------------------
+
+
+HISTORY_DEFAULT_LIMIT = 50
+HISTORY_MAX_LIMIT = 100_000
+
+
 @dataclass(frozen=True)
 class JournalEntry:
     """One journal row."""
@@ -240,431 +547,6 @@ class ChargeEntry:
 HistoryEntry = Union[JournalEntry, ChargeEntry]
 
 
-# ---------------------------------------------------------------------------------------
-# Input validation
-# ---------------------------------------------------------------------------------------
-
-
-def _shown(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:40] + "…")
-
-
-def parse_name(kind: str, text: str | None) -> str:
-    """A user or account name, kept exactly as given; refuses what Slurm would never send."""
-    label = f"{_KIND_LABEL[kind]} name"
-    if text is None or text == "":
-        raise InvalidInput(f"{label} is empty.")
-    if any(unicodedata.category(ch).startswith("C") for ch in text):
-        raise InvalidInput(f"{label} {_shown(text)} contains a control character.")
-    if any(ch.isspace() for ch in text):
-        raise InvalidInput(f"{label} {_shown(text)} contains whitespace.")
-    if len(text) > NAME_MAX_LEN:
-        raise InvalidInput(f"{label} {_shown(text)} is longer than {NAME_MAX_LEN} characters.")
-    if not _NAME_RE.fullmatch(text):
-        raise InvalidInput(
-            f"{label} {_shown(text)} is not valid: use letters, digits and _ . @ $ - "
-            f"(not starting with . - @ $)."
-        )
-    return text
-
-
-def parse_gpu_type(text: str | None) -> str:
-    """A GPU type as in Slurm's gres (`h100`, `a100_80g`), or `default` (the fallback)."""
-    if text is None or text == "":
-        raise InvalidInput("GPU type is empty.")
-    if len(text) > GPU_TYPE_MAX_LEN or not _GPU_TYPE_RE.fullmatch(text):
-        raise InvalidInput(
-            f"GPU type {_shown(text)} is not valid: use 1 to {GPU_TYPE_MAX_LEN} letters, "
-            f"digits and _ . - (as in the node's Gres=gpu:TYPE:N)."
-        )
-    return text
-
-
-def parse_reason(text: str | None) -> str | None:
-    """The optional --reason: one line of printable text, or None."""
-    if text is None:
-        return None
-    value = text.strip()
-    if not value:
-        raise InvalidInput("--reason is empty; give a short explanation or leave it out.")
-    if any(unicodedata.category(ch).startswith("C") for ch in value):
-        raise InvalidInput("--reason contains a control character (e.g. a newline).")
-    if len(value) > REASON_MAX_LEN:
-        raise InvalidInput(f"--reason is longer than {REASON_MAX_LEN} characters.")
-    return value
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}")
-
-
-def _check_resource(resource: str) -> None:
-    if resource not in ledger.RESOURCES:
-        raise ValueError(f"unknown resource {resource!r}")
-
-
-def _check_quota(minutes: int) -> int:
-    if isinstance(minutes, bool) or not isinstance(minutes, int):
-        raise InvalidInput(f"Quota {minutes!r} is not a whole number of minutes.")
-    return ledger.parse_quota(str(minutes))
-
-
-# ---------------------------------------------------------------------------------------
-# Defaults
-# ---------------------------------------------------------------------------------------
-
-
-def default_key(kind: str, resource: str) -> str:
-    """Settings key of a default quota: default_{user,account}_quota_{cpu,gpu}_minutes."""
-    _check_kind(kind)
-    _check_resource(resource)
-    return f"default_{kind}_quota_{resource}_minutes"
-
-
-def _read_default(conn: Any, kind: str, resource: str) -> int:
-    key = default_key(kind, resource)
-    value = db.get_setting(conn, key)
-    if value is None:
-        return ledger.UNLIMITED
-    try:
-        return ledger.parse_quota(value)
-    except InvalidInput as err:
-        raise SchemaError(
-            f"The setting {key} holds {value!r}, not a quota in minutes; "
-            f"fix it with `slurm-quota set-default-quotas`."
-        ) from err
-
-
-def get_default_quotas(conn: Any) -> DefaultQuotas:
-    """The four default quotas (-1 for a key that is absent)."""
-    return DefaultQuotas(
-        user_cpu_minutes=_read_default(conn, "user", ledger.CPU),
-        user_gpu_minutes=_read_default(conn, "user", ledger.GPU),
-        account_cpu_minutes=_read_default(conn, "account", ledger.CPU),
-        account_gpu_minutes=_read_default(conn, "account", ledger.GPU),
-    )
-
-
-def set_default_quotas(
-    conn: Any,
-    *,
-    user_cpu: int | None = None,
-    user_gpu: int | None = None,
-    account_cpu: int | None = None,
-    account_gpu: int | None = None,
-    reason: str | None = None,
-) -> list[DefaultChange]:
-    """Set the given default quotas (at least one); existing rows are not touched."""
-    wanted = {
-        default_key("user", ledger.CPU): user_cpu,
-        default_key("user", ledger.GPU): user_gpu,
-        default_key("account", ledger.CPU): account_cpu,
-        default_key("account", ledger.GPU): account_gpu,
-    }
-    given = {k: _check_quota(v) for k, v in wanted.items() if v is not None}
-    if not given:
-        raise InvalidInput(
-            "Give at least one of --user-cpu, --user-gpu, --account-cpu, --account-gpu."
-        )
-    reason = parse_reason(reason)
-    actor = current_actor()
-    changes: list[DefaultChange] = []
-    with db.write_transaction(conn):
-        current = get_default_quotas(conn).as_settings()
-        for key, new in given.items():
-            old = current[key]
-            db.set_setting(conn, key, str(new))
-            db.insert_journal(
-                conn,
-                actor=actor,
-                action=ACTION_SET_DEFAULT,
-                target_kind="setting",
-                target=key,
-                field="value",
-                old_value=str(old),
-                new_value=str(new),
-                reason=reason,
-            )
-            changes.append(DefaultChange(key=key, old_minutes=old, new_minutes=new))
-    return changes
-
-
-# ---------------------------------------------------------------------------------------
-# Plugin settings: the keys job_submit.lua reads besides the default quotas
-# ---------------------------------------------------------------------------------------
-
-SETTING_DEFAULT_TIME = "default_time_minutes"
-SETTING_NODE_GPUS = "node_gpus"
-_NODE_GPUS_KEY_RE = re.compile(r"node_gpus(?:\.([A-Za-z0-9_.-]{1,64}))?")
-_NODE_GPU_ENTRY_RE = re.compile(r"gpu(?::([A-Za-z0-9_.-]{1,64}))?:(\d{1,4})")
-
-
-@dataclass(frozen=True)
-class SettingChange:
-    """One plugin setting changed (None = not set)."""
-
-    key: str
-    old: str | None
-    new: str | None
-
-
-def parse_setting(key: str, value: str | None) -> tuple[str, str | None]:
-    """Validate a plugin setting; return (key, normalised value), value None to unset.
-
-    default_time_minutes: the time limit of a job that has none and whose partition has
-    neither DefaultTime nor MaxTime (whole minutes, 1 or more). node_gpus and
-    node_gpus.<partition>: the GPUs of one node (`gpu:h100:2,gpu:a100:2`), which an
-    --exclusive job takes; slurmctld does not tell the plugin.
-    """
-    if key.startswith("default_") and key.endswith("_minutes") and key != SETTING_DEFAULT_TIME:
-        raise InvalidInput(
-            f"{_shown(key)} is a default quota: use `slurm-quota set-default-quotas`."
-        )
-    if key == SETTING_DEFAULT_TIME:
-        if value is None:
-            return key, None
-        text = value.strip()
-        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 10**7:
-            raise InvalidInput(
-                f"{key} must be a whole number of minutes from 1 to 10000000, not {_shown(value)}."
-            )
-        return key, str(int(text))
-    if _NODE_GPUS_KEY_RE.fullmatch(key):
-        if value is None:
-            return key, None
-        entries = [e.strip() for e in value.split(",")]
-        for entry in entries:
-            m = _NODE_GPU_ENTRY_RE.fullmatch(entry)
-            if not m or int(m.group(2)) < 1:
-                raise InvalidInput(
-                    f"{key}: {_shown(entry)} is not a GPU entry like gpu:h100:2 or gpu:4 "
-                    f"(comma-separated, as in the node's Gres=)."
-                )
-        return key, ",".join(entries)
-    raise InvalidInput(
-        f"Unknown setting {_shown(key)}: the settings are {SETTING_DEFAULT_TIME}, "
-        f"{SETTING_NODE_GPUS} and {SETTING_NODE_GPUS}.<partition>."
-    )
-
-
-def list_settings(conn: Any) -> dict[str, str]:
-    """Every stored setting (default quotas and plugin settings), by key."""
-    return {str(row[0]): str(row[1]) for row in db.list_settings(conn)}
-
-
-def set_setting(
-    conn: Any, key: str, value: str | None, *, reason: str | None = None
-) -> SettingChange:
-    """Set (or, with value None, unset) one plugin setting, journaled."""
-    key, new = parse_setting(key, value)
-    reason = parse_reason(reason)
-    with db.write_transaction(conn):
-        old = db.get_setting(conn, key)
-        if new is None:
-            db.delete_setting(conn, key)
-        else:
-            db.set_setting(conn, key, new)
-        db.insert_journal(
-            conn,
-            actor=current_actor(),
-            action=ACTION_SET_SETTING,
-            target_kind="setting",
-            target=key,
-            field="value",
-            old_value=old,
-            new_value=new,
-            reason=reason,
-        )
-    return SettingChange(key=key, old=old, new=new)
-
-
-# ---------------------------------------------------------------------------------------
-# Quotas and adjustments
-# ---------------------------------------------------------------------------------------
-
-
-def _owner_from_row(kind: str, row: Any) -> Owner:
-    return Owner(
-        kind=kind,
-        name=str(row["name"]),
-        quota_cpu_minutes=int(row["quota_cpu_minutes"]),
-        quota_gpu_minutes=int(row["quota_gpu_minutes"]),
-        consumed_cpu_minutes=int(row["total_consumed_cpu_minutes"] or 0),
-        consumed_gpu_minutes=int(row["total_consumed_gpu_minutes"] or 0),
-        last_updated=None if row["last_updated"] is None else str(row["last_updated"]),
-    )
-
-
-def get_owner(conn: Any, kind: str, name: str) -> Owner | None:
-    """The user or account row, or None."""
-    _check_kind(kind)
-    row = db.get_owner(conn, kind, parse_name(kind, name))
-    return None if row is None else _owner_from_row(kind, row)
-
-
-def set_quota(
-    conn: Any,
-    kind: str,
-    name: str,
-    resource: str,
-    minutes: int,
-    *,
-    reason: str | None = None,
-) -> QuotaChange:
-    """Set the CPU or GPU quota of a user/account, creating the row (with defaults) if needed."""
-    _check_kind(kind)
-    _check_resource(resource)
-    name = parse_name(kind, name)
-    minutes = _check_quota(minutes)
-    reason = parse_reason(reason)
-    actor = current_actor()
-    other = ledger.GPU if resource == ledger.CPU else ledger.CPU
-    with db.write_transaction(conn):
-        row = db.get_owner(conn, kind, name)
-        if row is None:
-            other_minutes = _read_default(conn, kind, other)
-            quotas = {resource: minutes, other: other_minutes}
-            db.insert_owner(conn, kind, name, quotas[ledger.CPU], quotas[ledger.GPU])
-            db.insert_journal(
-                conn,
-                actor=actor,
-                action=ACTION_CREATE,
-                target_kind=kind,
-                target=name,
-                field=db.quota_column(other),
-                old_value=None,
-                new_value=str(other_minutes),
-                reason=reason,
-            )
-            old: int | None = None
-            created = True
-        else:
-            old = int(row[db.quota_column(resource)])
-            other_minutes = None
-            created = False
-            db.set_owner_quota(conn, kind, name, resource, minutes)
-        db.insert_journal(
-            conn,
-            actor=actor,
-            action=ACTION_SET_QUOTA,
-            target_kind=kind,
-            target=name,
-            field=db.quota_column(resource),
-            old_value=None if old is None else str(old),
-            new_value=str(minutes),
-            reason=reason,
-        )
-    return QuotaChange(
-        kind=kind,
-        name=name,
-        resource=resource,
-        old_minutes=old,
-        new_minutes=minutes,
-        created=created,
-        other_quota_minutes=other_minutes,
-    )
-
-
-def adjust(
-    conn: Any,
-    kind: str,
-    name: str,
-    resource: str,
-    delta_minutes: int,
-    *,
-    reason: str | None = None,
-) -> Adjustment:
-    """Add a signed delta to a consumed total, clamped at 0; the row must exist."""
-    _check_kind(kind)
-    _check_resource(resource)
-    name = parse_name(kind, name)
-    if isinstance(delta_minutes, bool) or not isinstance(delta_minutes, int):
-        raise InvalidInput(f"Adjustment {delta_minutes!r} is not a whole number of minutes.")
-    if abs(delta_minutes) > ledger.MAX_MINUTES:
-        raise InvalidInput(f"Adjustment {delta_minutes} exceeds {ledger.MAX_MINUTES} minutes.")
-    reason = parse_reason(reason)
-    actor = current_actor()
-    with db.write_transaction(conn):
-        row = db.get_owner(conn, kind, name)
-        if row is None:
-            raise NotFound(
-                f"{_KIND_LABEL[kind]} {name} is not in the ledger; nothing was adjusted "
-                f"(check the name, or set a quota first with `slurm-quota {kind}-quota`)."
-            )
-        old = int(row[db.consumed_column(resource)] or 0)
-        result = ledger.apply_adjustment(old, delta_minutes)
-        db.set_owner_consumed(conn, kind, name, resource, result.new)
-        db.insert_journal(
-            conn,
-            actor=actor,
-            action=ACTION_ADJUST,
-            target_kind=kind,
-            target=name,
-            field=db.consumed_column(resource),
-            old_value=str(old),
-            new_value=str(result.new),
-            reason=reason,
-        )
-    return Adjustment(
-        kind=kind,
-        name=name,
-        resource=resource,
-        delta_minutes=delta_minutes,
-        old_minutes=old,
-        new_minutes=result.new,
-        clamped=result.clamped,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# GPU factors
-# ---------------------------------------------------------------------------------------
-
-
-def gpu_factors(conn: Any) -> list[GpuFactor]:
-    """Every GPU factor: `default` first (built-in 1.0 when not configured), then by type."""
-    stored = {str(r["gpu_type"]): float(r["factor"]) for r in db.list_gpu_factors(conn)}
-    result: list[GpuFactor] = []
-    if ledger.DEFAULT_GPU_TYPE in stored:
-        result.append(GpuFactor(ledger.DEFAULT_GPU_TYPE, stored[ledger.DEFAULT_GPU_TYPE], True))
-    else:
-        result.append(GpuFactor(ledger.DEFAULT_GPU_TYPE, ledger.DEFAULT_GPU_FACTOR, False))
-    for gpu_type in sorted(t for t in stored if t != ledger.DEFAULT_GPU_TYPE):
-        result.append(GpuFactor(gpu_type, stored[gpu_type], True))
-    return result
-
-
-def set_gpu_factor(
-    conn: Any, gpu_type: str, factor: float, *, reason: str | None = None
-) -> FactorChange:
-    """Set the factor of a GPU type (`default` = the fallback for untyped/unknown GPUs)."""
-    gpu_type = parse_gpu_type(gpu_type)
-    factor = ledger.parse_factor(repr(factor) if isinstance(factor, float) else str(factor))
-    reason = parse_reason(reason)
-    actor = current_actor()
-    with db.write_transaction(conn):
-        old = db.get_gpu_factor(conn, gpu_type)
-        db.set_gpu_factor(conn, gpu_type, factor)
-        db.insert_journal(
-            conn,
-            actor=actor,
-            action=ACTION_SET_GPU_FACTOR,
-            target_kind="gpu_factor",
-            target=gpu_type,
-            field="factor",
-            old_value=None if old is None else repr(old),
-            new_value=repr(factor),
-            reason=reason,
-        )
-    return FactorChange(gpu_type=gpu_type, old_factor=old, new_factor=factor)
-
-
-# ---------------------------------------------------------------------------------------
-# History: journal + charges
-# ---------------------------------------------------------------------------------------
-
-
 def _parse_db_time(value: Any) -> datetime | None:
     """A stored timestamp (CURRENT_TIMESTAMP text, ISO 8601 or epoch seconds) in UTC."""
     if value is None:
@@ -736,18 +618,6 @@ def _charge_entry(row: Any) -> ChargeEntry:
         gpu_minutes=int(row["gpu_minutes"]),
         source=str(row["source"]),
     )
-
-
-def parse_job_id(text: str | int | None) -> int | None:
-    """A Slurm job id (a positive integer; an array or het job id matches its elements)."""
-    if text is None:
-        return None
-    value = str(text).strip()
-    if not value.isdigit() or not 0 < int(value) < 2**32:
-        raise InvalidInput(
-            f"Job id {text!r} is not a Slurm job id (a positive whole number, e.g. 12345)."
-        )
-    return int(value)
 
 
 _EPOCH = datetime.fromtimestamp(0, timezone.utc)
