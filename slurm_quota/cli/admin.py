@@ -573,7 +573,8 @@ def history_cmd(
       slurm-quota history --account projx --limit 20
       slurm-quota history --job 12345 --json
     """
-    from slurm_quota import admin, validate
+    from slurm_quota import history as history_view
+    from slurm_quota import validate
     from slurm_quota.errors import InvalidInput
 
     if user is not None and account is not None:
@@ -584,7 +585,7 @@ def history_cmd(
         account = validate.parse_name("account", account)
     job_id = validate.parse_job_id(job)
     with _ledger(settings, readonly=True) as conn:
-        entries = admin.history(conn, user=user, account=account, job_id=job_id, limit=limit)
+        entries = history_view.history(conn, user=user, account=account, job_id=job_id, limit=limit)
     if as_json:
         echo_json([e.to_json() for e in entries])
         return
@@ -618,7 +619,7 @@ def _local_time(moment) -> str:
 
 def _history_row(entry) -> tuple[str, str, str, str, str]:
     """One table row for a journal or charge entry."""
-    from slurm_quota.admin import ChargeEntry
+    from slurm_quota.history import ChargeEntry
 
     if isinstance(entry, ChargeEntry):
         gpus = entry.gpus or "none"
