@@ -14,6 +14,7 @@ from typing import Any
 from slurm_quota import db, ledger
 from slurm_quota.access import current_actor
 from slurm_quota.errors import InvalidInput, NotFound, SchemaError
+from slurm_quota.journal import Journal
 from slurm_quota.validate import (
     KIND_LABEL,
     check_kind,
@@ -193,23 +194,15 @@ def set_default_quotas(
             "Give at least one of --user-cpu, --user-gpu, --account-cpu, --account-gpu."
         )
     reason = parse_reason(reason)
-    actor = current_actor()
+    journal = Journal(conn, current_actor(), reason)
     changes: list[DefaultChange] = []
     with db.write_transaction(conn):
         current = get_default_quotas(conn).as_settings()
         for key, new in given.items():
             old = current[key]
             db.set_setting(conn, key, str(new))
-            db.insert_journal(
-                conn,
-                actor=actor,
-                action=ACTION_SET_DEFAULT,
-                target_kind="setting",
-                target=key,
-                field="value",
-                old_value=str(old),
-                new_value=str(new),
-                reason=reason,
+            journal.record(
+                ACTION_SET_DEFAULT, "setting", key, field="value", old=str(old), new=str(new),
             )
             changes.append(DefaultChange(key=key, old_minutes=old, new_minutes=new))
     return changes
@@ -245,16 +238,8 @@ def set_setting(
             db.delete_setting(conn, key)
         else:
             db.set_setting(conn, key, new)
-        db.insert_journal(
-            conn,
-            actor=current_actor(),
-            action=ACTION_SET_SETTING,
-            target_kind="setting",
-            target=key,
-            field="value",
-            old_value=old,
-            new_value=new,
-            reason=reason,
+        Journal(conn, current_actor(), reason).record(
+            ACTION_SET_SETTING, "setting", key, field="value", old=old, new=new,
         )
     return SettingChange(key=key, old=old, new=new)
 
@@ -298,7 +283,7 @@ def set_quota(
     name = parse_name(kind, name)
     minutes = check_quota(minutes)
     reason = parse_reason(reason)
-    actor = current_actor()
+    journal = Journal(conn, current_actor(), reason)
     other = ledger.GPU if resource == ledger.CPU else ledger.CPU
     with db.write_transaction(conn):
         row = db.get_owner(conn, kind, name)
@@ -306,16 +291,8 @@ def set_quota(
             other_minutes = _read_default(conn, kind, other)
             quotas = {resource: minutes, other: other_minutes}
             db.insert_owner(conn, kind, name, quotas[ledger.CPU], quotas[ledger.GPU])
-            db.insert_journal(
-                conn,
-                actor=actor,
-                action=ACTION_CREATE,
-                target_kind=kind,
-                target=name,
-                field=db.quota_column(other),
-                old_value=None,
-                new_value=str(other_minutes),
-                reason=reason,
+            journal.record(
+                ACTION_CREATE, kind, name, field=db.quota_column(other), new=str(other_minutes),
             )
             old: int | None = None
             created = True
@@ -324,16 +301,9 @@ def set_quota(
             other_minutes = None
             created = False
             db.set_owner_quota(conn, kind, name, resource, minutes)
-        db.insert_journal(
-            conn,
-            actor=actor,
-            action=ACTION_SET_QUOTA,
-            target_kind=kind,
-            target=name,
-            field=db.quota_column(resource),
-            old_value=None if old is None else str(old),
-            new_value=str(minutes),
-            reason=reason,
+        journal.record(
+            ACTION_SET_QUOTA, kind, name, field=db.quota_column(resource),
+            old=None if old is None else str(old), new=str(minutes),
         )
     return QuotaChange(
         kind=kind,
@@ -364,7 +334,7 @@ def adjust(
     if abs(delta_minutes) > ledger.MAX_MINUTES:
         raise InvalidInput(f"Adjustment {delta_minutes} exceeds {ledger.MAX_MINUTES} minutes.")
     reason = parse_reason(reason)
-    actor = current_actor()
+    journal = Journal(conn, current_actor(), reason)
     with db.write_transaction(conn):
         row = db.get_owner(conn, kind, name)
         if row is None:
@@ -375,16 +345,9 @@ def adjust(
         old = int(row[db.consumed_column(resource)] or 0)
         result = ledger.apply_adjustment(old, delta_minutes)
         db.set_owner_consumed(conn, kind, name, resource, result.new)
-        db.insert_journal(
-            conn,
-            actor=actor,
-            action=ACTION_ADJUST,
-            target_kind=kind,
-            target=name,
-            field=db.consumed_column(resource),
-            old_value=str(old),
-            new_value=str(result.new),
-            reason=reason,
+        journal.record(
+            ACTION_ADJUST, kind, name, field=db.consumed_column(resource), old=str(old),
+            new=str(result.new),
         )
     return Adjustment(
         kind=kind,
@@ -422,19 +385,12 @@ def set_gpu_factor(
     gpu_type = parse_gpu_type(gpu_type)
     factor = ledger.parse_factor(repr(factor) if isinstance(factor, float) else str(factor))
     reason = parse_reason(reason)
-    actor = current_actor()
+    journal = Journal(conn, current_actor(), reason)
     with db.write_transaction(conn):
         old = db.get_gpu_factor(conn, gpu_type)
         db.set_gpu_factor(conn, gpu_type, factor)
-        db.insert_journal(
-            conn,
-            actor=actor,
-            action=ACTION_SET_GPU_FACTOR,
-            target_kind="gpu_factor",
-            target=gpu_type,
-            field="factor",
-            old_value=None if old is None else repr(old),
-            new_value=repr(factor),
-            reason=reason,
+        journal.record(
+            ACTION_SET_GPU_FACTOR, "gpu_factor", gpu_type, field="factor",
+            old=None if old is None else repr(old), new=repr(factor),
         )
     return FactorChange(gpu_type=gpu_type, old_factor=old, new_factor=factor)
