@@ -81,7 +81,9 @@ def test_schema_change_under_a_cached_connection(plugin, db_path, fail_open, rc)
 
 @pytest.mark.parametrize("fail_open, rc", [(True, 0), (False, -1)])
 def test_lua_error_in_orchestration(plugin, db_path, fail_open, rc):
-    plugin.lua.execute("package.loaded.slurm_quota.build_request = function() error('boom in the plugin') end")
+    plugin.lua.execute(
+        "package.loaded.slurm_quota.build_request = function() error('boom in the plugin') end"
+    )
     plugin.m.config.fail_open = fail_open
     res = plugin.submit(submit_case("c01_plain"))
     assert res.rc == rc
