@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import os
+import runpy
 import signal
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +170,18 @@ def test_standalone_server_reads_its_environment(api):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
     assert proc.returncode == 0
+
+
+def test_the_mod_wsgi_script_serves_the_one_application(api):
+    # mod_wsgi executes the script file and looks up `application` in what it defines.
+    script = Path(web.__file__).with_name("wsgi.py")
+    defined = runpy.run_path(str(script))
+    assert defined["application"] is app.application
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stats", "QUERY_STRING": "",
+               "SCRIPT_NAME": "", "wsgi.input": io.BytesIO(), "SLURM_QUOTA_URL": api}
+    seen = []
+    body = b"".join(defined["application"](environ, lambda s, h: seen.append(s)))
+    # Away from the ledger the API routes are the service's: not found here, as JSON.
+    assert seen == ["404 Not Found"]
+    assert b'"not_found"' in body
+    assert "bob" in table_rows(call(api)[2]).sections["users"]
