@@ -68,7 +68,8 @@ def _percent(quota: int, consumed: int, preallocated: int) -> float | None:
     return None if fraction is None else round(fraction * 100.0, 2)
 
 
-def _row(name_key: str, row: Sequence[Any]) -> dict[str, Any]:
+def payload_row(name_key: str, row: Sequence[Any]) -> dict[str, Any]:
+    """One /stats row (seed keys, then ours) from a db.stats_users/stats_accounts tuple."""
     name, cpu_used, cpu_pre, cpu_quota, gpu_used, gpu_pre, gpu_quota, updated, jobs = row
     # int() once per value: a seed ledger may hold REAL minutes (its columns are untyped).
     cpu_used, cpu_pre, cpu_quota = int(cpu_used), int(cpu_pre), int(cpu_quota)
@@ -129,8 +130,8 @@ def stats_payload(
             users = db.stats_users(conn)
             accounts = db.stats_accounts(conn)
     return {
-        "users": [_row("username", r) for r in users],
-        "accounts": [_row("account", r) for r in accounts],
+        "users": [payload_row("username", r) for r in users],
+        "accounts": [payload_row("account", r) for r in accounts],
     }
 
 
@@ -152,7 +153,7 @@ def _percent_json(quota: int, used: int) -> str:
 
 
 def rows_json(name_key: str, rows: Iterable[Sequence[Any]]) -> str:
-    """The JSON array of [_row(name_key, r) for r in rows], byte for byte as
+    """The JSON array of [payload_row(name_key, r) for r in rows], byte for byte as
     json.dumps(..., separators=(",", ":"), ensure_ascii=False) writes it, without building
     the dicts: a whole ledger of 11k rows in a third of the time (the whole-ledger /stats).
     """

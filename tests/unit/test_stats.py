@@ -332,7 +332,7 @@ _usage_row = st.tuples(
 @example(name_key="username", rows=[("u", 23, 0, 160, 49, 0, 160, None, 1)])
 def test_rows_json_is_byte_for_byte_what_json_dumps_writes_for_the_payload_rows(name_key, rows):
     expected = json.dumps(
-        [stats._row(name_key, r) for r in rows], separators=(",", ":"), ensure_ascii=False
+        [stats.payload_row(name_key, r) for r in rows], separators=(",", ":"), ensure_ascii=False
     )
     assert stats.rows_json(name_key, rows) == expected
 
