@@ -15,11 +15,11 @@ whole-ledger answer must then be rebuilt. Once per --live-max-stale value (`serv
 --max-stale`); per-route latency.
 
 Then the floor (--phases floor, with wrk and nginx installed): the gzipped /stats and /metrics
-bytes that serve sends are also served by nginx as static files (as many worker processes as
-serve has), and wrk loads serve and nginx in turn, --floor-rounds times: what this machine
+bytes that serve sends are also served by nginx as static files (one worker process, as serve
+is one process), and wrk loads serve and nginx in turn, --floor-rounds times: what this machine
 allows for answers of that size, whatever the server.
 
-    .venv/bin/python bench/serve.py [--processes N] [--client both|python|wrk] [--markdown]
+    .venv/bin/python bench/serve.py [--threads N] [--client both|python|wrk] [--markdown]
         [--phases static,live,floor] [--live-max-stale 0,5] [--floor-rounds 2]
 """
 
@@ -38,11 +38,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from slurm_quota import db
-from slurm_quota.serve import default_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_QUOTA = str(Path(sys.executable).parent / "slurm-quota")
@@ -104,10 +104,10 @@ def build_ledger(path: Path, users: int, accounts: int, preallocs: int, charges:
 
 
 def start_server(
-    db_path: Path, processes: int | None, extra: tuple[str, ...] = ()
+    db_path: Path, threads: int | None, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, int]:
     """`slurm-quota serve --port 0`; return the process and the port it logged."""
-    extra = (*extra, *([] if processes is None else ["--processes", str(processes)]))
+    extra = (*extra, *([] if threads is None else ["--threads", str(threads)]))
     proc = subprocess.Popen(
         [SLURM_QUOTA, "--db", str(db_path), "serve", "--port", "0", "--idle-timeout", "0",
          *extra],
@@ -116,15 +116,17 @@ def start_server(
     )
     assert proc.stderr is not None
     line = proc.stderr.readline()
-    m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    m = re.search(r" on http://127\.0\.0\.1:(\d+)/", line)
     if not m:
         proc.kill()
         raise SystemExit(f"serve did not start: {line!r}")
+    # Drained, so a server that logs a lot never blocks on a full pipe.
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
     return proc, int(m.group(1))
 
 
 def server_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of the serve process and its forked server processes."""
+    """CPU seconds (user + system) of the serve process (and of any child processes)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     try:
@@ -335,7 +337,7 @@ def live_phase(
             schedule.append((offset + i / args.whole_rate, route, route))
     schedule.sort()
     stale = ("--max-stale", f"{max_stale:g}") if max_stale else ()  # 0 is the default
-    proc, port = start_server(db_path, args.processes, stale)
+    proc, port = start_server(db_path, args.threads, stale)
     stop_file = tmp / f"stop-writer-{max_stale:g}"
     writer = multiprocessing.Process(
         target=write_ledger,
@@ -418,12 +420,12 @@ def floor_phase(
     machine's loopback and CPUs allow for answers of that size, whatever the server."""
     import urllib.request
 
-    workers = args.processes or default_processes()
+    workers = 1  # serve is one process (waitress: one loop, worker threads)
     site = tmp / "nginx"
     (site / "html").mkdir(parents=True)
     (site / "tmp").mkdir()
     os.chmod(tmp, 0o755)  # nginx workers run as another user when started by root
-    proc, port = start_server(db_path, args.processes)
+    proc, port = start_server(db_path, args.threads)
     try:
         for name in ("stats", "metrics"):
             asyncio.run(_run(port, [f"/{name}"] * 200, 20))  # every server process has built it
@@ -495,8 +497,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="per route (Python client)")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument(
-        "--processes", type=int, default=None,
-        help="`serve --processes` (default: serve's own default)",
+        "--threads", type=int, default=None,
+        help="`serve --threads` (default: serve's own default)",
     )
     parser.add_argument(
         "--client", choices=("both", "python", "wrk"), default="both",
@@ -549,7 +551,7 @@ def main() -> int:
         print(f"ledger built in {time.perf_counter() - t:.1f} s: {args.users} users, "
               f"{args.accounts} accounts, {args.preallocs} preallocations, {args.charges} charges, "
               f"{os.path.getsize(db_path) / 1e6:.1f} MB", file=sys.stderr)
-        proc, port = start_server(db_path, args.processes)
+        proc, port = start_server(db_path, args.threads)
         routes = {
             "/stats?username=<random>": lambda: (
                 f"/stats?username=user{rnd.randrange(args.users):05d}"

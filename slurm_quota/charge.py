@@ -525,44 +525,7 @@ def charge_env(
     return apply_charge(conn, run, allocation, label)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m slurm_quota.charge`: `slurm-quota charge` without loading the click CLI.
+if __name__ == "__main__":  # `python -m slurm_quota.charge`: the charge without click
+    from slurm_quota.entry import charge_main
 
-    Same behaviour, output and exit codes (the CLI's single error mapping is imported only on
-    the error path); the database comes from SLURM_QUOTA_DB. Exists because slurmctld runs one
-    charge after another and click's import is most of the start-up time.
-    """
-    import os
-    import sys
-
-    from slurm_quota import DEFAULT_DB_PATH
-    from slurm_quota.errors import SlurmQuotaError
-
-    args = sys.argv[1:] if argv is None else argv
-    if args:
-        sys.stderr.write("usage: python -m slurm_quota.charge (reads the jobcomp environment)\n")
-        return 2
-    db_path = os.environ.get("SLURM_QUOTA_DB") or DEFAULT_DB_PATH
-    try:
-        from slurm_quota import db
-        from slurm_quota.access import require_ledger_writer
-
-        require_ledger_writer(db_path, "charge")
-        # Not fsynced at COMMIT (WAL, synchronous=NORMAL): a power loss can only drop the last
-        # charges, which `reconcile` charges again from accounting (DESIGN §6).
-        conn = db.connect(db_path, durable=False)
-        try:
-            result = charge_env(conn, os.environ)
-        finally:
-            conn.close()
-    except SlurmQuotaError as exc:
-        from slurm_quota.cli import exit_code_for
-
-        sys.stderr.write(f"slurm-quota: error: {exc}\n")
-        return exit_code_for(exc)
-    sys.stdout.write(result.describe() + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(charge_main())

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slurm_quota import db
+from slurm_quota.journal import Journal
 
 ACTION_REPAIR_RESERVED = "repair-reserved"
 REPAIR_REASON = "slurm-quota check --repair: recomputed from the preallocations"
@@ -152,16 +153,9 @@ def _repair(conn: Any, found: list[Drift], actor: str) -> list[Drift]:
                 if stored == actual:
                     continue
                 db.set_reserved(conn, drift.kind, drift.name, *actual)
-                db.insert_journal(
-                    conn,
-                    actor=actor,
-                    action=ACTION_REPAIR_RESERVED,
-                    target_kind=drift.kind,
-                    target=drift.name,
-                    field="reserved",
-                    old_value=_totals_text(stored),
-                    new_value=_totals_text(actual),
-                    reason=REPAIR_REASON,
+                Journal(conn, actor, REPAIR_REASON).record(
+                    ACTION_REPAIR_RESERVED, drift.kind, drift.name, field="reserved",
+                    old=_totals_text(stored), new=_totals_text(actual),
                 )
                 fixed.append(Drift(drift.kind, drift.name, stored, actual))
     return fixed

@@ -1,15 +1,27 @@
-"""Exceptions of slurm-quota: plain classes with full-sentence messages, nothing else.
+"""Exceptions of slurm-quota: plain classes with full-sentence messages and the exit status
+each one means, nothing else.
 
-The CLI maps each class to an exit code in exactly one place (slurm_quota.cli).
+The CLI (slurm_quota.cli) and the click-free charge (slurm_quota.entry) exit with
+`err.exit_code`; the codes are sysexits-like: 1 error, 2 usage, 75 temporary failure.
 """
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: try again later
+EXIT_INTERRUPTED = 130
 
 
 class SlurmQuotaError(Exception):
     """Base class of every error slurm-quota reports to a person."""
 
+    exit_code = EXIT_ERROR
+
 
 class InvalidInput(SlurmQuotaError):
     """A value given on the command line or in a request is not acceptable."""
+
+    exit_code = EXIT_USAGE
 
 
 class ImplausibleSlurmData(SlurmQuotaError):
@@ -42,6 +54,8 @@ class DatabaseMissing(SlurmQuotaError):
 
 class TemporaryFailure(SlurmQuotaError):
     """Something outside our control is unavailable now; retrying later may work."""
+
+    exit_code = EXIT_TEMPFAIL
 
 
 class DatabaseUnavailable(TemporaryFailure):

@@ -42,6 +42,7 @@ DEFAULT_GRACE_MIN = 10
 PRUNE_RECENT_S = 3600
 # Charges per write transaction in reconcile: short enough for the plugin's lock bound.
 BATCH = 200
+ORPHAN_REASON = "token neither queued nor in recent accounting"
 DEFAULT_SPOOL_DIR = "/var/spool/slurm-quota/charge"
 
 
@@ -101,7 +102,7 @@ def _prealloc_text(row: Mapping[str, object]) -> str:
 
 
 def _actor() -> str:
-    from slurm_quota.admin import current_actor
+    from slurm_quota.access import current_actor
 
     return current_actor()
 
@@ -303,17 +304,17 @@ def reconcile(
         if dry_run:
             orphans = [str(r["job_uuid"]) for r in candidates]
         elif candidates:
-            actor = _actor()
+            from slurm_quota.journal import Journal
+
+            journal = Journal(conn, _actor())
             with db.write_transaction(conn):
                 for row in candidates:
                     if db.delete_preallocation(conn, str(row["job_uuid"])):
                         orphans.append(str(row["job_uuid"]))
-                        db.insert_journal(
-                            conn, actor=actor, action="reconcile", target_kind="preallocation",
-                            target=str(row["job_uuid"]), field="orphan",
-                            old_value=_prealloc_text(row), new_value=None,
-                            reason="token neither queued nor in recent accounting",
-                        )  # fmt: skip
+                        journal.record(
+                            "reconcile", "preallocation", str(row["job_uuid"]), field="orphan",
+                            old=_prealloc_text(row), reason=ORPHAN_REASON,
+                        )
     if not dry_run:
         db.checkpoint(conn)  # the plugin never checkpoints; the timer bounds the WAL
     return ReconcileReport(
@@ -412,7 +413,9 @@ def prune(
             tuple(user_names),
             tuple(account_names),
         )
-    actor = _actor()
+    from slurm_quota.journal import Journal
+
+    journal = Journal(conn, _actor())
     deleted_p: list[str] = []
     deleted_u: list[str] = []
     deleted_a: list[str] = []
@@ -421,11 +424,9 @@ def prune(
             uuid = str(row["job_uuid"])
             if db.delete_preallocation(conn, uuid):
                 deleted_p.append(uuid)
-                db.insert_journal(
-                    conn, actor=actor, action="prune", target_kind="preallocation",
-                    target=uuid, field=None, old_value=_prealloc_text(row), new_value=None,
-                    reason="token neither queued nor in recent accounting",
-                )  # fmt: skip
+                journal.record(
+                    "prune", "preallocation", uuid, old=_prealloc_text(row), reason=ORPHAN_REASON,
+                )
         for kind, enabled, name, out in (
             ("user", do_users, user, deleted_u),
             ("account", do_accounts, account, deleted_a),
@@ -435,12 +436,11 @@ def prune(
             for row in db.prunable_owners(conn, kind, name):
                 if db.delete_prunable_owner(conn, kind, str(row["name"])):
                     out.append(str(row["name"]))
-                    db.insert_journal(
-                        conn, actor=actor, action="prune", target_kind=kind,
-                        target=str(row["name"]), field=None,
-                        old_value=json.dumps({k: row[k] for k in row.keys()}, sort_keys=True),
-                        new_value=None, reason="no quota set, nothing consumed, no open job",
-                    )  # fmt: skip
+                    journal.record(
+                        "prune", kind, str(row["name"]),
+                        old=json.dumps({k: row[k] for k in row.keys()}, sort_keys=True),
+                        reason="no quota set, nothing consumed, no open job",
+                    )
     return PruneReport(False, tuple(deleted_p), tuple(deleted_u), tuple(deleted_a))
 
 

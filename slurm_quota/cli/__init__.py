@@ -1,8 +1,9 @@
 """Command-line interface: `slurm-quota`.
 
-Owns: the entry point and the ONE mapping from errors to messages and exit codes
-(0 ok, 1 error, 2 usage, 75 temporary failure, 130 interrupted). Commands live in the
-modules of this package by area; they parse, call one library function and format.
+Owns: the entry point and the ONE place where errors become messages and exit codes
+(0 ok, 1 error, 2 usage, 75 temporary failure, 130 interrupted; a library error's code is
+its class's, slurm_quota.errors). Commands live in the modules of this package by area;
+they parse, call one library function and format.
 """
 
 from __future__ import annotations
@@ -12,29 +13,17 @@ import sys
 import click
 
 from slurm_quota.cli.base import cli
-from slurm_quota.errors import (
-    InvalidInput,
+from slurm_quota.errors import (  # noqa: F401  (the EXIT_ codes are the CLI's statuses)
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
     SlurmQuotaError,
-    TemporaryFailure,
 )
 
 # Importing the command modules registers their commands on the group.
 from slurm_quota.cli import admin, jobs, read  # noqa: E402,F401  isort: skip
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: try again later
-EXIT_INTERRUPTED = 130
-
-
-def exit_code_for(err: SlurmQuotaError) -> int:
-    """Return the exit status for a library error."""
-    if isinstance(err, TemporaryFailure):
-        return EXIT_TEMPFAIL
-    if isinstance(err, InvalidInput):
-        return EXIT_USAGE
-    return EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except SlurmQuotaError as exc:
         click.echo(f"slurm-quota: error: {exc}", err=True)
-        return exit_code_for(exc)
+        return exc.exit_code
     return EXIT_OK
 
 

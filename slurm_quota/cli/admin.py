@@ -67,11 +67,11 @@ def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
     """
     if repair:
         require_root("check --repair")
-    from slurm_quota import admin, check
+    from slurm_quota import access, check
     from slurm_quota.errors import Inconsistent
 
     with _ledger(settings, readonly=not repair, checked_by_caller=True) as conn:
-        report = check.check(conn, repair=repair, actor=admin.current_actor())
+        report = check.check(conn, repair=repair, actor=access.current_actor())
     if as_json:
         echo_json(report.as_dict())
     else:
@@ -186,11 +186,11 @@ def _set_quota(
 ) -> None:
     """Shared body of the four quota commands."""
     require_root(command)
-    from slurm_quota import admin, ledger
+    from slurm_quota import admin, ledger, validate
 
-    name = admin.parse_name(kind, name)
+    name = validate.parse_name(kind, name)
     quota = ledger.parse_quota(n)
-    reason = admin.parse_reason(reason)
+    reason = validate.parse_reason(reason)
     with _ledger(settings) as conn:
         change = admin.set_quota(conn, kind, name, resource, quota, reason=reason)
     label = f"{_KIND_LABEL[kind]} {change.name}"
@@ -316,7 +316,7 @@ def adjust_cmd(
       sudo slurm-quota adjust --account projx --cpu --hours=+2
     """
     require_root("adjust")
-    from slurm_quota import admin, ledger
+    from slurm_quota import admin, ledger, validate
     from slurm_quota.errors import InvalidInput
 
     if (user is None) == (account is None):
@@ -326,13 +326,13 @@ def adjust_cmd(
     if (minutes is None) == (hours is None):
         raise InvalidInput("adjust needs exactly one of --minutes or --hours (signed, e.g. +30).")
     kind = "user" if user is not None else "account"
-    name = admin.parse_name(kind, user if user is not None else account)
+    name = validate.parse_name(kind, user if user is not None else account)
     resource = "cpu" if cpu else "gpu"
     if minutes is not None:
         delta = ledger.parse_signed_minutes(minutes)
     else:
         delta = ledger.parse_signed_minutes(hours, hours=True)
-    reason = admin.parse_reason(reason)
+    reason = validate.parse_reason(reason)
     with _ledger(settings) as conn:
         result = admin.adjust(conn, kind, name, resource, delta, reason=reason)
     res = _RESOURCE_LABEL[resource]
@@ -399,7 +399,7 @@ def set_default_quotas_cmd(
       sudo slurm-quota set-default-quotas --user-gpu -1 --account-gpu -1
     """
     require_root("set-default-quotas")
-    from slurm_quota import admin, ledger
+    from slurm_quota import admin, ledger, validate
 
     values = {
         "user_cpu": user_cpu,
@@ -412,7 +412,7 @@ def set_default_quotas_cmd(
             "Give at least one of --user-cpu, --user-gpu, --account-cpu, --account-gpu."
         )
     parsed = {k: (None if v is None else ledger.parse_quota(v)) for k, v in values.items()}
-    reason = admin.parse_reason(reason)
+    reason = validate.parse_reason(reason)
     with _ledger(settings) as conn:
         changes = admin.set_default_quotas(conn, reason=reason, **parsed)
     for change in changes:
@@ -536,11 +536,11 @@ def set_gpu_factor_cmd(settings: Settings, gpu_type: str, factor: str, reason: s
       sudo slurm-quota set-gpu-factor default 1.0
     """
     require_root("set-gpu-factor")
-    from slurm_quota import admin, ledger
+    from slurm_quota import admin, ledger, validate
 
-    gpu_type = admin.parse_gpu_type(gpu_type)
+    gpu_type = validate.parse_gpu_type(gpu_type)
     value = ledger.parse_factor(factor)
-    reason = admin.parse_reason(reason)
+    reason = validate.parse_reason(reason)
     with _ledger(settings) as conn:
         change = admin.set_gpu_factor(conn, gpu_type, value, reason=reason)
     old = "not set" if change.old_factor is None else repr(change.old_factor)
@@ -580,18 +580,19 @@ def history_cmd(
       slurm-quota history --account projx --limit 20
       slurm-quota history --job 12345 --json
     """
-    from slurm_quota import admin
+    from slurm_quota import history as history_view
+    from slurm_quota import validate
     from slurm_quota.errors import InvalidInput
 
     if user is not None and account is not None:
         raise InvalidInput("history takes --user or --account, not both.")
     if user is not None:
-        user = admin.parse_name("user", user)
+        user = validate.parse_name("user", user)
     if account is not None:
-        account = admin.parse_name("account", account)
-    job_id = admin.parse_job_id(job)
+        account = validate.parse_name("account", account)
+    job_id = validate.parse_job_id(job)
     with _ledger(settings, readonly=True) as conn:
-        entries = admin.history(conn, user=user, account=account, job_id=job_id, limit=limit)
+        entries = history_view.history(conn, user=user, account=account, job_id=job_id, limit=limit)
     if as_json:
         echo_json([e.to_json() for e in entries])
         return
@@ -625,7 +626,7 @@ def _local_time(moment) -> str:
 
 def _history_row(entry) -> tuple[str, str, str, str, str]:
     """One table row for a journal or charge entry."""
-    from slurm_quota.admin import ChargeEntry
+    from slurm_quota.history import ChargeEntry
 
     if isinstance(entry, ChargeEntry):
         gpus = entry.gpus or "none"

@@ -1,17 +1,19 @@
 """Read commands: stats (HTTP or local database) and serve.
 
 Parse, call one library function, format. No SQL here. Heavy imports (sqlite3 through
-slurm_quota.db, requests, http.server) stay inside the commands so `--help` starts fast.
+slurm_quota.db, requests, waitress) stay inside the commands so `--help` starts fast.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
+from slurm_quota import DEFAULT_URL
 from slurm_quota.cli.base import (
     Seconds,
     Settings,
@@ -22,7 +24,6 @@ from slurm_quota.cli.base import (
     pass_settings,
 )
 
-DEFAULT_URL = "http://127.0.0.1:9911/"  # same as slurm_quota.stats.DEFAULT_URL
 _EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
@@ -118,7 +119,7 @@ def stats_cmd(
     if username is None and account is None and not all_:
         username = _calling_user()
 
-    from slurm_quota import stats
+    from slurm_quota import client, stats, tables
 
     if _local_mode(ctx, local):
         conn = open_db(settings, readonly=True)
@@ -127,13 +128,13 @@ def stats_cmd(
         finally:
             conn.close()
     else:
-        payload = stats.fetch_stats(url, username=username, account=account)
+        payload = client.fetch_stats(url, username=username, account=account)
     if as_json:
         echo_json(payload)
         return
     selector = ("user", username) if username else ("account", account) if account else None
-    use_color = stats.color_wanted(color, isatty=sys.stdout.isatty())
-    text = stats.render_tables(payload, hours=hours, color=use_color, selector=selector)
+    use_color = tables.color_wanted(color, isatty=sys.stdout.isatty())
+    text = tables.render_tables(payload, hours=hours, color=use_color, selector=selector)
     # click.echo would strip the colour codes off a non-terminal even under --color always.
     click.echo(text, nl=False, color=use_color)
 
@@ -153,11 +154,12 @@ def stats_cmd(
     help="Exit after this long without a request (0 = never).",
 )
 @click.option(
-    "--processes",
+    "--threads",
     type=WholeNumber(1, 64),
-    default=None,
+    default=4,
+    show_default=True,
     metavar="N",
-    help="Server processes sharing the socket [default: one per CPU, at most 4].",
+    help="Worker threads answering complete requests.",
 )
 @click.option(
     "--max-stale",
@@ -176,17 +178,15 @@ def serve_cmd(
     host: str,
     port: int,
     idle_timeout_s: float,
-    processes: int | None,
+    threads: int,
     max_stale_s: float,
     verbose: bool,
 ) -> None:
-    """Serve /health, /stats and /metrics over HTTP (read-only), for `stats` and dashboards.
+    """Serve the API (/health, /stats, /metrics) and the dashboard (/) over HTTP, read-only.
 
     With systemd socket activation (LISTEN_PID/LISTEN_FDS) the socket passed on fd 3 is
-    used and --host/--port are ignored. Each process answers its clients one at a time
-    in an event loop; --processes N forks N of them on one socket to use N CPUs. Each has
-    a builder process for the answers about the whole ledger (/stats without a selector,
-    /metrics); --max-stale lets them answer from a recent copy while it builds.
+    used and --host/--port are ignored. The server is waitress: one event loop reads every
+    connection, and --threads workers answer complete requests.
 
     \b
     Examples:
@@ -196,17 +196,16 @@ def serve_cmd(
     """
     import logging
 
-    from slurm_quota import serve
+    from slurm_quota import app, serve
 
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
-    serve.serve(
-        settings.db_path,
+    serve.run(
+        app.Settings(db_path=Path(settings.db_path), max_stale_s=max_stale_s),
         host=host,
         port=port,
         idle_timeout_s=idle_timeout_s,
+        threads=threads,
         log_requests=verbose,
-        processes=processes,
-        max_stale_s=max_stale_s,
     )

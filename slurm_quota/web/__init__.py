@@ -1,40 +1,30 @@
-"""The web dashboard `slurm-quota-web`: a plain WSGI application over the /stats API.
+"""The dashboard's view: the HTML page and its static files, pure functions of a /stats
+payload and the page's query.
 
-Owns: the HTML page (Users and Accounts tables with consumed, preallocated (jobs), quota and
-usage bars per resource; filters by user and account; minutes/hours; sorting; auto-refresh),
-its static files (packaged in slurm_quota/web/static, so the wheel ships them) and the
-standalone server. It needs only the standard library and requests (through
-slurm_quota.stats): no Flask, nothing to install on the controller. It never touches the
-database: it asks `slurm-quota serve` at SLURM_QUOTA_URL, like `slurm-quota stats`.
-
-Under Apache mod_wsgi point WSGIScriptAlias at slurm_quota/web/wsgi.py; under gunicorn run
-`gunicorn slurm_quota.web:application`. SLURM_QUOTA_URL may come from the process
-environment or from the WSGI environ (Apache `SetEnv`).
+Owns: the page (Users and Accounts tables with consumed, preallocated (jobs), quota and
+usage bars per resource; filters by user and account; minutes/hours; sorting; auto-refresh)
+and its static files (packaged in slurm_quota/web/static, so the wheel ships them). It must
+not fetch or serve anything: slurm_quota.app serves the page, with the data from the ledger
+(`slurm-quota serve`) or from the service at SLURM_QUOTA_URL (`slurm-quota-web`, mod_wsgi:
+slurm_quota/web/wsgi.py).
 """
 
 from __future__ import annotations
 
 import html
-import os
-import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import parse_qs, urlencode
+from typing import Any
+from urllib.parse import urlencode
 
 from slurm_quota import __version__
-from slurm_quota.errors import SlurmQuotaError
+from slurm_quota.stats import CRIT_PERCENT, WARN_PERCENT, usage_level
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
-DEFAULT_URL = "http://127.0.0.1:9911/"
 DEFAULT_REFRESH_S = 60
 MAX_ROWS = 500  # per table; a filter narrows the rest
-WARN_PERCENT = 80.0
-CRIT_PERCENT = 95.0
-
-StartResponse = Callable[..., Any]
 
 
 # ---------------------------------------------------------------------------------------
@@ -42,20 +32,9 @@ StartResponse = Callable[..., Any]
 # ---------------------------------------------------------------------------------------
 
 
-def _setting(environ: Mapping[str, Any], name: str, default: str) -> str:
-    value = environ.get(name) or os.environ.get(name)
-    return str(value) if value else default
-
-
 def usage_class(percent: float | None) -> str:
     """CSS class of a usage bar: ok, warn above 80 %, crit above 95 %, '' when unlimited."""
-    if percent is None:
-        return ""
-    if percent > CRIT_PERCENT:
-        return "crit"
-    if percent > WARN_PERCENT:
-        return "warn"
-    return "ok"
+    return usage_level(percent)
 
 
 def percent_of(row: Mapping[str, Any], res: str) -> float | None:
@@ -285,165 +264,16 @@ def render_page(
 
 
 # ---------------------------------------------------------------------------------------
-# WSGI
+# Static files
 # ---------------------------------------------------------------------------------------
 
 
-def _query(environ: Mapping[str, Any]) -> dict[str, str]:
-    raw = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
-    return {
-        k: v[0][:256]
-        for k, v in raw.items()
-        if k in ("user", "account", "unit", "sort", "refresh") and v
-    }
-
-
-def _respond(
-    start_response: StartResponse, status: str, ctype: str, body: bytes, head: bool,
-    extra: list[tuple[str, str]] | None = None,
-) -> list[bytes]:
-    headers = [
-        ("Content-Type", ctype),
-        ("Content-Length", str(len(body))),
-        ("X-Content-Type-Options", "nosniff"),
-        *(extra or []),
-    ]
-    start_response(status, headers)
-    return [] if head else [body]
-
-
-_cache: Any = None  # stats.StatsCache of this process, made on first use
-
-
-def _fetch(api_url: str, **selector: str) -> dict[str, Any]:
-    """/stats from the service; the whole-ledger answer is kept and revalidated (ETag), so a
-    page view while the ledger is unchanged costs a 304, not the whole ledger again."""
-    global _cache
-    from slurm_quota import stats  # lazy: requests is imported on first use only
-
-    if _cache is None:
-        _cache = stats.StatsCache()
-    return stats.fetch_stats(api_url, cache=_cache, **selector)
-
-
-def application(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-    """The WSGI entry point: the dashboard page and its static files."""
-    method = str(environ.get("REQUEST_METHOD", "GET")).upper()
-    head = method == "HEAD"
-    if method not in ("GET", "HEAD"):
-        return _respond(
-            start_response, "405 Method Not Allowed", "text/plain; charset=utf-8",
-            b"Method not allowed.\n", False, [("Allow", "GET, HEAD")],
-        )
-    path = str(environ.get("PATH_INFO", "") or "/")
-    base = str(environ.get("SCRIPT_NAME", "")).rstrip("/") + "/"
-    if path.startswith("/static/"):
-        name = path[len("/static/"):]
-        target = STATIC_DIR / name
-        if "/" in name or target.suffix not in STATIC_TYPES or not target.is_file():
-            return _respond(
-                start_response, "404 Not Found", "text/plain; charset=utf-8", b"Not found.\n", head
-            )
-        return _respond(
-            start_response, "200 OK", STATIC_TYPES[target.suffix], target.read_bytes(), head,
-            [("Cache-Control", "max-age=300")],
-        )
-    if path not in ("/", ""):
-        return _respond(
-            start_response, "404 Not Found", "text/plain; charset=utf-8", b"Not found.\n", head
-        )
-    api_url = _setting(environ, "SLURM_QUOTA_URL", DEFAULT_URL)
-    query = _query(environ)
-    try:
-        refresh_s = int(query.get("refresh") or _setting(
-            environ, "SLURM_QUOTA_WEB_REFRESH", str(DEFAULT_REFRESH_S)))
-    except ValueError:
-        refresh_s = DEFAULT_REFRESH_S
-    refresh_s = max(0, min(refresh_s, 86400))
-    status = "200 OK"
-    payload = user_accounts = error = None
-    try:
-        payload = _fetch(api_url)
-        user_q = query.get("user", "").strip()
-        if user_q and any(r["username"] == user_q for r in payload["users"]):
-            user_accounts = _fetch(api_url, username=user_q)["accounts"]
-    except SlurmQuotaError as err:
-        status, error = "503 Service Unavailable", str(err)
-    page = render_page(
-        payload, query=query, base=base, api_url=api_url, refresh_s=refresh_s, error=error,
-        user_accounts=user_accounts,
-    )
-    return _respond(
-        start_response, status, "text/html; charset=utf-8", page.encode("utf-8"), head,
-        [("Cache-Control", "no-store")],
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Standalone server (testing, small sites): `slurm-quota-web`
-# ---------------------------------------------------------------------------------------
-
-
-def make_server(host: str, port: int, app: Callable[..., Any] = application) -> Any:
-    """A threaded wsgiref server for app on host:port (port 0 = any free port)."""
-    import socketserver
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
-    from wsgiref.simple_server import make_server as _make
-
-    class _Server(socketserver.ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    class _Quiet(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            if os.environ.get("SLURM_QUOTA_WEB_VERBOSE"):
-                super().log_message(format, *args)
-
-    return _make(host, port, app, server_class=_Server, handler_class=_Quiet)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console script: serve the dashboard on SLURM_QUOTA_WEB_HOST:SLURM_QUOTA_WEB_PORT."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="slurm-quota-web",
-        description="slurm-quota web dashboard, standalone (production: run "
-        "slurm_quota.web:application under mod_wsgi or gunicorn). Reads SLURM_QUOTA_URL "
-        f"(default {DEFAULT_URL}), SLURM_QUOTA_WEB_HOST (127.0.0.1), SLURM_QUOTA_WEB_PORT "
-        f"(8080), SLURM_QUOTA_WEB_REFRESH (seconds, default {DEFAULT_REFRESH_S}, 0 = off).",
-    )
-    parser.add_argument("--host", default=os.environ.get("SLURM_QUOTA_WEB_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--version", action="version", version=f"slurm-quota-web {__version__}")
-    args = parser.parse_args(argv)
-    try:
-        port = args.port if args.port is not None else int(
-            os.environ.get("SLURM_QUOTA_WEB_PORT", "8080"))
-    except ValueError:
-        print("slurm-quota-web: error: SLURM_QUOTA_WEB_PORT is not a number.", file=sys.stderr)
-        return 2
-    try:
-        server = make_server(args.host, port)
-    except OSError as err:
-        print(f"slurm-quota-web: error: cannot listen on {args.host}:{port}: {err}.",
-              file=sys.stderr)
-        return 75
-    print(
-        f"slurm-quota-web {__version__} on http://{args.host}:{server.server_port}/ "
-        f"(statistics from {os.environ.get('SLURM_QUOTA_URL') or DEFAULT_URL})",
-        file=sys.stderr, flush=True,
-    )
-    import signal
-
-    def on_term(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+def static_file(path: str) -> tuple[str, bytes] | None:
+    """(content type, bytes) of /static/NAME, or None when path names no static file."""
+    if not path.startswith("/static/"):
+        return None
+    name = path[len("/static/"):]
+    target = STATIC_DIR / name
+    if "/" in name or target.suffix not in STATIC_TYPES or not target.is_file():
+        return None
+    return STATIC_TYPES[target.suffix], target.read_bytes()

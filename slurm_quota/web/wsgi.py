@@ -3,4 +3,4 @@
 Find its path with: python3 -c 'import slurm_quota.web.wsgi as m; print(m.__file__)'
 """
 
-from slurm_quota.web import application  # noqa: F401  (mod_wsgi looks up `application`)
+from slurm_quota.app import application  # noqa: F401  (mod_wsgi looks up `application`)

@@ -51,6 +51,7 @@ PACKAGES = (
     "python3-click",
     "python3-tabulate",
     "python3-requests",
+    "python3-waitress",
     "procps",
 )
 # Extra packages the project's CLI needs in the tree beyond the list above (e.g. the WSGI

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slurm_quota import admin
+from slurm_quota import admin, validate
 from slurm_quota.errors import InvalidInput
 from tests.lua.harness import Plugin, prealloc, rows, submit_case
 from tests.lua.test_submit import set_setting, set_user_quota
@@ -83,7 +83,7 @@ def test_every_node_gpus_value_python_stores_reads_the_same_in_lua(plugin, value
         _, stored = admin.parse_setting("node_gpus", value)
     except InvalidInput:
         return  # never stored
-    expected = admin.parse_node_gpus(stored)
+    expected = validate.parse_node_gpus(stored)
     got = plugin.m.parse_gpus(stored)
     assert not isinstance(got, tuple), got
     assert [(g.type or None, int(g.count)) for g in got.values()] == expected

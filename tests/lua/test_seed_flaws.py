@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
-import time
-
-from tests.lua.harness import MODULE, prealloc, submit_case
+from tests.lua.harness import prealloc, submit_case
 from tests.lua.test_modify import submitted, update
 from tests.lua.test_policy import hold_write_lock
 from tests.lua.test_submit import set_factor, set_user_quota
@@ -49,17 +46,17 @@ def test_flaw4b_22_05_gres_colon_spelling_is_counted(plugin, db_path):
 
 
 def test_flaw5_locked_database_no_sleep_bounded_wait(plugin, db_path):
-    text = MODULE.read_text()
-    assert re.search(r"local BUSY_TIMEOUT_MS = (\d+)", text).group(1) == "200"
+    assert plugin.m.config.busy_timeout_ms == 200
     holder = hold_write_lock(db_path, 5)
     try:
-        start = time.monotonic()
         res = plugin.submit(submit_case("c01_plain"))
-        elapsed = time.monotonic() - start
     finally:
         holder.kill()
         holder.wait()
     assert res.rc == 0  # FAIL_OPEN default: accepted, logged
     assert "ACCEPTED WITHOUT QUOTA CHECK" in res.log_text("error")
-    assert elapsed < 1.0  # the seed slept up to ~48 s here
+    # The seed retried with sleeps for up to ~48 s here: one bounded wait (SQLite's
+    # busy_timeout of 200 ms), one attempt, then the failure policy.
+    assert plugin.bridge.statements.count("PRAGMA busy_timeout = 200") == 1
+    assert plugin.bridge.statements.count("BEGIN IMMEDIATE") == 1
 

@@ -120,6 +120,8 @@ def test_common_requires_come_from_the_wheel_metadata(packages):
     for dist, floor in (("click", "8.0.3"), ("tabulate", "0.8.10"), ("requests", "2.25.1")):
         wanted = rf"python3\.\d+dist\({dist}\) >= {re.escape(floor)}"
         assert any(re.fullmatch(wanted, r) for r in requires), (dist, requires)
+    assert "python3-waitress >= 2.1" in requires
+    assert any(re.fullmatch(r"python3\.\d+dist\(waitress\) >= 2\.1", r) for r in requires), requires
     assert any(r.startswith("python(abi) = 3.") for r in requires), requires
 
 

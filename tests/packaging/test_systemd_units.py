@@ -121,6 +121,11 @@ def test_services_are_hardened():
     assert reconcile["CapabilityBoundingSet"] == ""
 
 
+def test_read_service_may_hold_thousands_of_connections():
+    # serve cannot raise its own limit under the unit's syscall filter (no @resources).
+    assert int(_parse("slurm-quota.service")["Service"]["LimitNOFILE"]) >= 8192
+
+
 def test_read_service_cannot_write_the_ledger_file():
     svc = _parse("slurm-quota.service")["Service"]
     # The database file is read-only inside the service; its directory stays writable only so

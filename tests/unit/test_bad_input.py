@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 import pytest
 
-from slurm_quota import admin, charge, ledger, numbers, slurm
+from slurm_quota import charge, ledger, numbers, slurm, validate
 from slurm_quota.cli import cli
 from slurm_quota.errors import InvalidInput
 from tests.unit.cli_helpers import run_cli, snapshot
@@ -52,7 +52,7 @@ def test_hostile_numbers_are_usage_errors(db_path, capsys, args):
         ("--max-stale", "٣"),
         ("--max-stale", "1_0"),
         ("--port", "٣"),
-        ("--processes", "²"),
+        ("--threads", "²"),
     ],
 )
 def test_serve_options_refuse_hostile_numbers(option, value):
@@ -81,7 +81,7 @@ def test_set_setting_refuses_non_ascii_default_time(db_path, capsys, value):
 
 
 def test_parse_node_gpus_reads_what_the_setting_stores():
-    assert admin.parse_node_gpus("gpu:h100:2,gpu:4") == [("h100", 2), (None, 4)]
+    assert validate.parse_node_gpus("gpu:h100:2,gpu:4") == [("h100", 2), (None, 4)]
 
 
 @pytest.mark.parametrize(

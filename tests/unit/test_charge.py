@@ -580,7 +580,9 @@ def test_charge_fast_path_refuses_procs_2_pow_70_with_exit_1(
     monkeypatch.setenv("PROCS", str(2**70))
     monkeypatch.setenv("SLURM_QUOTA_DB", str(db_path))
     before = snapshot(db_path)
-    assert C.main([]) == 1
+    from slurm_quota import entry
+
+    assert entry.charge_main([]) == 1
     assert "PROCS=1180591620717411303424" in capsys.readouterr().err
     assert snapshot(db_path) == before
 

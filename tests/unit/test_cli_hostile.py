@@ -152,9 +152,9 @@ def test_reconcile_and_prune(db_path, capsys, command, dry_run, poisoned, value,
 
 @HOSTILE
 @given(line=_line(
-    [st.sampled_from(["--port", "--idle-timeout", "--processes", "--max-stale"]).flatmap(
+    [st.sampled_from(["--port", "--idle-timeout", "--threads", "--max-stale"]).flatmap(
         lambda o: poison.map(lambda v: _opt(o, v)))],
-    [_maybe("--port"), _maybe("--processes"), _maybe("--host")],
+    [_maybe("--port"), _maybe("--threads"), _maybe("--host")],
 ))
 def test_serve(db_path, capsys, line):
     _check(db_path, capsys, ["serve", *line])

@@ -1,78 +1,62 @@
-"""`slurm-quota serve`: routes, JSON errors, caching, concurrency (server in a thread)."""
+"""The application `slurm-quota serve` runs: routes, JSON errors, caching, concurrency.
+
+Called in this process through wsgiref's validator; the server around it (waitress, socket
+activation, idle exit, hostile clients) is tested on the real process in
+test_serve_process.py and tests/integration/test_serve_hostile.py.
+"""
 
 from __future__ import annotations
 
 import gzip
-import http.client
 import json
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import pytest
 
-from slurm_quota import db, serve
+from slurm_quota import app, db, readmodel, stats
+from slurm_quota.errors import InvalidInput
 from tests.web.readside import (
     ACCOUNTS_OF,
     EXPECTED_ACCOUNTS,
     EXPECTED_USERS,
     SEED_ACCOUNT_KEYS,
     SEED_USER_KEYS,
+    local_app,
     numbers,
     seed_ledger,
-    server_thread,
+    wsgi_request,
 )
 
 
 @pytest.fixture
-def base_url(db_path):
+def service(db_path):
     seed_ledger(db_path)
-    with server_thread(db_path) as url:
-        yield url
+    return local_app(db_path)
 
 
-def request(base_url: str, method: str, target: str, headers: dict | None = None):
-    """One request on a fresh connection: (status, headers, body bytes)."""
-    parts = urlsplit(base_url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    try:
-        conn.request(method, target, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+def request(service, method: str, target: str, headers: dict | None = None):
+    """One request: (status, lower-case headers, body bytes)."""
+    return wsgi_request(service, method, target, headers)
 
 
-def get_json(base_url: str, target: str):
-    status, headers, body = request(base_url, "GET", target)
+def get_json(service, target: str):
+    status, headers, body = request(service, "GET", target)
     assert headers["content-type"] == "application/json"
     return status, json.loads(body)
-
-
-def raw_exchange(base_url: str, data: bytes) -> bytes:
-    parts = urlsplit(base_url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(data)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
 
 
 # --- routes ----------------------------------------------------------------------------
 
 
-def test_health_reports_ok_and_schema_version(base_url):
-    status, body = get_json(base_url, "/health")
+def test_health_reports_ok_and_schema_version(service):
+    status, body = get_json(service, "/health")
     assert status == 200
     assert body == {"status": "ok", "schema_version": db.latest_version()}
 
 
-def test_stats_json_shape_key_by_key_against_the_seed_list(base_url):
-    status, body = get_json(base_url, "/stats")
+def test_stats_json_shape_key_by_key_against_the_seed_list(service):
+    status, body = get_json(service, "/stats")
     assert status == 200
     assert list(body)[:2] == ["users", "accounts"]
     assert body["users"] and body["accounts"]
@@ -89,24 +73,24 @@ def test_stats_json_shape_key_by_key_against_the_seed_list(base_url):
     assert isinstance(alice["last_updated"], str)
 
 
-def test_stats_values_computed_from_the_seeded_ledger(base_url):
-    _, body = get_json(base_url, "/stats")
+def test_stats_values_computed_from_the_seeded_ledger(service):
+    _, body = get_json(service, "/stats")
     assert [r["username"] for r in body["users"]] == sorted(EXPECTED_USERS)
     assert {r["username"]: numbers(r) for r in body["users"]} == EXPECTED_USERS
     assert {r["account"]: numbers(r) for r in body["accounts"]} == EXPECTED_ACCOUNTS
 
 
 @pytest.mark.parametrize("user", sorted(ACCOUNTS_OF))
-def test_stats_username_filter(base_url, user):
-    status, body = get_json(base_url, f"/stats?username={user}")
+def test_stats_username_filter(service, user):
+    status, body = get_json(service, f"/stats?username={user}")
     assert status == 200
     assert [r["username"] for r in body["users"]] == [user]
     assert numbers(body["users"][0]) == EXPECTED_USERS[user]
     assert [r["account"] for r in body["accounts"]] == ACCOUNTS_OF[user]
 
 
-def test_stats_account_filter_returns_that_account_only(base_url):
-    status, body = get_json(base_url, "/stats?account=phys")
+def test_stats_account_filter_returns_that_account_only(service):
+    status, body = get_json(service, "/stats?account=phys")
     assert status == 200
     assert body["users"] == []
     assert [(r["account"], numbers(r)) for r in body["accounts"]] == [
@@ -118,14 +102,13 @@ def test_stats_percent_encoded_names_are_decoded(db_path):
     conn = db.connect(db_path)
     conn.execute("INSERT INTO users (username) VALUES ('jean pierre&co')")
     conn.close()
-    with server_thread(db_path) as url:
-        status, body = get_json(url, "/stats?username=jean%20pierre%26co")
+    status, body = get_json(local_app(db_path), "/stats?username=jean%20pierre%26co")
     assert status == 200
     assert [r["username"] for r in body["users"]] == ["jean pierre&co"]
 
 
-def test_unknown_user_gives_empty_lists_not_an_error(base_url):
-    assert get_json(base_url, "/stats?username=zed") == (200, {"users": [], "accounts": []})
+def test_unknown_user_gives_empty_lists_not_an_error(service):
+    assert get_json(service, "/stats?username=zed") == (200, {"users": [], "accounts": []})
 
 
 @pytest.mark.parametrize(
@@ -141,8 +124,8 @@ def test_unknown_user_gives_empty_lists_not_an_error(base_url):
         "/metrics?x=1",
     ],
 )
-def test_malformed_queries_get_400_json(base_url, target):
-    status, body = get_json(base_url, target)
+def test_malformed_queries_get_400_json(service, target):
+    status, body = get_json(service, target)
     assert status == 400
     assert body["error"] == "bad_request"
     assert body["message"]
@@ -150,47 +133,33 @@ def test_malformed_queries_get_400_json(base_url, target):
 
 
 @pytest.mark.parametrize("target", ["/nope", "/stats/extra", "/statsx", "/health.json"])
-def test_unknown_paths_get_404_not_found(base_url, target):
-    status, body = get_json(base_url, target)
+def test_unknown_paths_get_404_not_found(service, target):
+    status, body = get_json(service, target)
     assert status == 404
     assert body["error"] == "not_found"
 
 
-def test_trailing_slash_is_the_same_route(base_url):
-    assert get_json(base_url, "/stats/?account=hpc")[1]["accounts"][0]["account"] == "hpc"
+def test_trailing_slash_is_the_same_route(service):
+    assert get_json(service, "/stats/?account=hpc")[1]["accounts"][0]["account"] == "hpc"
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "FOO"])
-def test_non_get_methods_get_405_with_allow(base_url, method):
-    status, headers, body = request(base_url, method, "/stats")
+def test_non_get_methods_get_405_with_allow(service, method):
+    status, headers, body = request(service, method, "/stats")
     assert status == 405
     assert headers["allow"] == "GET, HEAD"
     assert json.loads(body)["error"] == "method_not_allowed"
 
 
-def test_head_sends_headers_without_body(base_url):
-    status, headers, body = request(base_url, "HEAD", "/health")
+def test_head_sends_headers_without_body(service):
+    status, headers, body = request(service, "HEAD", "/health")
     assert status == 200
     assert int(headers["content-length"]) > 0
     assert body == b""
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [b"garbage\r\n\r\n", b"GET /stats HTTP/9.9\r\n\r\n", b"GET /x HTTP/1.1\r\n" + b"a" * 70000],
-)
-def test_broken_requests_get_a_json_error_never_a_traceback(base_url, raw):
-    answer = raw_exchange(base_url, raw)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    assert 400 <= status < 500 or status == 505
-    assert b"application/json" in head
-    assert "error" in json.loads(body)
-    assert b"Traceback" not in answer
-
-
-def test_metrics_content_type_and_values(base_url):
-    status, headers, body = request(base_url, "GET", "/metrics")
+def test_metrics_content_type_and_values(service):
+    status, headers, body = request(service, "GET", "/metrics")
     assert status == 200
     assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     lines = body.decode().splitlines()
@@ -204,28 +173,28 @@ def test_large_answers_are_gzipped_when_asked(db_path):
         "INSERT INTO users (username) VALUES (?)", [(f"user{i:04d}",) for i in range(200)]
     )
     conn.close()
-    with server_thread(db_path) as url:
-        status, headers, body = request(url, "GET", "/stats", {"Accept-Encoding": "gzip"})
-        plain = request(url, "GET", "/stats")[2]
+    url = local_app(db_path)
+    status, headers, body = request(url, "GET", "/stats", {"Accept-Encoding": "gzip"})
+    plain = request(url, "GET", "/stats")[2]
     assert status == 200
     assert headers["content-encoding"] == "gzip"
     assert json.loads(gzip.decompress(body)) == json.loads(plain)
     assert len(json.loads(plain)["users"]) == 200
 
 
-def test_whole_ledger_answers_follow_writes(base_url, db_path):
-    before = get_json(base_url, "/stats")[1]
-    metrics_before = request(base_url, "GET", "/metrics")[2]
+def test_whole_ledger_answers_follow_writes(service, db_path):
+    before = get_json(service, "/stats")[1]
+    metrics_before = request(service, "GET", "/metrics")[2]
     conn = db.connect(db_path)
     conn.execute("UPDATE users SET total_consumed_cpu_minutes = 4321 WHERE username = 'carol'")
     conn.execute("INSERT INTO accounts (account) VALUES ('zoo')")
     conn.close()
-    after = get_json(base_url, "/stats")[1]
+    after = get_json(service, "/stats")[1]
     assert before != after
     carol = next(r for r in after["users"] if r["username"] == "carol")
     assert carol["total_consumed_cpu_minutes"] == 4321
     assert after["accounts"][-1]["account"] == "zoo"
-    metrics_after = request(base_url, "GET", "/metrics")[2].decode().splitlines()
+    metrics_after = request(service, "GET", "/metrics")[2].decode().splitlines()
     assert metrics_after != metrics_before.decode().splitlines()
     assert 'slurm_quota_user_consumed_minutes{username="carol",resource="cpu"} 4321' in (
         metrics_after
@@ -233,32 +202,30 @@ def test_whole_ledger_answers_follow_writes(base_url, db_path):
 
 
 def test_missing_database_gives_503_json(tmp_path):
-    with server_thread(tmp_path / "absent.db") as url:
-        for target in ("/health", "/stats", "/stats?username=a", "/metrics"):
-            status, body = get_json(url, target)
-            assert status == 503, target
-            assert body["error"] == "unavailable"
-            assert "does not exist" in body["message"]
+    url = local_app(tmp_path / "absent.db")
+    for target in ("/health", "/stats", "/stats?username=a", "/metrics"):
+        status, body = get_json(url, target)
+        assert status == 503, target
+        assert body["error"] == "unavailable"
+        assert "does not exist" in body["message"]
 
 
 def test_database_with_another_schema_gives_503_json(db_path):
     conn = db.connect(db_path)
     conn.execute("PRAGMA user_version = 999")
     conn.close()
-    with server_thread(db_path) as url:
-        status, body = get_json(url, "/stats")
+    status, body = get_json(local_app(db_path), "/stats")
     assert status == 503
     assert "schema version 999" in body["message"]
 
 
 def test_database_locked_past_the_bound_gives_503(db_path, monkeypatch):
-    monkeypatch.setattr(serve, "READ_BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(readmodel, "READ_BUSY_TIMEOUT_MS", 50)
     writer = db.connect(db_path)
     writer.execute("PRAGMA journal_mode = DELETE")  # rollback journal: a writer blocks readers
     writer.execute("BEGIN EXCLUSIVE")
     try:
-        with server_thread(db_path) as url:
-            status, body = get_json(url, "/stats?username=alice")
+        status, body = get_json(local_app(db_path), "/stats?username=alice")
     finally:
         writer.execute("ROLLBACK")
         writer.close()
@@ -266,36 +233,36 @@ def test_database_locked_past_the_bound_gives_503(db_path, monkeypatch):
     assert body["error"] == "unavailable"
 
 
-def test_internal_errors_are_json_500_without_traceback(base_url, monkeypatch):
+def test_internal_errors_are_json_500_without_traceback(service, monkeypatch):
     def boom(*_a, **_k):
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(serve.stats, "stats_payload", boom)
-    status, body = get_json(base_url, "/stats?username=alice")
+    monkeypatch.setattr(stats, "stats_payload", boom)
+    status, body = get_json(service, "/stats?username=alice")
     assert status == 500
     assert body == {"error": "internal", "message": "Internal error; see the service log."}
 
 
-def test_the_server_never_writes_the_ledger(base_url, db_path):
+def test_the_server_never_writes_the_ledger(service, db_path):
     from tests.unit.cli_helpers import snapshot
 
     before = snapshot(db_path)
     for target in ("/stats", "/stats?username=alice", "/stats?account=hpc", "/metrics", "/health"):
-        assert request(base_url, "GET", target)[0] == 200
+        assert request(service, "GET", target)[0] == 200
     assert snapshot(db_path) == before
 
 
 # --- concurrency -----------------------------------------------------------------------
 
 
-def test_one_hundred_parallel_clients_all_get_their_own_correct_answer(base_url):
+def test_one_hundred_parallel_clients_all_get_their_own_correct_answer(service):
     users = sorted(EXPECTED_USERS)
     targets = [f"/stats?username={users[i % len(users)]}" for i in range(100)]
     barrier = threading.Barrier(100)
 
     def client(target):
         barrier.wait()
-        return target, get_json(base_url, target)
+        return target, get_json(service, target)
 
     with ThreadPoolExecutor(max_workers=100) as pool:
         results = list(pool.map(client, targets))
@@ -308,13 +275,13 @@ def test_one_hundred_parallel_clients_all_get_their_own_correct_answer(base_url)
         assert [r["account"] for r in body["accounts"]] == ACCOUNTS_OF[user]
 
 
-def test_parallel_clients_on_whole_ledger_routes_get_identical_answers(base_url):
+def test_parallel_clients_on_whole_ledger_routes_get_identical_answers(service):
     barrier = threading.Barrier(40)
 
     def client(i):
         barrier.wait()
         target = "/stats" if i % 2 else "/metrics"
-        return target, request(base_url, "GET", target)
+        return target, request(service, "GET", target)
 
     with ThreadPoolExecutor(max_workers=40) as pool:
         results = list(pool.map(client, range(40)))
@@ -329,14 +296,14 @@ def test_parallel_clients_on_whole_ledger_routes_get_identical_answers(base_url)
 
 
 def test_parse_query_accepts_known_parameters_once():
-    assert serve.parse_query("/stats", "username=al%20ice") == {"username": "al ice"}
-    assert serve.parse_query("/stats", "") == {}
-    with pytest.raises(serve.InvalidInput, match="longer than 256"):
-        serve.parse_query("/stats", "username=" + "a" * 300)
+    assert app.parse_query("/stats", "username=al%20ice") == {"username": "al ice"}
+    assert app.parse_query("/stats", "") == {}
+    with pytest.raises(InvalidInput, match="longer than 256"):
+        app.parse_query("/stats", "username=" + "a" * 300)
 
 
-def test_a_replaced_database_file_is_reopened(base_url, db_path, tmp_path):
-    assert get_json(base_url, "/stats")[1]["users"]  # cached, pooled connections open
+def test_a_replaced_database_file_is_reopened(service, db_path, tmp_path):
+    assert get_json(service, "/stats")[1]["users"]  # cached, pooled connections open
     fresh = tmp_path / "restored.db"
     db.migrate(fresh)
     conn = db.connect(fresh)
@@ -349,31 +316,68 @@ def test_a_replaced_database_file_is_reopened(base_url, db_path, tmp_path):
         if db_path.with_name(db_path.name + suffix).exists():
             db_path.with_name(db_path.name + suffix).unlink()
     fresh.replace(db_path)
-    assert [r["username"] for r in get_json(base_url, "/stats")[1]["users"]] == ["restored"]
-    assert get_json(base_url, "/stats?username=alice")[1] == {"users": [], "accounts": []}
+    assert [r["username"] for r in get_json(service, "/stats")[1]["users"]] == ["restored"]
+    assert get_json(service, "/stats?username=alice")[1] == {"users": [], "accounts": []}
 
 
-def test_readers_arriving_during_a_rebuild_get_the_previous_answer(db_path):
-    model = serve.ReadModel(db_path)
-    calls = []
-    release = threading.Event()
+def _rebuild_under_way(model, first):
+    """Change the ledger, start a build that waits for release; (thread, calls, release)."""
+    calls, release = [], threading.Event()
 
     def slow_build():
         calls.append(1)
         release.wait(10)
-        return serve.json_response(200, {"n": len(calls)})
+        return readmodel.json_response(200, {"n": len(calls)})
 
-    first = model.cached("stats", lambda: serve.json_response(200, {"n": 0}))
-    conn = db.connect(db_path)
+    conn = db.connect(model.db_path)
     conn.execute("INSERT INTO users (username) VALUES ('new')")  # the ledger changed
     conn.close()
     rebuilding = threading.Thread(target=model.cached, args=("stats", slow_build))
     rebuilding.start()
     while not calls:
         threading.Event().wait(0.01)
-    assert model.cached("stats", slow_build) is first  # did not wait, did not rebuild twice
+    return rebuilding, calls, release, slow_build
+
+
+def test_readers_arriving_during_a_rebuild_wait_for_it_and_it_is_built_once(db_path):
+    model = readmodel.ReadModel(db_path)
+    first = model.cached("stats", lambda: readmodel.json_response(200, {"n": 0}))
+    rebuilding, calls, release, slow_build = _rebuild_under_way(model, first)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(model.cached("stats", slow_build)))
+    reader.start()
+    reader.join(0.3)
+    assert got == []  # waits: its answer must hold the change made before it asked
     release.set()
     rebuilding.join(10)
-    assert json.loads(model.cached("stats", slow_build).body) == {"n": 1}
+    reader.join(10)
+    assert json.loads(got[0].body) == {"n": 1}
     assert len(calls) == 1
     model.close()
+
+
+def test_under_max_stale_a_recent_answer_is_sent_and_the_fresh_one_built_behind_it(db_path):
+    model = readmodel.ReadModel(db_path, max_stale_s=60)
+    first = model.cached("stats", lambda: readmodel.json_response(200, {"n": 0}))
+    rebuilding, calls, release, slow_build = _rebuild_under_way(model, first)
+    rebuilding.join(5)
+    assert not rebuilding.is_alive()  # the asker got the recent copy, not the build
+    assert model.cached("stats", slow_build) is first  # meanwhile: the copy, no second build
+    release.set()
+    for _ in range(500):  # the build behind finishes; the next asker gets its answer
+        answer = model.cached("stats", slow_build)
+        if answer is not first:
+            break
+        threading.Event().wait(0.01)
+    assert json.loads(answer.body) == {"n": 1}
+    assert len(calls) == 1
+    model.close()
+
+
+def test_the_dashboard_is_served_at_the_root_from_the_ledger(service):
+    status, headers, body = request(service, "GET", "/")
+    assert status == 200
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert 'data-name="alice"' in body.decode()
+    assert request(service, "GET", "/static/style.css")[0] == 200
+    assert request(service, "GET", "/static/../app.py")[0] == 404

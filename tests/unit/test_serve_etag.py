@@ -1,7 +1,8 @@
 """Entity tags on the whole-ledger answers: `ETag`, `If-None-Match` → 304 while the ledger
 gives the same bytes, and the clients that use them (`fetch_stats(cache=...)`, the dashboard).
 
-Against the real server in a thread, with its builder process, and without one.
+The application in this process; the 304 on a kept-alive connection and the clients
+against the real service process.
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from slurm_quota import db, serve, stats
-from slurm_quota import web as dashboard
-from tests.web.readside import EXPECTED_USERS, numbers, seed_ledger, server_thread
+from slurm_quota import client, db, readmodel
+from slurm_quota.app import Settings, create_app
+from tests.web.readside import (
+    EXPECTED_USERS,
+    local_app,
+    numbers,
+    seed_ledger,
+    server_thread,
+    wsgi_request,
+)
 
 TAG = re.compile(r'"[0-9a-f]{24}"')
 
@@ -30,30 +38,27 @@ def seeded(db_path):
         conn.executemany("INSERT INTO users (username) VALUES (?)",
                          [(f"extra{i:02d}",) for i in range(40)])
     conn.close()
-    assert len(serve.App(serve.ReadModel(db_path)).handle("/stats").body) > serve.GZIP_MIN_BYTES
+    assert len(wsgi_request(local_app(db_path), "GET", "/stats")[2]) > readmodel.GZIP_MIN_BYTES
     return db_path
 
 
-@pytest.fixture(params=[True, False], ids=["builder", "in-loop"])
-def url(request, seeded):
-    with server_thread(seeded, builder=request.param) as base:
-        yield base
+@pytest.fixture
+def url(seeded):
+    """The application over the seeded ledger (named url: these tests once ran over HTTP)."""
+    return local_app(seeded)
 
 
-def request(base: str, path: str, *headers: tuple[str, str], method: str = "GET",
-            conn: http.client.HTTPConnection | None = None):
-    """(status, headers as a dict, body) of one request, on conn when given (kept open)."""
-    own = conn is None
-    if conn is None:
-        conn = http.client.HTTPConnection(urlsplit(base).hostname, urlsplit(base).port,
-                                          timeout=10)
-    try:
-        conn.request(method, path, headers=dict(headers))
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        if own:
-            conn.close()
+def request(app, path: str, *headers: tuple[str, str], method: str = "GET"):
+    """(status, headers as a dict, body) of one request to app."""
+    return wsgi_request(app, method, path, dict(headers))
+
+
+def http_request(base: str, path: str, *headers: tuple[str, str],
+                 conn: http.client.HTTPConnection):
+    """(status, headers as a dict, body) of one request on the open connection conn."""
+    conn.request("GET", path, headers=dict(headers))
+    resp = conn.getresponse()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
 
 
 def write(db_path, sql: str) -> None:
@@ -77,21 +82,20 @@ def test_whole_ledger_answers_carry_an_entity_tag_per_encoding(url, path):
     assert request(url, path)[1]["etag"] == plain_headers["etag"]  # stable while unchanged
 
 
-def test_the_tag_back_gets_304_without_a_body_and_the_connection_goes_on(url):
-    _status, headers, _body = request(url, "/stats")
-    host = urlsplit(url)
-    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=10)
-    try:
-        status, again, body = request(url, "/stats", ("If-None-Match", headers["etag"]),
-                                      conn=conn)
+def test_the_tag_back_gets_304_without_a_body_and_the_connection_goes_on(seeded):
+    with server_thread(seeded) as url:
+        host = urlsplit(url)
+        conn = http.client.HTTPConnection(host.hostname, host.port, timeout=10)
+        _status, headers, _body = http_request(url, "/stats", conn=conn)
+        status, again, body = http_request(url, "/stats", ("If-None-Match", headers["etag"]),
+                                           conn=conn)
         assert (status, body) == (304, b"")
         assert again["etag"] == headers["etag"]
         assert "content-length" not in again and "content-type" not in again
         # The same connection: a 304 has no body, so the next answer is framed right.
-        status, _h, body = request(url, "/stats?username=alice", conn=conn)
+        status, _h, body = http_request(url, "/stats?username=alice", conn=conn)
         assert status == 200
         assert numbers(json.loads(body)["users"][0]) == EXPECTED_USERS["alice"]
-    finally:
         conn.close()
 
 
@@ -152,20 +156,15 @@ def test_answers_built_per_request_have_no_tag_and_ignore_if_none_match(url, pat
 
 def test_an_error_answer_has_no_tag(tmp_path):
     missing = tmp_path / "missing.db"
-    with server_thread(missing) as base:
-        status, headers, _body = request(base, "/stats", ("If-None-Match", "*"))
+    status, headers, _body = request(local_app(missing), "/stats", ("If-None-Match", "*"))
     assert status == 503
     assert "etag" not in headers
 
 
-def test_builder_and_in_loop_builds_give_the_same_tag(seeded):
-    tags = []
-    for builder in (True, False):
-        with server_thread(seeded, builder=builder) as base:
-            tags.append(request(base, "/stats")[1]["etag"])
-    inline = serve.App(serve.ReadModel(seeded)).handle("/stats")
-    assert isinstance(inline, serve.Response)
-    assert tags == [inline.etag, inline.etag]
+def test_the_tag_is_the_same_after_a_restart(seeded):
+    tags = [request(local_app(seeded), "/stats")[1]["etag"] for _ in range(2)]
+    assert TAG.fullmatch(tags[0])
+    assert tags[0] == tags[1]
 
 
 @pytest.mark.parametrize(
@@ -183,48 +182,54 @@ def test_builder_and_in_loop_builds_give_the_same_tag(seeded):
     ],
 )
 def test_etag_matches(header, etag, expected):
-    assert serve.etag_matches(header, etag) is expected
+    assert readmodel.etag_matches(header, etag) is expected
 
 
 # --- clients -----------------------------------------------------------------------------
 
 
 def test_fetch_stats_with_a_cache_revalidates_and_sees_changes(seeded):
-    cache = stats.StatsCache()
+    cache = client.StatsCache()
     with server_thread(seeded) as base:
-        first = stats.fetch_stats(base, cache=cache)
+        first = client.fetch_stats(base, cache=cache)
         assert cache.revalidated == 0
-        again = stats.fetch_stats(base, cache=cache)
+        again = client.fetch_stats(base, cache=cache)
         assert cache.revalidated == 1
         assert again is first  # the copy, after a 304
         write(seeded, "UPDATE users SET quota_gpu_minutes = 4242 WHERE username = 'dave'")
-        changed = stats.fetch_stats(base, cache=cache)
+        changed = client.fetch_stats(base, cache=cache)
         assert cache.revalidated == 1
         dave = next(r for r in changed["users"] if r["username"] == "dave")
         assert dave["quota_gpu_minutes"] == 4242
         # Per-user answers are never kept.
-        alice = stats.fetch_stats(base, username="alice", cache=cache)
-        alice_again = stats.fetch_stats(base, username="alice", cache=cache)
+        alice = client.fetch_stats(base, username="alice", cache=cache)
+        alice_again = client.fetch_stats(base, username="alice", cache=cache)
         assert cache.revalidated == 1
         assert alice == alice_again and alice is not alice_again
 
 
 def test_the_dashboard_revalidates_its_copy(seeded, monkeypatch):
-    monkeypatch.setattr(dashboard, "_cache", None)
+    caches = []
+
+    class Counted(client.StatsCache):
+        def __init__(self):
+            super().__init__()
+            caches.append(self)
+
+    monkeypatch.setattr(client, "StatsCache", Counted)
     with server_thread(seeded) as base:
-        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "SLURM_QUOTA_URL": base}
+        dashboard = create_app(Settings(api_url=base))
 
         def page() -> str:
-            got = []
-            body = b"".join(dashboard.application(dict(environ), lambda s, h: got.append(s)))
-            assert got == ["200 OK"]
+            status, _headers, body = wsgi_request(dashboard, "GET", "/")
+            assert status == 200
             return body.decode()
 
         first = page()
         assert "alice" in first and "zed" not in first
-        assert dashboard._cache.revalidated == 0
+        assert [c.revalidated for c in caches] == [0]
         assert "alice" in page()
-        assert dashboard._cache.revalidated == 1
+        assert [c.revalidated for c in caches] == [1]
         write(seeded, "INSERT INTO users (username) VALUES ('zed')")
         assert "zed" in page()
-        assert dashboard._cache.revalidated == 1  # changed: the whole answer, not the copy
+        assert [c.revalidated for c in caches] == [1]  # changed: the whole answer, not the copy

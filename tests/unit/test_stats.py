@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from slurm_quota import db, stats
+from slurm_quota import db, metrics, stats, tables
 from slurm_quota.errors import InvalidInput
 from tests.web.readside import (
     ACCOUNTS_OF,
@@ -135,12 +135,12 @@ def test_validate_payload_rejects_a_row_missing_a_seed_key(seeded):
     ],
 )
 def test_usage_bar_cells_and_percentage(consumed, prealloc, quota, cells, percent):
-    bar = stats.usage_bar(consumed, prealloc, quota, color=False)
+    bar = tables.usage_bar(consumed, prealloc, quota, color=False)
     assert bar == "█" * cells + "░" * (20 - cells) + " " + percent
 
 
 def test_usage_bar_of_an_unlimited_quota_is_a_dash():
-    assert stats.usage_bar(500, 10, -1, color=True) == "-"
+    assert tables.usage_bar(500, 10, -1, color=True) == "-"
 
 
 @pytest.mark.parametrize(
@@ -155,21 +155,21 @@ def test_usage_bar_of_an_unlimited_quota_is_a_dash():
     ],
 )
 def test_usage_bar_colour_thresholds(used, colour):
-    bar = stats.usage_bar(used, 0, 1000, color=True)
+    bar = tables.usage_bar(used, 0, 1000, color=True)
     assert bar.startswith(colour)
     assert bar.endswith("\x1b[0m")
 
 
 def test_color_wanted_honours_no_color_and_the_terminal(monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
-    assert stats.color_wanted("auto", isatty=True) is True
-    assert stats.color_wanted("auto", isatty=False) is False
+    assert tables.color_wanted("auto", isatty=True) is True
+    assert tables.color_wanted("auto", isatty=False) is False
     monkeypatch.setenv("NO_COLOR", "1")
-    assert stats.color_wanted("auto", isatty=True) is False
-    assert stats.color_wanted("always", isatty=False) is True
+    assert tables.color_wanted("auto", isatty=True) is False
+    assert tables.color_wanted("always", isatty=False) is True
     monkeypatch.setenv("NO_COLOR", "")  # empty = unset (no-color.org)
-    assert stats.color_wanted("auto", isatty=True) is True
-    assert stats.color_wanted("never", isatty=True) is False
+    assert tables.color_wanted("auto", isatty=True) is True
+    assert tables.color_wanted("never", isatty=True) is False
 
 
 def _table_lines(text: str, title: str) -> list[str]:
@@ -178,7 +178,7 @@ def _table_lines(text: str, title: str) -> list[str]:
 
 
 def test_tables_show_values_prealloc_jobs_infinity_and_groups(seeded):
-    text = stats.render_tables(stats.stats_payload(seeded), color=False)
+    text = tables.render_tables(stats.stats_payload(seeded), color=False)
     users = _table_lines(text, "USER")
     assert "CPU (minutes)" in users[0] and "GPU (minutes)" in users[0]
     assert users[1].split() == [
@@ -199,7 +199,7 @@ def test_tables_show_values_prealloc_jobs_infinity_and_groups(seeded):
 
 
 def test_tables_align_columns_even_with_colour_codes(seeded):
-    text = stats.render_tables(stats.stats_payload(seeded), color=True)
+    text = tables.render_tables(stats.stats_payload(seeded), color=True)
     assert "\x1b[31m" in text and "\x1b[32m" in text and "\x1b[38;5;208m" in text
     for title in ("USER", "ACCOUNT"):
         lines = [ANSI.sub("", line) for line in _table_lines(text, title)]
@@ -209,7 +209,7 @@ def test_tables_align_columns_even_with_colour_codes(seeded):
 
 def test_hours_divide_displayed_values_by_60_with_two_decimals(seeded):
     payload = stats.stats_payload(seeded, username="alice")
-    text = stats.render_tables(payload, hours=True, color=False)
+    text = tables.render_tables(payload, hours=True, color=False)
     alice = next(line for line in text.splitlines() if line.startswith("alice "))
     assert alice.split()[2:5] == ["20.00", "4.17(3)", "83.33"]
     assert "CPU (hours)" in text
@@ -220,7 +220,7 @@ def test_last_updated_is_shown_in_local_time(seeded, monkeypatch):
     monkeypatch.setenv("TZ", "XXX-02")  # POSIX TZ: two hours east of UTC, no tzdata needed
     time.tzset()
     try:
-        text = stats.render_tables(stats.stats_payload(seeded, username="bob"), color=False)
+        text = tables.render_tables(stats.stats_payload(seeded, username="bob"), color=False)
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -230,17 +230,17 @@ def test_last_updated_is_shown_in_local_time(seeded, monkeypatch):
 
 def test_empty_answers_say_what_was_not_found():
     empty = {"users": [], "accounts": []}
-    assert stats.render_tables(empty, selector=("user", "zed")) == "No data found for user: zed\n"
+    assert tables.render_tables(empty, selector=("user", "zed")) == "No data found for user: zed\n"
     assert (
-        stats.render_tables(empty, selector=("account", "x1")) == "No data found for account: x1\n"
+        tables.render_tables(empty, selector=("account", "x1")) == "No data found for account: x1\n"
     )
-    assert stats.render_tables(empty) == "No data found.\n"
+    assert tables.render_tables(empty) == "No data found.\n"
 
 
 def test_user_without_row_but_with_accounts_reports_user_and_shows_accounts(seeded):
     payload = stats.stats_payload(seeded, username="alice")
     payload["users"] = []
-    text = stats.render_tables(payload, color=False, selector=("user", "alice"))
+    text = tables.render_tables(payload, color=False, selector=("user", "alice"))
     assert text.startswith("No data found for user: alice\n")
     assert "\nACCOUNT " in text
 
@@ -262,7 +262,7 @@ def _samples(text: str) -> dict[str, str]:
 
 
 def test_metrics_have_help_and_type_before_samples_of_each_family(seeded, db_path):
-    text = stats.metrics_text(seeded, db_path=db_path)
+    text = metrics.metrics_text(seeded, db_path=db_path)
     assert text.endswith("\n")
     seen_help, seen_type = set(), set()
     for line in text.splitlines():
@@ -280,7 +280,7 @@ def test_metrics_have_help_and_type_before_samples_of_each_family(seeded, db_pat
 
 
 def test_metrics_values_from_the_seeded_ledger(seeded, db_path):
-    s = _samples(stats.metrics_text(seeded, db_path=db_path))
+    s = _samples(metrics.metrics_text(seeded, db_path=db_path))
     assert s['slurm_quota_user_consumed_minutes{username="alice",resource="cpu"}'] == "1200"
     assert s['slurm_quota_user_preallocated_minutes{username="alice",resource="cpu"}'] == "250"
     assert s['slurm_quota_user_preallocated_minutes{username="bob",resource="cpu"}'] == "307"
@@ -302,7 +302,7 @@ def test_metrics_escape_label_values(db_path):
         "INSERT INTO users (username, total_consumed_cpu_minutes) VALUES (?, 5)",
         ('we"ird\\name\nx',),
     )
-    text = stats.metrics_text(conn)
+    text = metrics.metrics_text(conn)
     conn.close()
     assert (
         'slurm_quota_user_consumed_minutes{username="we\\"ird\\\\name\\nx",resource="cpu"} 5'
@@ -332,7 +332,7 @@ _usage_row = st.tuples(
 @example(name_key="username", rows=[("u", 23, 0, 160, 49, 0, 160, None, 1)])
 def test_rows_json_is_byte_for_byte_what_json_dumps_writes_for_the_payload_rows(name_key, rows):
     expected = json.dumps(
-        [stats._row(name_key, r) for r in rows], separators=(",", ":"), ensure_ascii=False
+        [stats.payload_row(name_key, r) for r in rows], separators=(",", ":"), ensure_ascii=False
     )
     assert stats.rows_json(name_key, rows) == expected
 

@@ -7,16 +7,20 @@ under test): total_preallocated = Σ amount × array_size, job_count = Σ array_
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
+import wsgiref.util
+import wsgiref.validate
 from collections.abc import Iterator
 from pathlib import Path
 
-from slurm_quota import db, serve
+from slurm_quota import db
+from slurm_quota.app import Settings, create_app
 
 SLURM_QUOTA_BIN = str(Path(sys.executable).with_name("slurm-quota"))
 SLURM_QUOTA_WEB_BIN = str(Path(sys.executable).with_name("slurm-quota-web"))
@@ -87,25 +91,45 @@ def numbers(row: dict) -> tuple:
     )
 
 
-@contextlib.contextmanager
-def server_thread(
-    db_path: Path, inherited: socket.socket | None = None, builder: bool | serve.Builder = True,
-    max_stale_s: float = 0.0,
-) -> Iterator[str]:
-    """The real server (same code as `serve`) on a free loopback port, or on the given
-    listening socket, with its builder process; yields its base URL."""
-    server = serve.make_server(
-        db_path, port=0, inherited=inherited, builder=builder, max_stale_s=max_stale_s
-    )
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
+def wsgi_request(
+    app, method: str, target: str, headers: dict | None = None, script_name: str = ""
+) -> tuple[int, dict, bytes]:
+    """One request to a WSGI application in this process, through wsgiref's validator (so a
+    breach of the WSGI protocol fails the test): (status, lower-case headers, body)."""
+    path, _, query = target.partition("?")
+    environ = {
+        "REQUEST_METHOD": method, "PATH_INFO": urllib.parse.unquote(path),
+        "QUERY_STRING": query, "SCRIPT_NAME": script_name, "wsgi.input": io.BytesIO(),
+    }
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    wsgiref.util.setup_testing_defaults(environ)
+    seen = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        seen["status"], seen["headers"] = status, response_headers
+        return lambda _data: None
+
+    answer = wsgiref.validate.validator(app)(environ, start_response)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        body = b"".join(answer)
     finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
-        server.app.model.close()
+        answer.close()
+    headers_seen = {k.lower(): v for k, v in seen["headers"]}
+    return int(seen["status"].split()[0]), headers_seen, body
+
+
+def local_app(db_path: Path, max_stale_s: float = 0.0):
+    """The application `serve` runs, over the ledger at db_path, to call in this process."""
+    return create_app(Settings(db_path=Path(db_path), max_stale_s=max_stale_s))
+
+
+@contextlib.contextmanager
+def server_thread(db_path: Path) -> Iterator[str]:
+    """The real service (`slurm-quota serve`, never idle) on a free loopback port; yields its
+    base URL."""
+    with serve_process(db_path, "--idle-timeout", "0") as (_proc, url):
+        yield url
 
 
 _LISTEN_LINE = re.compile(r"on http://127\.0\.0\.1:(\d+)/")

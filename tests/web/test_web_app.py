@@ -1,16 +1,19 @@
-"""The dashboard as a WSGI application, against a live API server on a seeded ledger."""
+"""The dashboard of the one WSGI application as mod_wsgi and `slurm-quota-web` run it (data
+from the service at SLURM_QUOTA_URL), against a live `slurm-quota serve` on a seeded ledger."""
 
 from __future__ import annotations
 
 import io
 import os
+import runpy
 import signal
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from slurm_quota import db, web
+from slurm_quota import app, db, web
 from tests.web.dom import table_rows
 from tests.web.readside import SLURM_QUOTA_WEB_BIN, seed_ledger, server_thread
 
@@ -35,7 +38,7 @@ def call(api_url: str | None, path: str = "/", query: str = "", method: str = "G
     def start_response(status, headers):
         seen["status"], seen["headers"] = status, dict(headers)
 
-    body = b"".join(web.application(environ, start_response))
+    body = b"".join(app.application(environ, start_response))
     return seen["status"], seen["headers"], body.decode()
 
 
@@ -159,7 +162,7 @@ def test_standalone_server_reads_its_environment(api):
     try:
         line = proc.stderr.readline()
         assert f"statistics from {api}" in line
-        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        port = int(line.split(" on http://127.0.0.1:")[1].split("/")[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/?user=bob", timeout=10) as resp:
             rows = table_rows(resp.read().decode()).sections
         assert rows["users"]["bob"]["cpu-prealloc"] == "307(2)"
@@ -167,3 +170,18 @@ def test_standalone_server_reads_its_environment(api):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
     assert proc.returncode == 0
+
+
+def test_the_mod_wsgi_script_serves_the_one_application(api):
+    # mod_wsgi executes the script file and looks up `application` in what it defines.
+    script = Path(web.__file__).with_name("wsgi.py")
+    defined = runpy.run_path(str(script))
+    assert defined["application"] is app.application
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stats", "QUERY_STRING": "",
+               "SCRIPT_NAME": "", "wsgi.input": io.BytesIO(), "SLURM_QUOTA_URL": api}
+    seen = []
+    body = b"".join(defined["application"](environ, lambda s, h: seen.append(s)))
+    # Away from the ledger the API routes are the service's: not found here, as JSON.
+    assert seen == ["404 Not Found"]
+    assert b'"not_found"' in body
+    assert "bob" in table_rows(call(api)[2]).sections["users"]
