@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -192,8 +193,11 @@ def latency(preallocs: int, calls: int, runs: int, users: int, accounts: int,
     return out
 
 
-def lab_throughput(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
-    """Sequential held sbatch per second on the lab: our plugin vs a no-op plugin."""
+@contextlib.contextmanager
+def bench_lab():
+    """The lab (brought up when not running, and then down at the end) with the jobcomp
+    script a no-op meanwhile (the cancelled jobs would otherwise start one charge process
+    each during the next round); the project's plugin and jobcomp are restored after."""
     from tests.integration.lab import Lab
 
     lab = Lab()
@@ -201,35 +205,56 @@ def lab_throughput(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
     if not lab.is_up():
         lab.up()
         started = True
-    noop = Path(tempfile.mkdtemp()) / "noop.lua"
-    noop.write_text(NOOP_PLUGIN)
-    rates: dict[str, list[float]] = {"ours": [], "noop": []}
-    loads: list[str] = []
     jobcomp_was = lab.jobcomp_enabled()
     lab.set_jobcomp(False)
     try:
         lab.cancel_all()
-        for _ in range(rounds):
-            for name, path in (("ours", plugin), ("noop", noop)):
-                lab.install_plugin(path)
-                time.sleep(1.1)  # slurmctld reloads on an mtime newer in whole seconds
-                warm = lab.sbatch("--hold", "--wrap=true", script="")
-                assert warm.rc == 0, warm.stderr
-                ac = lab.run("scontrol", "-o", "show", "job", str(warm.job_id)).stdout
-                marker = "slurm-quota:" if name == "ours" else "AdminComment=noop"
-                assert marker in ac, f"{name} plugin not active: {ac}"
-                loads.append(load())
-                t0 = time.monotonic()
-                for _ in range(jobs):
-                    res = lab.sbatch("--hold", "--time=10", "-n", "2", script="#!/bin/sh\ntrue\n")
-                    assert res.rc == 0, res.stderr
-                rates[name].append(jobs / (time.monotonic() - t0))
-                lab.cancel_all()
+        yield lab
         lab.install_plugin(PLUGIN)
     finally:
         lab.set_jobcomp(jobcomp_was)
         if started:
             lab.down()
+
+
+def submit_held(lab, jobs: int) -> None:
+    for _ in range(jobs):
+        res = lab.sbatch("--hold", "--time=10", "-n", "2", script="#!/bin/sh\ntrue\n")
+        assert res.rc == 0, res.stderr
+
+
+def interleaved_rounds(lab, rounds: int, plugin: Path, measure) -> dict[str, list[float]]:
+    """`rounds` x (our plugin, the no-op): install, check from a warm-up job's AdminComment
+    that it is the one loaded, then measure(); returns name -> measure() of every round."""
+    noop = Path(tempfile.mkdtemp()) / "noop.lua"
+    noop.write_text(NOOP_PLUGIN)
+    out: dict[str, list[float]] = {"ours": [], "noop": []}
+    for _ in range(rounds):
+        for name, path in (("ours", plugin), ("noop", noop)):
+            lab.install_plugin(path)
+            time.sleep(1.1)  # slurmctld reloads on an mtime newer in whole seconds
+            warm = lab.sbatch("--hold", "--wrap=true", script="")
+            assert warm.rc == 0, warm.stderr
+            ac = lab.run("scontrol", "-o", "show", "job", str(warm.job_id)).stdout
+            marker = "slurm-quota:" if name == "ours" else "AdminComment=noop"
+            assert marker in ac, f"{name} plugin not active: {ac}"
+            out[name].append(measure())
+            lab.cancel_all()
+    return out
+
+
+def lab_throughput(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
+    """Sequential held sbatch per second on the lab: our plugin vs a no-op plugin."""
+    loads: list[str] = []
+    with bench_lab() as lab:
+
+        def rate() -> float:
+            loads.append(load())
+            t0 = time.monotonic()
+            submit_held(lab, jobs)
+            return jobs / (time.monotonic() - t0)
+
+        rates = interleaved_rounds(lab, rounds, plugin, rate)
     ours, noop_rate = statistics.median(rates["ours"]), statistics.median(rates["noop"])
     pair_ratios = [o / n for o, n in zip(rates["ours"], rates["noop"])]
     return {"jobs_per_round": jobs, "rounds": rounds, "ours_per_s": ours,
@@ -246,45 +271,19 @@ def ctld_cpu_s(pid: int) -> float:
 
 def lab_ctld_cpu(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
     """slurmctld CPU ms per held submission, our plugin vs a no-op, interleaved rounds."""
-    from tests.integration.lab import Lab
-
-    lab = Lab()
-    started = False
-    if not lab.is_up():
-        lab.up()
-        started = True
-    noop = Path(tempfile.mkdtemp()) / "noop.lua"
-    noop.write_text(NOOP_PLUGIN)
-    per_sub: dict[str, list[float]] = {"ours": [], "noop": []}
     loads: list[str] = []
-    jobcomp_was = lab.jobcomp_enabled()
-    lab.set_jobcomp(False)
-    try:
+    with bench_lab() as lab:
         version = lab.slurm_version()
-        lab.cancel_all()
-        for _ in range(rounds):
-            for name, path in (("ours", plugin), ("noop", noop)):
-                lab.install_plugin(path)
-                time.sleep(1.1)  # slurmctld reloads on an mtime newer in whole seconds
-                warm = lab.sbatch("--hold", "--wrap=true", script="")
-                assert warm.rc == 0, warm.stderr
-                ac = lab.run("scontrol", "-o", "show", "job", str(warm.job_id)).stdout
-                marker = "slurm-quota:" if name == "ours" else "AdminComment=noop"
-                assert marker in ac, f"{name} plugin not active: {ac}"
-                time.sleep(2)  # let the previous round's cancellations settle
-                pid = lab.daemon_pids()["slurmctld"]
-                loads.append(load())
-                before = ctld_cpu_s(pid)
-                for _ in range(jobs):
-                    res = lab.sbatch("--hold", "--time=10", "-n", "2", script="#!/bin/sh\ntrue\n")
-                    assert res.rc == 0, res.stderr
-                per_sub[name].append((ctld_cpu_s(pid) - before) * 1000 / jobs)
-                lab.cancel_all()
-        lab.install_plugin(PLUGIN)
-    finally:
-        lab.set_jobcomp(jobcomp_was)
-        if started:
-            lab.down()
+
+        def cpu_ms() -> float:
+            time.sleep(2)  # let the previous round's cancellations settle
+            pid = lab.daemon_pids()["slurmctld"]
+            loads.append(load())
+            before = ctld_cpu_s(pid)
+            submit_held(lab, jobs)
+            return (ctld_cpu_s(pid) - before) * 1000 / jobs
+
+        per_sub = interleaved_rounds(lab, rounds, plugin, cpu_ms)
     ours, noop_ms = statistics.median(per_sub["ours"]), statistics.median(per_sub["noop"])
     return {"slurm": version, "release": lab.release, "jobs_per_round": jobs, "rounds": rounds,
             "ours_ms": ours, "noop_ms": noop_ms, "added_ms": ours - noop_ms,
@@ -293,35 +292,18 @@ def lab_ctld_cpu(jobs: int, rounds: int, plugin: Path = PLUGIN) -> dict:
 
 def lab_ctld_profile(jobs: int) -> dict:
     """Per-call thread CPU (us) of the plugin's parts inside slurmctld (plugin_profile.lua)."""
-    from tests.integration.lab import Lab
-
-    lab = Lab()
-    started = False
-    if not lab.is_up():
-        lab.up()
-        started = True
-    jobcomp_was = lab.jobcomp_enabled()
-    lab.set_jobcomp(False)
-    out = lab.log_dir / "plugin-profile.tsv"
-    try:
+    with bench_lab() as lab:
         version = lab.slurm_version()
-        lab.cancel_all()
+        out = lab.log_dir / "plugin-profile.tsv"
         out.unlink(missing_ok=True)
         lab.install_plugin(PROFILE_PLUGIN, module=REPO / "lua" / "slurm_quota.lua")
         time.sleep(1.1)
-        for _ in range(jobs):
-            res = lab.sbatch("--hold", "--time=10", "-n", "2", script="#!/bin/sh\ntrue\n")
-            assert res.rc == 0, res.stderr
+        submit_held(lab, jobs)
         lab.cancel_all()
-        lab.install_plugin(PLUGIN)
         parts = {}
         for line in out.read_text().splitlines():
             name, us, hits = line.split("\t")
             parts[name] = {"us_per_call": float(us), "calls": int(hits)}
-    finally:
-        lab.set_jobcomp(jobcomp_was)
-        if started:
-            lab.down()
     return {"slurm": version, "release": lab.release, "submissions": jobs, "parts": parts}
 
 

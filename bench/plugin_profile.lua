@@ -2,11 +2,11 @@
 -- job_submit.lua (slurm_quota.lua beside it), it runs the real module inside slurmctld and
 -- measures the calling thread's CPU time (CLOCK_THREAD_CPUTIME_ID, luaposix) of the whole
 -- job_submit call and of its parts: the module's public functions, each SQL statement by
--- name, slurm.log_info and the session lookup. Every PROFILE_EVERY calls it rewrites
+-- name, slurm.log_info and the session lookup. Every PROFILE_EVERY calls (10) it rewrites
 -- <lab>/log/plugin-profile.tsv: "<part>\t<microseconds per call>\t<calls>". The parts
 -- overlap (submit contains read_submit, which contains read_partitions, ...). Each timed part
 -- adds two clock_gettime calls (about 1 us here), so the figures are upper bounds.
-local PROFILE_EVERY = 100
+local PROFILE_EVERY = 10
 
 local source = debug.getinfo(1, "S").source
 local dir = source:match("^@(.*)/[^/]*$") or "."
