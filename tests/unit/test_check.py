@@ -76,6 +76,7 @@ def test_a_consistent_ledger_passes_and_nothing_is_written(ledger, capsys):
         "Integrity: ok.",
         "Schema: every trigger and index present.",
         "Reserved totals: 0 owner(s) drifted.",
+        "Consumed totals: 0 owner(s) drifted.",
         "Preallocations without an owner row: 0 owner(s).",
         "Ledger consistent.",
     ]
@@ -218,6 +219,7 @@ def test_json_report_of_a_drift(ledger, capsys):
         ],
         "repaired": False,
         "unowned_preallocations": [],
+        "consumed_drift": [],
     }
 
 
