@@ -532,7 +532,7 @@ def read_charges(
         "SELECT id, charge_key, job_id, array_job_id, array_task_id, het_job_id, "
         "het_job_offset, username, account, job_uuid, partition, job_state, start_time, "
         "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
-        "released_prealloc, source, charged_at FROM charges"
+        "released_prealloc, source, charged_at, cpu_s, gpu_ms FROM charges"
     )
     clause, params = _where(
         ("username = ?", username),
@@ -588,8 +588,11 @@ UNION ALL SELECT 'settings', COUNT(*) FROM settings
 UNION ALL SELECT 'charges', COUNT(*) FROM charges
 UNION ALL SELECT 'journal', COUNT(*) FROM journal
 """
+# Charged minutes = the one rule (ledger.minutes_from_exact, ceil) on the exact sums.
 SQL_CHARGE_TOTALS = """
-SELECT COUNT(*), COALESCE(SUM(cpu_minutes), 0), COALESCE(SUM(gpu_minutes), 0) FROM charges
+SELECT COUNT(*),
+    (COALESCE(SUM(cpu_s), 0) + 59) / 60, (COALESCE(SUM(gpu_ms), 0) + 59999) / 60000
+FROM charges
 """
 
 UsageTuple = tuple  # (name, cpu consumed, cpu prealloc, cpu quota, gpu ..., last_updated, jobs)
@@ -648,7 +651,8 @@ def ledger_row_counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def charge_totals(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """(number of charged runs, CPU minutes, GPU minutes) over the whole charges table."""
+    """(number of charged runs, CPU minutes, GPU minutes) over the whole charges table
+    (minutes of the exact sums, by the one rule)."""
     count, cpu, gpu = _usage_rows(conn, SQL_CHARGE_TOTALS)[0]
     return int(count), int(cpu), int(gpu)
 

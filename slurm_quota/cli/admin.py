@@ -630,6 +630,12 @@ def _local_time(moment) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _gpu_s_text(gpu_ms: int) -> str:
+    """GPU-milliseconds as GPU-seconds with the decimals that are not zero (8250 -> 8.25)."""
+    whole, frac = divmod(int(gpu_ms), 1000)
+    return f"{whole}.{frac:03d}".rstrip("0") if frac else str(whole)
+
+
 def _history_row(entry) -> tuple[str, str, str, str, str]:
     """One table row for a journal or charge entry."""
     from slurm_quota.admin import ChargeEntry
@@ -644,7 +650,7 @@ def _history_row(entry) -> tuple[str, str, str, str, str]:
             _local_time(entry.time),
             f"charge job {entry.display_job_id}",
             f"user {entry.username} / account {entry.account}",
-            f"+{entry.cpu_minutes} CPU min, +{entry.gpu_minutes} GPU min",
+            f"+{entry.cpu_s} CPU-s, +{_gpu_s_text(entry.gpu_ms)} GPU-s",
             details,
         )
     old = "none" if entry.old_value is None else entry.old_value
