@@ -67,5 +67,92 @@ SELECT 'account', t.account,
 FROM accounts AS t;
 DELETE FROM consumption_adjustments WHERE cpu_s = 0 AND gpu_ms = 0;
 
+-- A write of the seed's minute columns that did not come with the exact value (the seed's
+-- charge or adjust while a site switches over, an admin's UPDATE at the sqlite3 prompt)
+-- moves the exact total by the same whole minutes (clamped at 0) and records that as an
+-- adjustment, so the plugin sees it and `check` still balances. Our writers set both
+-- columns together by the rule, so the WHEN clause is false for them and nothing runs.
+-- (The UPDATE inside touches only the exact columns: it does not fire these again. Inside a
+-- trigger, last_insert_rowid() is the row the trigger just inserted.)
+CREATE TRIGGER IF NOT EXISTS users_consumed_minutes_written
+AFTER UPDATE OF total_consumed_cpu_minutes, total_consumed_gpu_minutes ON users
+WHEN COALESCE(NEW.total_consumed_cpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_cpu_s > 0 THEN (NEW.consumed_cpu_s + 59) / 60 ELSE NEW.consumed_cpu_s / 60 END)
+    OR COALESCE(NEW.total_consumed_gpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_gpu_ms > 0 THEN (NEW.consumed_gpu_ms + 59999) / 60000 ELSE NEW.consumed_gpu_ms / 60000 END)
+BEGIN
+    INSERT INTO consumption_adjustments (owner_kind, owner, cpu_s, gpu_ms, reason)
+    VALUES ('user', NEW.username,
+        CASE WHEN COALESCE(NEW.total_consumed_cpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_cpu_s > 0 THEN (NEW.consumed_cpu_s + 59) / 60 ELSE NEW.consumed_cpu_s / 60 END)
+             THEN MAX(NEW.consumed_cpu_s + (COALESCE(NEW.total_consumed_cpu_minutes, 0) - COALESCE(OLD.total_consumed_cpu_minutes, 0)) * 60, 0) - NEW.consumed_cpu_s ELSE 0 END,
+        CASE WHEN COALESCE(NEW.total_consumed_gpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_gpu_ms > 0 THEN (NEW.consumed_gpu_ms + 59999) / 60000 ELSE NEW.consumed_gpu_ms / 60000 END)
+             THEN MAX(NEW.consumed_gpu_ms + (COALESCE(NEW.total_consumed_gpu_minutes, 0) - COALESCE(OLD.total_consumed_gpu_minutes, 0)) * 60000, 0) - NEW.consumed_gpu_ms ELSE 0 END,
+        'minutes written directly');
+    UPDATE users SET
+        consumed_cpu_s = consumed_cpu_s
+            + (SELECT cpu_s FROM consumption_adjustments WHERE id = last_insert_rowid()),
+        consumed_gpu_ms = consumed_gpu_ms
+            + (SELECT gpu_ms FROM consumption_adjustments WHERE id = last_insert_rowid())
+    WHERE username = NEW.username;
+END;
+
+CREATE TRIGGER IF NOT EXISTS users_consumed_minutes_inserted
+AFTER INSERT ON users
+WHEN COALESCE(NEW.total_consumed_cpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_cpu_s > 0 THEN (NEW.consumed_cpu_s + 59) / 60 ELSE NEW.consumed_cpu_s / 60 END)
+    OR COALESCE(NEW.total_consumed_gpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_gpu_ms > 0 THEN (NEW.consumed_gpu_ms + 59999) / 60000 ELSE NEW.consumed_gpu_ms / 60000 END)
+BEGIN
+    INSERT INTO consumption_adjustments (owner_kind, owner, cpu_s, gpu_ms, reason)
+    VALUES ('user', NEW.username,
+        CASE WHEN COALESCE(NEW.total_consumed_cpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_cpu_s > 0 THEN (NEW.consumed_cpu_s + 59) / 60 ELSE NEW.consumed_cpu_s / 60 END)
+             THEN MAX(0 + (COALESCE(NEW.total_consumed_cpu_minutes, 0) - 0) * 60, 0) - NEW.consumed_cpu_s ELSE 0 END,
+        CASE WHEN COALESCE(NEW.total_consumed_gpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_gpu_ms > 0 THEN (NEW.consumed_gpu_ms + 59999) / 60000 ELSE NEW.consumed_gpu_ms / 60000 END)
+             THEN MAX(0 + (COALESCE(NEW.total_consumed_gpu_minutes, 0) - 0) * 60000, 0) - NEW.consumed_gpu_ms ELSE 0 END,
+        'minutes written directly');
+    UPDATE users SET
+        consumed_cpu_s = consumed_cpu_s
+            + (SELECT cpu_s FROM consumption_adjustments WHERE id = last_insert_rowid()),
+        consumed_gpu_ms = consumed_gpu_ms
+            + (SELECT gpu_ms FROM consumption_adjustments WHERE id = last_insert_rowid())
+    WHERE username = NEW.username;
+END;
+
+CREATE TRIGGER IF NOT EXISTS accounts_consumed_minutes_written
+AFTER UPDATE OF total_consumed_cpu_minutes, total_consumed_gpu_minutes ON accounts
+WHEN COALESCE(NEW.total_consumed_cpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_cpu_s > 0 THEN (NEW.consumed_cpu_s + 59) / 60 ELSE NEW.consumed_cpu_s / 60 END)
+    OR COALESCE(NEW.total_consumed_gpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_gpu_ms > 0 THEN (NEW.consumed_gpu_ms + 59999) / 60000 ELSE NEW.consumed_gpu_ms / 60000 END)
+BEGIN
+    INSERT INTO consumption_adjustments (owner_kind, owner, cpu_s, gpu_ms, reason)
+    VALUES ('account', NEW.account,
+        CASE WHEN COALESCE(NEW.total_consumed_cpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_cpu_s > 0 THEN (NEW.consumed_cpu_s + 59) / 60 ELSE NEW.consumed_cpu_s / 60 END)
+             THEN MAX(NEW.consumed_cpu_s + (COALESCE(NEW.total_consumed_cpu_minutes, 0) - COALESCE(OLD.total_consumed_cpu_minutes, 0)) * 60, 0) - NEW.consumed_cpu_s ELSE 0 END,
+        CASE WHEN COALESCE(NEW.total_consumed_gpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_gpu_ms > 0 THEN (NEW.consumed_gpu_ms + 59999) / 60000 ELSE NEW.consumed_gpu_ms / 60000 END)
+             THEN MAX(NEW.consumed_gpu_ms + (COALESCE(NEW.total_consumed_gpu_minutes, 0) - COALESCE(OLD.total_consumed_gpu_minutes, 0)) * 60000, 0) - NEW.consumed_gpu_ms ELSE 0 END,
+        'minutes written directly');
+    UPDATE accounts SET
+        consumed_cpu_s = consumed_cpu_s
+            + (SELECT cpu_s FROM consumption_adjustments WHERE id = last_insert_rowid()),
+        consumed_gpu_ms = consumed_gpu_ms
+            + (SELECT gpu_ms FROM consumption_adjustments WHERE id = last_insert_rowid())
+    WHERE account = NEW.account;
+END;
+
+CREATE TRIGGER IF NOT EXISTS accounts_consumed_minutes_inserted
+AFTER INSERT ON accounts
+WHEN COALESCE(NEW.total_consumed_cpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_cpu_s > 0 THEN (NEW.consumed_cpu_s + 59) / 60 ELSE NEW.consumed_cpu_s / 60 END)
+    OR COALESCE(NEW.total_consumed_gpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_gpu_ms > 0 THEN (NEW.consumed_gpu_ms + 59999) / 60000 ELSE NEW.consumed_gpu_ms / 60000 END)
+BEGIN
+    INSERT INTO consumption_adjustments (owner_kind, owner, cpu_s, gpu_ms, reason)
+    VALUES ('account', NEW.account,
+        CASE WHEN COALESCE(NEW.total_consumed_cpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_cpu_s > 0 THEN (NEW.consumed_cpu_s + 59) / 60 ELSE NEW.consumed_cpu_s / 60 END)
+             THEN MAX(0 + (COALESCE(NEW.total_consumed_cpu_minutes, 0) - 0) * 60, 0) - NEW.consumed_cpu_s ELSE 0 END,
+        CASE WHEN COALESCE(NEW.total_consumed_gpu_minutes, 0) IS NOT (CASE WHEN NEW.consumed_gpu_ms > 0 THEN (NEW.consumed_gpu_ms + 59999) / 60000 ELSE NEW.consumed_gpu_ms / 60000 END)
+             THEN MAX(0 + (COALESCE(NEW.total_consumed_gpu_minutes, 0) - 0) * 60000, 0) - NEW.consumed_gpu_ms ELSE 0 END,
+        'minutes written directly');
+    UPDATE accounts SET
+        consumed_cpu_s = consumed_cpu_s
+            + (SELECT cpu_s FROM consumption_adjustments WHERE id = last_insert_rowid()),
+        consumed_gpu_ms = consumed_gpu_ms
+            + (SELECT gpu_ms FROM consumption_adjustments WHERE id = last_insert_rowid())
+    WHERE account = NEW.account;
+END;
+
 PRAGMA user_version = 5;
 COMMIT;

@@ -69,8 +69,17 @@ def test_no_gpu_consumption_leaves_the_whole_gpu_quota(plugin, db_path):
     assert plugin.submit(submit_case("c10_gres_h100x2")).rc == 0
 
 
-def test_the_plugin_reads_the_exact_total_not_a_stale_minute_column(plugin, db_path):
-    # A foreign tool rewrote the seed's minute column to 0: the exact total still counts.
-    set_exact(db_path, "alice", cpu_quota=10, cpu_s=50)
-    execute(db_path, "UPDATE users SET total_consumed_cpu_minutes = 0")
+def test_the_plugin_reads_the_exact_total_not_the_minute_column(plugin, db_path):
+    # A hand edit of the exact total alone (the minutes say 0) still counts.
+    set_exact(db_path, "alice", cpu_quota=10, cpu_s=0)
+    execute(db_path, "UPDATE users SET consumed_cpu_s = 50")
+    assert rows(db_path, "SELECT total_consumed_cpu_minutes FROM users") == [(0,)]
     assert plugin.submit(submit_case("c02_time10")).rc != 0
+
+
+def test_a_seed_tool_adding_minutes_is_seen_by_the_plugin(plugin, db_path):
+    set_exact(db_path, "alice", cpu_quota=20, cpu_s=50)  # 1 minute
+    assert plugin.submit(submit_case("c02_time10")).rc == 0  # 1 + 10 reserved <= 20
+    execute(db_path, "UPDATE users SET total_consumed_cpu_minutes = "
+                     "total_consumed_cpu_minutes + 5")  # fmt: skip
+    assert plugin.submit(submit_case("c02_time10")).rc != 0  # 6 + 10 + 10 > 20

@@ -253,7 +253,8 @@ def test_a_damaged_file_fails_the_integrity_check_and_is_not_repaired(damaged, c
     result = run_cli(capsys, damaged, "check", "--repair")
     assert result.code == 1
     assert "Integrity: FAILED" in result.out
-    assert re.search(r"\n  (.*Page 100|database disk image is malformed)", result.out)
+    assert re.search(r"\n  (.*Page 100|\*\*\* in database main|database disk image is malformed)",
+                     result.out)
     assert "not checked in a damaged file" in result.out
     assert "so nothing was repaired" in result.err
     assert "Traceback" not in result.err

@@ -115,11 +115,11 @@ def test_check_finds_an_exact_total_edited_by_hand_and_repairs_it(db_path):
     conn = db.connect(db_path)
     for i in range(3):
         C.apply_charge(conn, run(i, 10), C.Allocation(None), "test")
-    conn.execute("UPDATE users SET consumed_cpu_s = 5, total_consumed_cpu_minutes = 7")
+    conn.execute("UPDATE users SET consumed_cpu_s = 5")
     found = check.check(conn)
     assert not found.ok
     assert [(d.kind, d.name, d.stored, d.actual) for d in found.consumed] == [
-        ("user", "alice", (5, 0, 7, 0), (30, 0, 1, 0))]  # fmt: skip
+        ("user", "alice", (5, 0, 1, 0), (30, 0, 1, 0))]  # fmt: skip
     fixed = check.check(conn, repair=True)
     assert fixed.repaired and fixed.ok
     assert owner(conn, "user", "alice") == (30, 0, 1, 0)
@@ -129,11 +129,27 @@ def test_check_finds_an_exact_total_edited_by_hand_and_repairs_it(db_path):
     conn.close()
 
 
-def test_check_finds_a_minute_column_that_does_not_follow_the_rule(conn):
-    C.apply_charge(conn, run(1, 61), C.Allocation(None), "test")
-    conn.execute("UPDATE accounts SET total_consumed_cpu_minutes = 1")  # the rule says 2
-    found = check.check(conn)
-    assert [(d.kind, d.stored[2], d.actual[2]) for d in found.consumed] == [("account", 1, 2)]
+def test_a_seed_style_write_of_the_minutes_moves_the_exact_total_and_stays_checkable(conn):
+    C.apply_charge(conn, run(1, 61), C.Allocation(None), "test")  # 61 s: 2 minutes
+    # the seed's charge or adjust, or an admin at the sqlite3 prompt, writes minutes only
+    conn.execute("UPDATE users SET total_consumed_cpu_minutes = total_consumed_cpu_minutes + 5, "
+                 "total_consumed_gpu_minutes = 3")  # fmt: skip
+    assert owner(conn, "user", "alice") == (361, 180_000, 7, 3)
+    conn.execute("UPDATE accounts SET total_consumed_cpu_minutes = 0")  # a reset
+    assert owner(conn, "account", "research") == (0, 0, 0, 0)
+    assert check.check(conn).ok
+    adjustments = conn.execute(
+        "SELECT owner_kind, cpu_s, gpu_ms, reason FROM consumption_adjustments ORDER BY id"
+    ).fetchall()
+    assert [tuple(a) for a in adjustments] == [
+        ("user", 300, 180_000, "minutes written directly"),
+        ("account", -61, 0, "minutes written directly")]  # fmt: skip
+
+
+def test_a_row_inserted_with_minutes_only_gets_them_as_its_exact_total(conn):
+    conn.execute("INSERT INTO accounts (account, total_consumed_cpu_minutes) VALUES ('x', 4)")
+    assert owner(conn, "account", "x") == (240, 0, 4, 0)
+    assert check.check(conn).ok
 
 
 def test_a_seed_database_upgrades_keeping_its_totals_as_opening_balances(tmp_path, capsys):
