@@ -284,8 +284,11 @@ def test_jobcomp_charges_every_kind_of_job_exactly_and_reconcile_from_scratch_ag
     # the real plugin reserved every run and each charge gave its element back: no leak
     assert ledger_rows(lab, "SELECT COUNT(*) FROM charges WHERE released_prealloc != 1") == [(0,)]
     assert ledger_rows(lab, "SELECT COUNT(*) FROM jobs_preallocations") == [(0,)]
+    # Charged by the jobcomp path, none spooled for reconcile. With 200 elements ending
+    # together slurmctld's record of an element may already be gone or not yet final when its
+    # charge runs: then its sacct -D row answers (seen once on bookworm), as designed.
     sources = {s for (s,) in ledger_rows(lab, "SELECT DISTINCT source FROM charges")}
-    assert sources == {"jobcomp:scontrol"}
+    assert "jobcomp:scontrol" in sources and sources <= {"jobcomp:scontrol", "jobcomp:sacct"}
     held_row = ledger_rows(lab, "SELECT cpu_s, gpu_ms, released_prealloc, job_state "
                                 "FROM charges WHERE job_id = ?", ids["held"])  # fmt: skip
     assert held_row == [(0, 0, 1, "CANCELLED")]
