@@ -32,8 +32,8 @@ M.job_submit(...) and M.job_modify(...) from its entry points instead (docs/plug
 local FAIL_OPEN = true
 local DEFAULT_DB_PATH = "/var/lib/state/slurm-quota/slurm-quota.db"
 local DB_PATH_ENV = "SLURM_QUOTA_DB"
--- The only schema this plugin knows (PRAGMA user_version after migrations 0001..0004).
-local SCHEMA_VERSION = 4
+-- The only schema this plugin knows (PRAGMA user_version after migrations 0001..0005).
+local SCHEMA_VERSION = 5
 -- Longest wait for the write lock; slurmctld is stalled meanwhile (budget: 250 ms).
 local BUSY_TIMEOUT_MS = 200
 -- Uids treated as administrators in job_modify besides 0 and SlurmUser (the uid slurmctld
@@ -533,6 +533,18 @@ M.CHECKS = {
     { owner = "account", resource = "gpu" },
 }
 
+--- Consumed minutes of an exact total (CPU-seconds: per_minute 60; GPU-ms: 60000) by the
+--- one rule of slurm_quota.ledger.minutes_from_exact: ceil(exact / per_minute). Requests are
+--- whole minutes, so requested <= quota - ceil(consumed_s / 60) - reserved is the comparison
+--- in seconds (requested*60 <= quota*60 - consumed_s - reserved*60) without products that
+--- leave the exact range of a double. fmod and the division of a multiple are exact.
+function M.minutes_from_exact(exact, per_minute)
+    local rest = math.fmod(exact, per_minute)
+    local whole = (exact - rest) / per_minute
+    if rest > 0 then whole = whole + 1 end
+    return whole
+end
+
 --- Minutes left: quota - consumed - reserved, or nil when the quota is unlimited (< 0).
 function M.available(quota, consumed, reserved)
     if quota == nil or quota < 0 then return nil end
@@ -915,8 +927,11 @@ local function cast_real(columns)
     for i, c in ipairs(columns) do out[i] = "CAST(" .. c .. " AS REAL)" end
     return table.concat(out, ", ")
 end
-local real_columns = cast_real({ "quota_cpu_minutes", "total_consumed_cpu_minutes",
-    "quota_gpu_minutes", "total_consumed_gpu_minutes", "reserved_jobs", "reserved_cpu_minutes",
+-- consumed_cpu_s / consumed_gpu_ms: the exact totals of migration 0005 (the seed's minute
+-- columns are derived from them; reading the exact ones keeps the check exact even if a
+-- foreign tool rewrote the minutes).
+local real_columns = cast_real({ "quota_cpu_minutes", "consumed_cpu_s",
+    "quota_gpu_minutes", "consumed_gpu_ms", "reserved_jobs", "reserved_cpu_minutes",
     "reserved_gpu_minutes" })
 
 local SQL = {
@@ -1006,8 +1021,10 @@ local function load_ledger(db, owner, name, settings)
     local r = rows[1]
     if r then
         l.exists = true
-        l.quota_cpu, l.consumed_cpu = num_or(r[1], -1), num_or(r[2], 0)
-        l.quota_gpu, l.consumed_gpu = num_or(r[3], -1), num_or(r[4], 0)
+        l.quota_cpu = num_or(r[1], -1)
+        l.consumed_cpu = M.minutes_from_exact(num_or(r[2], 0), 60)
+        l.quota_gpu = num_or(r[3], -1)
+        l.consumed_gpu = M.minutes_from_exact(num_or(r[4], 0), 60000)
         l.open_jobs, l.reserved_cpu, l.reserved_gpu = num_or(r[5], 0), num_or(r[6], 0),
             num_or(r[7], 0)
     else

@@ -342,9 +342,24 @@ def adjust(
                 f"{KIND_LABEL[kind]} {name} is not in the ledger; nothing was adjusted "
                 f"(check the name, or set a quota first with `slurm-quota {kind}-quota`)."
             )
-        old = int(row[db.consumed_column(resource)] or 0)
-        result = ledger.apply_adjustment(old, delta_minutes)
-        db.set_owner_consumed(conn, kind, name, resource, result.new)
+        # The delta applies to the exact total; minutes before and after follow the one rule.
+        per_minute = ledger.EXACT_PER_MINUTE[resource]
+        exact = db.owner_consumed_exact(conn, kind, name)
+        assert exact is not None  # the row was just read in this transaction
+        cpu_s, gpu_ms = exact
+        exact_old = cpu_s if resource == ledger.CPU else gpu_ms
+        moved = ledger.apply_adjustment(exact_old, delta_minutes * per_minute)
+        old = ledger.minutes_from_exact(moved.old, per_minute)
+        result = ledger.Adjusted(
+            old=old, new=ledger.minutes_from_exact(moved.new, per_minute), clamped=moved.clamped
+        )
+        change = moved.new - moved.old
+        if resource == ledger.CPU:
+            db.set_consumed(conn, kind, name, moved.new, gpu_ms)
+            db.insert_consumption_adjustment(conn, kind, name, change, 0, ACTION_ADJUST)
+        else:
+            db.set_consumed(conn, kind, name, cpu_s, moved.new)
+            db.insert_consumption_adjustment(conn, kind, name, 0, change, ACTION_ADJUST)
         journal.record(
             ACTION_ADJUST, kind, name, field=db.consumed_column(resource), old=str(old),
             new=str(result.new),

@@ -322,9 +322,12 @@ _ChargeFields = namedtuple(
         "gpus_by_type",  # Mapping[str, int]
         "gpu_factors",  # Mapping[str, float]
         "cpu_minutes",  # int
-        "gpu_minutes",  # int
+        "gpu_minutes",  # int: minutes of this run by the one rule (ledger.minutes_from_*)
         "source",  # str
+        "cpu_s",  # int = 0: exact CPU-seconds (cpus × elapsed) — what the totals add
+        "gpu_ms",  # int = 0: exact GPU-milliseconds (Σ count × factor × elapsed × 1000)
     ),
+    defaults=(0, 0),
 )
 
 
@@ -358,6 +361,8 @@ class Charge(_ChargeFields):
             "gpu_minutes": self.gpu_minutes,
             "released_prealloc": released,
             "source": self.source,
+            "cpu_s": self.cpu_s,
+            "gpu_ms": self.gpu_ms,
         }
 
 
@@ -392,6 +397,8 @@ class ChargeResult(_ChargeResultFields):
             "gpus": dict(c.gpus_by_type),
             "cpu_minutes": c.cpu_minutes,
             "gpu_minutes": c.gpu_minutes,
+            "cpu_s": c.cpu_s,
+            "gpu_ms": c.gpu_ms,
             "token": c.token,
             "source": c.source,
             "charged": self.charged,
@@ -408,8 +415,8 @@ class ChargeResult(_ChargeResultFields):
             verb = "already charged, nothing changed for"
         text = (
             f"job {d['job_id']} run {d['charge_key']} ({d['job_state'] or '?'}): {verb} "
-            f"{d['username']}/{d['account'] or '-'}: {d['cpu_minutes']} CPU-min "
-            f"({d['cpus']} CPUs x {d['elapsed_s']} s), {d['gpu_minutes']} GPU-min "
+            f"{d['username']}/{d['account'] or '-'}: {d['cpu_s']} CPU-s "
+            f"({d['cpus']} CPUs x {d['elapsed_s']} s), {d['gpu_ms']} GPU-ms "
             f"(GPUs {gpus or 'none'})"
         )
         if self.charged:
@@ -421,7 +428,7 @@ class ChargeResult(_ChargeResultFields):
 def compute_charge(
     run: Run, allocation: Allocation, factors: Mapping[str, float], source: str
 ) -> Charge:
-    """Minutes of one run (DESIGN §4): rounded once, half up, on the products.
+    """Exact amounts of one run (DESIGN §4), and its minutes by the one rule.
 
     Raises ImplausibleSlurmData, before anything is written, for numbers no real run has.
     """
@@ -430,14 +437,18 @@ def compute_charge(
     used = {t: ledger.factor_for(t, factors) for t in gpus}
     elapsed = 0 if run.never_started else run.elapsed_s
     cpus = 0 if run.never_started else run.cpus
+    cpu_s = ledger.cpu_s_charged(cpus, elapsed)
+    gpu_ms = ledger.gpu_ms_charged(gpus, factors, elapsed)
     charge = Charge(
         run=run,
         token=allocation.token,
         gpus_by_type=gpus,
         gpu_factors=used,
-        cpu_minutes=ledger.cpu_minutes_charged(cpus, elapsed),
-        gpu_minutes=ledger.gpu_minutes_charged(gpus, factors, elapsed),
+        cpu_minutes=ledger.minutes_from_cpu_s(cpu_s),
+        gpu_minutes=ledger.minutes_from_gpu_ms(gpu_ms),
         source=source,
+        cpu_s=cpu_s,
+        gpu_ms=gpu_ms,
     )
     for label, minutes in (("CPU", charge.cpu_minutes), ("GPU", charge.gpu_minutes)):
         if minutes > ledger.MAX_MINUTES:
@@ -469,11 +480,9 @@ def charge_in_transaction(
     charge = compute_charge(run, allocation, factors, source)
     if not db.insert_charge(conn, charge.row(released=0)):
         return ChargeResult(charge, charged=False, released=0)
-    db.add_owner_consumption(conn, "user", run.username, charge.cpu_minutes, charge.gpu_minutes)
+    db.add_owner_consumption(conn, "user", run.username, charge.cpu_s, charge.gpu_ms)
     if run.account:
-        db.add_owner_consumption(
-            conn, "account", run.account, charge.cpu_minutes, charge.gpu_minutes
-        )
+        db.add_owner_consumption(conn, "account", run.account, charge.cpu_s, charge.gpu_ms)
     released = 0
     if charge.token and run.release != RELEASE_NONE:
         released = db.release_preallocation(

@@ -11,9 +11,13 @@ those totals wrong again:
 - every trigger and index the migrations create is present;
 - each user's and account's reserved CPU/GPU minutes and job count equal the sum over its
   preallocations;
-- no preallocation names a user or account without a row (it counts in no total).
+- no preallocation names a user or account without a row (it counts in no total);
+- each user's and account's exact consumption (migration 0005: CPU-seconds, GPU-ms) equals
+  the sum over its charged runs plus its consumption_adjustments (opening balance, adjust),
+  and its seed minute columns equal the one rule (ceil) applied to the exact totals.
 
-Repair (`repaired=True`) recomputes each drifted owner's totals under the write lock, so
+Repair (`repaired=True`) recomputes each drifted owner's totals (reserved, and consumed
+from charges + adjustments) under the write lock, so
 nothing written between the check and the repair is lost, and journals each owner fixed. A
 file that fails quick_check gets no other check and no repair. Missing schema objects and
 preallocations without an owner are reported with what to do; they are not changed. All
@@ -29,6 +33,11 @@ from slurm_quota import db
 from slurm_quota.journal import Journal
 
 ACTION_REPAIR_RESERVED = "repair-reserved"
+ACTION_REPAIR_CONSUMED = "repair-consumed"
+CONSUMED_REPAIR_REASON = (
+    "slurm-quota check --repair: recomputed from the charges and consumption adjustments"
+)
+_CONSUMED = ("cpu_s", "gpu_ms", "cpu_minutes", "gpu_minutes")
 REPAIR_REASON = "slurm-quota check --repair: recomputed from the preallocations"
 _TOTALS = ("cpu_minutes", "gpu_minutes", "jobs")
 REPAIR_BATCH = 500  # owners per write transaction (bench/check.py: ~50 ms of write lock)
@@ -52,6 +61,34 @@ class Drift:
         }
 
 
+@dataclass(frozen=True)
+class ConsumedDrift:
+    """One owner whose exact consumption (or its minutes) differs from what explains it."""
+
+    kind: str
+    name: str
+    stored: tuple  # consumed CPU-s, GPU-ms, CPU minutes, GPU minutes (as stored)
+    actual: tuple  # Σ charges + Σ adjustments, and their minutes by the one rule
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "stored": dict(zip(_CONSUMED, self.stored)),
+            "actual": dict(zip(_CONSUMED, self.actual)),
+        }
+
+
+def _consumed_pair(row: tuple) -> tuple[tuple, tuple]:
+    """(stored, actual) of a db.consumed_drift / consumed_of row (name first)."""
+    from slurm_quota import ledger
+
+    stored = _totals(row[1:5])
+    cpu_s, gpu_ms = int(row[5]), int(row[6])
+    actual = (cpu_s, gpu_ms, ledger.minutes_from_cpu_s(cpu_s), ledger.minutes_from_gpu_ms(gpu_ms))
+    return stored, actual
+
+
 @dataclass
 class Report:
     """What `check` found, and what it repaired."""
@@ -60,13 +97,14 @@ class Report:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (trigger|index, name)
     drift: list[Drift] = field(default_factory=list)
     unowned: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, name, count)
+    consumed: list[ConsumedDrift] = field(default_factory=list)
     repaired: bool = False  # the drift listed was written back to its actual values
     checked: bool = False  # the checks past integrity ran (not on a damaged file)
 
     @property
     def ok(self) -> bool:
         """Nothing wrong is left in the ledger."""
-        drift_left = bool(self.drift) and not self.repaired
+        drift_left = bool(self.drift or self.consumed) and not self.repaired
         return not (self.integrity or self.missing or drift_left or self.unowned)
 
     def as_dict(self) -> dict[str, Any]:
@@ -82,6 +120,7 @@ class Report:
             "unowned_preallocations": [
                 {"kind": k, "name": n, "preallocations": c} for k, n, c in self.unowned
             ] if ran else None,
+            "consumed_drift": [d.as_dict() for d in self.consumed] if ran else None,
         }  # fmt: skip
 
 
@@ -112,6 +151,11 @@ def _find(conn: Any, report: Report) -> None:
         for kind in ("user", "account")
         for name, count in db.unowned_preallocations(conn, kind)
     ]
+    report.consumed = [
+        ConsumedDrift(kind, str(row[0]), *_consumed_pair(row))
+        for kind in ("user", "account")
+        for row in db.consumed_drift(conn, kind)
+    ]
 
 
 def check(conn: Any, *, repair: bool = False, actor: str = "root") -> Report:
@@ -127,10 +171,40 @@ def check(conn: Any, *, repair: bool = False, actor: str = "root") -> Report:
         return report
     with db.read_snapshot(conn):
         _find(conn, report)
-    if repair and report.drift:
+    if repair and (report.drift or report.consumed):
         report.drift = _repair(conn, report.drift, actor)
-        report.repaired = bool(report.drift)
+        report.consumed = _repair_consumed(conn, report.consumed, actor)
+        report.repaired = bool(report.drift or report.consumed)
     return report
+
+
+def _repair_consumed(conn: Any, found: list[ConsumedDrift], actor: str) -> list[ConsumedDrift]:
+    """Write back Σ charges + Σ adjustments as the exact totals (and their minutes), in
+    batches under the write lock like _repair, re-reading each owner first."""
+    fixed = []
+    for first in range(0, len(found), REPAIR_BATCH):
+        with db.write_transaction(conn):
+            for drift in found[first : first + REPAIR_BATCH]:
+                row = db.consumed_of(conn, drift.kind, drift.name)
+                if row is None:
+                    continue
+                stored, actual = _consumed_pair(row)
+                if stored == actual:
+                    continue
+                db.set_consumed(conn, drift.kind, drift.name, actual[0], actual[1])
+                db.insert_journal(
+                    conn,
+                    actor=actor,
+                    action=ACTION_REPAIR_CONSUMED,
+                    target_kind=drift.kind,
+                    target=drift.name,
+                    field="consumed",
+                    old_value=",".join(f"{n}={v}" for n, v in zip(_CONSUMED, stored)),
+                    new_value=",".join(f"{n}={v}" for n, v in zip(_CONSUMED, actual)),
+                    reason=CONSUMED_REPAIR_REASON,
+                )
+                fixed.append(ConsumedDrift(drift.kind, drift.name, stored, actual))
+    return fixed
 
 
 def _repair(conn: Any, found: list[Drift], actor: str) -> list[Drift]:

@@ -700,7 +700,7 @@ def read_charges(
         "SELECT id, charge_key, job_id, array_job_id, array_task_id, het_job_id, "
         "het_job_offset, username, account, job_uuid, partition, job_state, start_time, "
         "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
-        "released_prealloc, source, charged_at FROM charges"
+        "released_prealloc, source, charged_at, cpu_s, gpu_ms FROM charges"
     )
     clause, params = _where(
         ("username = ?", username),
@@ -756,8 +756,11 @@ UNION ALL SELECT 'settings', COUNT(*) FROM settings
 UNION ALL SELECT 'charges', COUNT(*) FROM charges
 UNION ALL SELECT 'journal', COUNT(*) FROM journal
 """
+# Charged minutes = the one rule (ledger.minutes_from_exact, ceil) on the exact sums.
 SQL_CHARGE_TOTALS = """
-SELECT COUNT(*), COALESCE(SUM(cpu_minutes), 0), COALESCE(SUM(gpu_minutes), 0) FROM charges
+SELECT COUNT(*),
+    (COALESCE(SUM(cpu_s), 0) + 59) / 60, (COALESCE(SUM(gpu_ms), 0) + 59999) / 60000
+FROM charges
 """
 
 UsageTuple = tuple  # (name, cpu consumed, cpu prealloc, cpu quota, gpu ..., last_updated, jobs)
@@ -816,7 +819,8 @@ def ledger_row_counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def charge_totals(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """(number of charged runs, CPU minutes, GPU minutes) over the whole charges table."""
+    """(number of charged runs, CPU minutes, GPU minutes) over the whole charges table
+    (minutes of the exact sums, by the one rule)."""
     count, cpu, gpu = _usage_rows(conn, SQL_CHARGE_TOTALS)[0]
     return int(count), int(cpu), int(gpu)
 
@@ -842,7 +846,7 @@ _CHARGE_COLUMNS = (
     "charge_key", "job_id", "array_job_id", "array_task_id", "het_job_id", "het_job_offset",
     "username", "account", "job_uuid", "partition", "job_state", "start_time", "end_time",
     "elapsed_s", "cpus", "gpus", "gpu_factors", "cpu_minutes", "gpu_minutes",
-    "released_prealloc", "source",
+    "released_prealloc", "source", "cpu_s", "gpu_ms",
 )  # fmt: skip
 SQL_INSERT_CHARGE = (
     f"INSERT INTO charges ({', '.join(_CHARGE_COLUMNS)}) "
@@ -884,10 +888,26 @@ def set_charge_released(conn: sqlite3.Connection, charge_key: str, elements: int
     )
 
 
+def _minutes_sql(exact: str, per_minute: int) -> str:
+    """SQL of ledger.minutes_from_exact (ceil) on an integer expression, for any sign:
+    SQLite's integer division truncates toward zero, which is the ceiling below 0."""
+    return (
+        f"(CASE WHEN {exact} > 0 THEN ({exact} + {per_minute - 1}) / {per_minute} "
+        f"ELSE {exact} / {per_minute} END)"
+    )
+
+
+_CPU_MIN = _minutes_sql("consumed_cpu_s", 60)
+_GPU_MIN = _minutes_sql("consumed_gpu_ms", 60000)
+
+
 def add_owner_consumption(
-    conn: sqlite3.Connection, kind: str, name: str, cpu_minutes: int, gpu_minutes: int
+    conn: sqlite3.Connection, kind: str, name: str, cpu_s: int, gpu_ms: int
 ) -> None:
-    """Add consumed minutes to a user/account, creating it with the default quotas if absent."""
+    """Add exact consumption (CPU-s, GPU-ms) to a user/account, creating it if absent.
+
+    The seed's minute columns are rewritten from the new exact values by the one rule.
+    """
     table, key = _owner_table(kind)
     cpu_key = _DEFAULT_QUOTA_KEY.format(kind=kind, resource="cpu")
     gpu_key = _DEFAULT_QUOTA_KEY.format(kind=kind, resource="gpu")
@@ -899,13 +919,91 @@ def add_owner_consumption(
         f"CURRENT_TIMESTAMP) ON CONFLICT ({key}) DO NOTHING",
         (name, cpu_key, gpu_key),
     )
+    # The right-hand sides all read the old row: the minutes come from old + delta.
     conn.execute(
-        f"UPDATE {table} SET "
-        f"total_consumed_cpu_minutes = COALESCE(total_consumed_cpu_minutes, 0) + ?, "
-        f"total_consumed_gpu_minutes = COALESCE(total_consumed_gpu_minutes, 0) + ?, "
-        f"last_updated = CURRENT_TIMESTAMP WHERE {key} = ?",
-        (int(cpu_minutes), int(gpu_minutes), name),
+        f"UPDATE {table} SET consumed_cpu_s = consumed_cpu_s + :cpu, "
+        f"consumed_gpu_ms = consumed_gpu_ms + :gpu, "
+        f"total_consumed_cpu_minutes = {_minutes_sql('(consumed_cpu_s + :cpu)', 60)}, "
+        f"total_consumed_gpu_minutes = {_minutes_sql('(consumed_gpu_ms + :gpu)', 60000)}, "
+        f"last_updated = CURRENT_TIMESTAMP WHERE {key} = :name",
+        {"cpu": int(cpu_s), "gpu": int(gpu_ms), "name": name},
     )
+
+
+def owner_consumed_exact(conn: sqlite3.Connection, kind: str, name: str) -> tuple | None:
+    """(consumed CPU-s, consumed GPU-ms) of a user/account, or None when it has no row."""
+    table, key = _owner_table(kind)
+    row = conn.execute(
+        f"SELECT consumed_cpu_s, consumed_gpu_ms FROM {table} WHERE {key} = ?", (name,)
+    ).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def set_consumed(conn: sqlite3.Connection, kind: str, name: str, cpu_s: int, gpu_ms: int) -> bool:
+    """Overwrite one owner's exact totals and their minutes (adjust, check's repair)."""
+    table, key = _owner_table(kind)
+    cur = conn.execute(
+        f"UPDATE {table} SET consumed_cpu_s = :cpu, consumed_gpu_ms = :gpu, "
+        f"total_consumed_cpu_minutes = {_minutes_sql(':cpu', 60)}, "
+        f"total_consumed_gpu_minutes = {_minutes_sql(':gpu', 60000)}, "
+        f"last_updated = CURRENT_TIMESTAMP WHERE {key} = :name",
+        {"cpu": int(cpu_s), "gpu": int(gpu_ms), "name": name},
+    )
+    return cur.rowcount == 1
+
+
+def insert_consumption_adjustment(
+    conn: sqlite3.Connection, kind: str, name: str, cpu_s: int, gpu_ms: int, reason: str
+) -> None:
+    """Record a change of consumption that is no charged run (adjust), to keep totals checkable."""
+    _owner_table(kind)
+    conn.execute(
+        "INSERT INTO consumption_adjustments (owner_kind, owner, cpu_s, gpu_ms, reason) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (kind, name, int(cpu_s), int(gpu_ms), reason),
+    )
+
+
+def _consumed_sums(kind: str) -> str:
+    table, key = _owner_table(kind)
+    charge_key = "username" if kind == "user" else "account"
+    return (
+        f"SELECT t.{key}, t.consumed_cpu_s, t.consumed_gpu_ms, "
+        f"t.total_consumed_cpu_minutes, t.total_consumed_gpu_minutes, "
+        f"COALESCE(c.cpu, 0) + COALESCE(a.cpu, 0), COALESCE(c.gpu, 0) + COALESCE(a.gpu, 0) "
+        f"FROM {table} AS t "
+        f"LEFT JOIN (SELECT {charge_key} AS name, SUM(cpu_s) AS cpu, SUM(gpu_ms) AS gpu "
+        f"FROM charges GROUP BY {charge_key}) AS c ON c.name = t.{key} "
+        f"LEFT JOIN (SELECT owner AS name, SUM(cpu_s) AS cpu, SUM(gpu_ms) AS gpu "
+        f"FROM consumption_adjustments WHERE owner_kind = '{kind}' GROUP BY owner) AS a "
+        f"ON a.name = t.{key} "
+    )
+
+
+def consumed_drift(conn: sqlite3.Connection, kind: str) -> list[tuple]:
+    """Owners whose exact totals differ from Σ charges + Σ adjustments, or whose minute
+    columns differ from the one rule applied to the stored exact totals.
+
+    Rows of (name, stored cpu_s, stored gpu_ms, stored cpu min, stored gpu min, actual cpu_s,
+    actual gpu_ms), by name.
+    """
+    _, key = _owner_table(kind)
+    sql = (
+        _consumed_sums(kind)
+        + "WHERE t.consumed_cpu_s IS NOT COALESCE(c.cpu, 0) + COALESCE(a.cpu, 0) "
+        "OR t.consumed_gpu_ms IS NOT COALESCE(c.gpu, 0) + COALESCE(a.gpu, 0) "
+        f"OR t.total_consumed_cpu_minutes IS NOT {_CPU_MIN} "
+        f"OR t.total_consumed_gpu_minutes IS NOT {_GPU_MIN} "
+        f"ORDER BY t.{key}"
+    )
+    return _usage_rows(conn, sql)
+
+
+def consumed_of(conn: sqlite3.Connection, kind: str, name: str) -> tuple | None:
+    """consumed_drift's row for one owner (name first), drifted or not; None without a row."""
+    _, key = _owner_table(kind)
+    rows = _usage_rows(conn, _consumed_sums(kind) + f"WHERE t.{key} = :name", {"name": name})
+    return rows[0] if rows else None
 
 
 def release_preallocation(

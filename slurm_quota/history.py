@@ -74,6 +74,8 @@ class ChargeEntry:
     cpu_minutes: int
     gpu_minutes: int
     source: str
+    cpu_s: int = 0  # the run's exact amounts (migration 0005); the minutes follow the one rule
+    gpu_ms: int = 0
 
     @property
     def display_job_id(self) -> str:
@@ -108,6 +110,8 @@ class ChargeEntry:
             "gpu_factors": self.gpu_factors,
             "cpu_minutes": self.cpu_minutes,
             "gpu_minutes": self.gpu_minutes,
+            "cpu_s": self.cpu_s,
+            "gpu_ms": self.gpu_ms,
             "source": self.source,
         }
 
@@ -189,6 +193,8 @@ def _charge_entry(row: Any) -> ChargeEntry:
         cpu_minutes=int(row["cpu_minutes"]),
         gpu_minutes=int(row["gpu_minutes"]),
         source=str(row["source"]),
+        cpu_s=int(row["cpu_s"]),
+        gpu_ms=int(row["gpu_ms"]),
     )
 
 

@@ -94,6 +94,66 @@ def gpu_minutes_charged(
     return math.floor(total / 60 + Fraction(1, 2))  # half up
 
 
+# ---------------------------------------------------------------------------------------
+# Exact consumption (migration 0005) and the ONE rule that turns it into minutes.
+# ---------------------------------------------------------------------------------------
+
+# Units of the exact totals: CPU-seconds and GPU-milliseconds (of factor-weighted GPU time).
+CPU_S_PER_MINUTE = 60
+GPU_MS_PER_MINUTE = 60_000
+EXACT_PER_MINUTE = {CPU: CPU_S_PER_MINUTE, GPU: GPU_MS_PER_MINUTE}
+
+
+def minutes_from_exact(exact: int, per_minute: int) -> int:
+    """The one rule: consumed minutes = ceil(exact / one minute), for every display and check.
+
+    Rounding consumption up keeps the promise "N minutes left means a job of N minutes
+    fits": requests are whole minutes, so requested ≤ quota − ceil(consumed) − reserved is
+    exactly requested × 60 ≤ quota × 60 − consumed_s − reserved × 60. db.py's SQL form is
+    `_minutes_sql`; the plugin's is M.minutes_from_exact.
+    """
+    return -(-int(exact) // per_minute)
+
+
+def minutes_from_cpu_s(cpu_s: int) -> int:
+    """Consumed CPU minutes shown for an exact CPU-seconds total (ceil, the one rule)."""
+    return minutes_from_exact(cpu_s, CPU_S_PER_MINUTE)
+
+
+def minutes_from_gpu_ms(gpu_ms: int) -> int:
+    """Consumed GPU minutes shown for an exact GPU-milliseconds total (ceil, the one rule)."""
+    return minutes_from_exact(gpu_ms, GPU_MS_PER_MINUTE)
+
+
+def cpu_s_charged(cpus: int, elapsed_s: int) -> int:
+    """Exact CPU-seconds of one run: cpus × elapsed, no rounding."""
+    if cpus < 0 or elapsed_s < 0:
+        raise InvalidInput(f"Negative CPUs ({cpus}) or elapsed seconds ({elapsed_s}).")
+    return int(cpus) * int(elapsed_s)
+
+
+def gpu_ms_charged(
+    gpus_by_type: Mapping[str, int], factors: Mapping[str, float], elapsed_s: int
+) -> int:
+    """GPU-milliseconds of one run: Σ count × factor × elapsed × 1000, rounded half up once.
+
+    Factors are exact decimals (0.75 is 3/4), so the only rounding is below one millisecond
+    of GPU time per run.
+    """
+    if elapsed_s < 0:
+        raise InvalidInput(f"Negative elapsed seconds ({elapsed_s}).")
+    if not gpus_by_type:
+        return 0
+    from fractions import Fraction
+
+    total = Fraction(0)
+    for gpu_type, count in gpus_by_type.items():
+        if count < 0:
+            raise InvalidInput(f"Negative GPU count {count} for type {gpu_type!r}.")
+        total += count * _exact_factor(factor_for(gpu_type, factors)) * elapsed_s
+    return math.floor(total * 1000 + Fraction(1, 2))  # half up
+
+
 def cpu_minutes_requested(cpus: int, time_limit_min: int) -> int:
     """CPU minutes a submission reserves per element (exact: integral inputs)."""
     return cpus * time_limit_min

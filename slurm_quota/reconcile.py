@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slurm_quota import charge as charge_mod
-from slurm_quota import numbers
+from slurm_quota import ledger, numbers
 from slurm_quota import slurm as slurm_mod
 from slurm_quota.errors import (
     ImplausibleSlurmData,
@@ -158,6 +158,8 @@ class ReconcileReport:
     sweep_error: str | None
     seconds: float
     charged_keys: tuple[str, ...] = field(default=())
+    cpu_s: int = 0  # exact sums of the runs charged; the minutes above follow the one rule
+    gpu_ms: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly form."""
@@ -231,8 +233,8 @@ def reconcile(
                     log.warning("%s", err)
                     continue
                 charged_keys.append(run.charge_key)
-                cpu_total += c.cpu_minutes
-                gpu_total += c.gpu_minutes
+                cpu_total += c.cpu_s
+                gpu_total += c.gpu_ms
             continue
         with db.write_transaction(conn):
             factors = charge_mod.factors_of(conn)
@@ -250,8 +252,8 @@ def reconcile(
                     already += 1
                     continue
                 charged_keys.append(run.charge_key)
-                cpu_total += res.charge.cpu_minutes
-                gpu_total += res.charge.gpu_minutes
+                cpu_total += res.charge.cpu_s
+                gpu_total += res.charge.gpu_ms
                 released_total += res.released
 
     # 2. Spooled jobcomp failures.
@@ -281,8 +283,8 @@ def reconcile(
             replayed += 1
             done_keys.add(run.charge_key)
             charged_keys.append(run.charge_key)
-            cpu_total += res.charge.cpu_minutes
-            gpu_total += res.charge.gpu_minutes
+            cpu_total += res.charge.cpu_s
+            gpu_total += res.charge.gpu_ms
             released_total += res.released
         if not dry_run:
             _unlink(path)  # only now: the charge committed (or was already there)
@@ -325,8 +327,10 @@ def reconcile(
         runs=len(runs),
         already_charged=already,
         charged=len(charged_keys) - replayed,
-        cpu_minutes=cpu_total,
-        gpu_minutes=gpu_total,
+        cpu_minutes=ledger.minutes_from_cpu_s(cpu_total),
+        gpu_minutes=ledger.minutes_from_gpu_ms(gpu_total),
+        cpu_s=cpu_total,
+        gpu_ms=gpu_total,
         released_elements=released_total,
         spool_replayed=replayed,
         spool_removed=removed,

@@ -46,13 +46,15 @@ def migrate_cmd(settings: Settings) -> None:
 @cli.command("check")
 @click.option(
     "--repair", is_flag=True,
-    help="Recompute the reserved totals that drifted (root; journaled).",
+    help="Recompute the reserved and consumed totals that drifted (root; journaled).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_settings
 def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
-    """Check the ledger: SQLite integrity, the schema's triggers and indexes, and that every
-    user's and account's reserved minutes and jobs equal the sum of its preallocations.
+    """Check the ledger: SQLite integrity, the schema's triggers and indexes, that every
+    user's and account's reserved minutes and jobs equal the sum of its preallocations, and
+    that its exact consumption (CPU-seconds, GPU-ms) equals its charged runs plus its
+    adjustments, with the minutes derived from it by the one rule.
 
     The plugin decides submissions from those reserved totals. Exit status 0 when nothing
     is wrong (or --repair fixed all of it), 1 when something is left to fix, 75 when the
@@ -103,6 +105,13 @@ def _print_check(report) -> None:
             f"{d.stored[2]} jobs; preallocations {d.actual[0]} CPU min, {d.actual[1]} GPU "
             f"min, {d.actual[2]} jobs"
         )
+    click.echo(f"Consumed totals: {len(report.consumed)} owner(s) {state}.")
+    for c in report.consumed:
+        click.echo(
+            f"  {c.kind} {c.name}: stored {c.stored[0]} CPU-s, {c.stored[1]} GPU-ms "
+            f"({c.stored[2]}, {c.stored[3]} min); charges + adjustments {c.actual[0]} CPU-s, "
+            f"{c.actual[1]} GPU-ms ({c.actual[2]}, {c.actual[3]} min)"
+        )
     click.echo(f"Preallocations without an owner row: {len(report.unowned)} owner(s).")
     for kind, name, count in report.unowned:
         click.echo(f"  {kind} {name}: {count} preallocation(s), counted in no total")
@@ -127,6 +136,11 @@ def _check_advice(report, repair: bool) -> list[str]:
     if report.drift and not report.repaired:
         advice.append(
             "Reserved totals differ from the preallocations: run `slurm-quota check --repair`."
+        )
+    if report.consumed and not report.repaired:
+        advice.append(
+            "Consumed totals differ from the charges and adjustments: run "
+            "`slurm-quota check --repair`."
         )
     if report.unowned:
         advice.append(
@@ -624,6 +638,12 @@ def _local_time(moment) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _gpu_s_text(gpu_ms: int) -> str:
+    """GPU-milliseconds as GPU-seconds with the decimals that are not zero (8250 -> 8.25)."""
+    whole, frac = divmod(int(gpu_ms), 1000)
+    return f"{whole}.{frac:03d}".rstrip("0") if frac else str(whole)
+
+
 def _history_row(entry) -> tuple[str, str, str, str, str]:
     """One table row for a journal or charge entry."""
     from slurm_quota.history import ChargeEntry
@@ -638,7 +658,7 @@ def _history_row(entry) -> tuple[str, str, str, str, str]:
             _local_time(entry.time),
             f"charge job {entry.display_job_id}",
             f"user {entry.username} / account {entry.account}",
-            f"+{entry.cpu_minutes} CPU min, +{entry.gpu_minutes} GPU min",
+            f"+{entry.cpu_s} CPU-s, +{_gpu_s_text(entry.gpu_ms)} GPU-s",
             details,
         )
     old = "none" if entry.old_value is None else entry.old_value

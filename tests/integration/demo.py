@@ -194,20 +194,24 @@ def run_demo(lab: Lab) -> None:
 
 def check_gpu_charge(lab: Lab, job_id: int | None) -> None:
     """The --gres=gpu:h100:2 job was charged its real GPU time at the h100 factor: its two
-    typed GPUs from Slurm's allocation, factor 2.0, minutes = 2 x 2.0 x elapsed rounded."""
+    typed GPUs from Slurm's allocation, factor 2.0, exactly 2 x 2.0 x elapsed GPU-seconds
+    (kept in GPU-ms), shown as whole minutes by the one rule (ceil)."""
     with lab_db(lab) as conn:
         rows = conn.execute(
-            "SELECT gpus, gpu_factors, elapsed_s, gpu_minutes FROM charges WHERE job_id = ?",
+            "SELECT gpus, gpu_factors, elapsed_s, gpu_ms, gpu_minutes FROM charges "
+            "WHERE job_id = ?",
             (job_id,),
         ).fetchall()
     if len(rows) != 1:
         raise DemoFailed(f"the GPU job {job_id} has {len(rows)} charges, expected 1")
-    gpus, factors, elapsed_s, gpu_minutes = rows[0]
-    expected = int(2 * 2.0 * elapsed_s / 60 + 0.5)
+    gpus, factors, elapsed_s, gpu_ms, gpu_minutes = rows[0]
+    expected_ms = 2 * 2 * elapsed_s * 1000
     print(f"GPU job {job_id}: GPUs {gpus}, factors {factors}, {elapsed_s} s -> "
-          f"{gpu_minutes} GPU-minutes (2 x 2.0 x {elapsed_s} s / 60 = {expected})", flush=True)
-    if gpus != "h100=2" or "h100=2.0" not in factors or gpu_minutes != expected or not expected:
-        raise DemoFailed(f"the GPU job was not charged its h100 GPU-minutes: {rows[0]}")
+          f"{gpu_ms / 1000:g} GPU-seconds (2 x 2.0 x {elapsed_s} s), shown as {gpu_minutes} "
+          f"GPU-minute(s)", flush=True)
+    if (gpus != "h100=2" or "h100=2.0" not in factors or gpu_ms != expected_ms
+            or gpu_minutes != -(-expected_ms // 60000) or not expected_ms):
+        raise DemoFailed(f"the GPU job was not charged its h100 GPU time: {rows[0]}")
 
 
 class lab_db:  # noqa: N801 - used as a context manager

@@ -133,8 +133,8 @@ def test_het_job_components_each_get_a_row(plab):
 def test_over_quota_is_refused_with_the_message_on_stderr(plab):
     write(
         plab,
-        "INSERT INTO users (username, quota_cpu_minutes, total_consumed_cpu_minutes) "
-        "VALUES ('alice', 1000, 400)",
+        "INSERT INTO users (username, quota_cpu_minutes, total_consumed_cpu_minutes, "
+        "consumed_cpu_s) VALUES ('alice', 1000, 400, 24000)",
     )
     first = plab.sbatch("--hold", "-n", "10", "--time=10", script=SCRIPT)  # 100
     assert first.rc == 0, first.stderr
@@ -277,8 +277,9 @@ def test_quota_above_32_bits_is_enforced_inside_slurmctld(plab):
     # lua-dbi-sqlite3 <= 0.7.4 reads INTEGER columns as 32-bit (3e9 came back negative:
     # unlimited); the plugin reads its numbers as REAL.
     big = 3_000_000_000
-    write(plab, "INSERT INTO users (username, quota_cpu_minutes, total_consumed_cpu_minutes) "
-                "VALUES ('alice', ?, ?)", big, big - 20)  # fmt: skip
+    write(plab, "INSERT INTO users (username, quota_cpu_minutes, total_consumed_cpu_minutes, "
+                "consumed_cpu_s) VALUES ('alice', ?, ?, ?)", big, big - 20,
+                (big - 20) * 60)  # fmt: skip
     refused = plab.sbatch("--hold", "--time=30", script=SCRIPT)
     assert refused.rc == 1, refused.stderr
     assert (

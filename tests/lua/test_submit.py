@@ -25,12 +25,14 @@ def set_user_quota(db_path, user, cpu=-1, gpu=-1, consumed_cpu=0, consumed_gpu=0
     execute(
         db_path,
         "INSERT INTO users (username, quota_cpu_minutes, quota_gpu_minutes, "
-        "total_consumed_cpu_minutes, total_consumed_gpu_minutes) VALUES (?, ?, ?, ?, ?) "
+        "total_consumed_cpu_minutes, total_consumed_gpu_minutes, consumed_cpu_s, "
+        "consumed_gpu_ms) VALUES (?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (username) DO UPDATE SET quota_cpu_minutes = excluded.quota_cpu_minutes, "
         "quota_gpu_minutes = excluded.quota_gpu_minutes, "
         "total_consumed_cpu_minutes = excluded.total_consumed_cpu_minutes, "
-        "total_consumed_gpu_minutes = excluded.total_consumed_gpu_minutes",
-        user, cpu, gpu, consumed_cpu, consumed_gpu,
+        "total_consumed_gpu_minutes = excluded.total_consumed_gpu_minutes, "
+        "consumed_cpu_s = excluded.consumed_cpu_s, consumed_gpu_ms = excluded.consumed_gpu_ms",
+        user, cpu, gpu, consumed_cpu, consumed_gpu, consumed_cpu * 60, consumed_gpu * 60000,
     )
 
 
@@ -38,8 +40,9 @@ def set_account_quota(db_path, account, cpu=-1, gpu=-1, consumed_cpu=0, consumed
     execute(
         db_path,
         "INSERT INTO accounts (account, quota_cpu_minutes, quota_gpu_minutes, "
-        "total_consumed_cpu_minutes, total_consumed_gpu_minutes) VALUES (?, ?, ?, ?, ?)",
-        account, cpu, gpu, consumed_cpu, consumed_gpu,
+        "total_consumed_cpu_minutes, total_consumed_gpu_minutes, consumed_cpu_s, "
+        "consumed_gpu_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        account, cpu, gpu, consumed_cpu, consumed_gpu, consumed_cpu * 60, consumed_gpu * 60000,
     )
 
 

@@ -93,7 +93,8 @@ def test_plain_job_is_charged_to_user_and_account_and_releases_its_preallocation
     (row,) = charges(conn)
     assert row["charge_key"] == "5:1795265535"
     assert (row["job_id"], row["username"], row["account"]) == (5, "alice", "research")
-    assert (row["elapsed_s"], row["cpus"], row["cpu_minutes"], row["gpu_minutes"]) == (2, 1, 0, 0)
+    assert (row["elapsed_s"], row["cpus"], row["cpu_s"], row["gpu_ms"]) == (2, 1, 2, 0)
+    assert (row["cpu_minutes"], row["gpu_minutes"]) == (1, 0)  # per run, by the one rule
     assert row["job_uuid"] == "1ecf9b9e-197c-e98f-4680-d32353876995"
     assert row["source"] == "jobcomp:scontrol"
     assert row["released_prealloc"] == 1
@@ -172,8 +173,8 @@ def test_missing_user_and_account_are_created_with_the_default_quotas(conn):
 
 
 def test_existing_quota_is_kept_when_charging(conn):
-    conn.execute("INSERT INTO users (username, quota_cpu_minutes, total_consumed_cpu_minutes) "
-                 "VALUES ('alice', 100, 40)")  # fmt: skip
+    conn.execute("INSERT INTO users (username, quota_cpu_minutes, total_consumed_cpu_minutes, "
+                 "consumed_cpu_s) VALUES ('alice', 100, 40, 2400)")  # fmt: skip
     set_factor(conn, "h100", 100.0)
     do_charge(conn, "exclusive")
     u = conn.execute("SELECT * FROM users WHERE username = 'alice'").fetchone()
@@ -363,7 +364,8 @@ def test_timeout_job_is_charged_for_its_real_elapsed_time(conn):
     assert elapsed > 60  # --time=1 ran past the limit until slurmctld's check killed it
     res = do_charge(conn, "timeout")
     assert res.charge.run.job_state == "TIMEOUT"
-    assert res.charge.cpu_minutes == round(elapsed / 60)
+    assert res.charge.cpu_s == elapsed  # 1 CPU
+    assert res.charge.cpu_minutes == -(-elapsed // 60)
 
 
 def test_requeue_charges_each_run_and_releases_only_when_the_job_ends(conn):

@@ -76,6 +76,7 @@ def test_a_consistent_ledger_passes_and_nothing_is_written(ledger, capsys):
         "Integrity: ok.",
         "Schema: every trigger and index present.",
         "Reserved totals: 0 owner(s) drifted.",
+        "Consumed totals: 0 owner(s) drifted.",
         "Preallocations without an owner row: 0 owner(s).",
         "Ledger consistent.",
     ]
@@ -218,6 +219,7 @@ def test_json_report_of_a_drift(ledger, capsys):
         ],
         "repaired": False,
         "unowned_preallocations": [],
+        "consumed_drift": [],
     }
 
 
@@ -251,7 +253,8 @@ def test_a_damaged_file_fails_the_integrity_check_and_is_not_repaired(damaged, c
     result = run_cli(capsys, damaged, "check", "--repair")
     assert result.code == 1
     assert "Integrity: FAILED" in result.out
-    assert re.search(r"\n  (.*Page 100|database disk image is malformed)", result.out)
+    assert re.search(r"\n  (.*Page 100|\*\*\* in database main|database disk image is malformed)",
+                     result.out)
     assert "not checked in a damaged file" in result.out
     assert "so nothing was repaired" in result.err
     assert "Traceback" not in result.err

@@ -45,6 +45,8 @@ def _charge(conn, charged_at, job_id, user, account, **extra):
         "gpu_factors": "",
         "cpu_minutes": 126,
         "gpu_minutes": 0,
+        "cpu_s": 7552,  # 128 CPUs x 59 s, exact; 126 minutes by the one rule
+        "gpu_ms": 0,
         "source": "jobcomp",
         "charged_at": charged_at,
     }
@@ -64,7 +66,7 @@ def ledger(db_path):
     )  # fmt: skip
     _charge(
         conn, "2025-01-01 11:00:00", 100, "alice", "projx",
-        gpus="h100=2", gpu_factors="h100=0.5", gpu_minutes=1,
+        gpus="h100=2", gpu_factors="h100=0.5", gpu_minutes=1, gpu_ms=59000,
     )  # fmt: skip
     _journal(
         conn, "2025-01-01 12:00:00", "root (sudo carol)", "adjust", "user", "alice",
@@ -150,6 +152,8 @@ def test_history_json_entries_carry_every_field(ledger, capsys):
         "gpu_factors": "h100=0.5",
         "cpu_minutes": 126,
         "gpu_minutes": 1,
+        "cpu_s": 7552,
+        "gpu_ms": 59000,
         "source": "jobcomp",
     }
     assert entries[0]["time"] == "2025-01-02T09:30:00Z"
@@ -175,7 +179,7 @@ def test_history_table_shows_charge_inputs_and_journal_changes_in_local_time(
     assert "user bob / account projx" in body[1]
     assert "128 CPUs x 59 s; GPUs none; TIMEOUT" in body[1]
     assert body[2].startswith("2025-01-01 16:30:00  charge job 100")
-    assert "+126 CPU min, +1 GPU min" in body[2]
+    assert "+7552 CPU-s, +59 GPU-s" in body[2]
     assert "128 CPUs x 59 s; GPUs h100=2 (factors h100=0.5); COMPLETED" in body[2]
 
 

@@ -23,7 +23,7 @@ from tests.unit.fixtures_seed import (
 
 LATEST = db.latest_version()
 APPLIED_ALL = "Applied migrations " + ", ".join(str(v) for v in range(1, LATEST + 1))
-NEW_TABLES = {"charges", "journal"}
+NEW_TABLES = {"charges", "journal", "consumption_adjustments"}
 SEED_TABLES = set(PRIMARY_KEYS)
 NEW_INDEXES = {
     "charges_username",

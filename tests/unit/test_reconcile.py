@@ -53,19 +53,20 @@ def slurm(window_out: RunResult | Exception | None = None, queue=None, per_job=N
 
 
 def independent_totals(rows: list[S.AccountingJob]) -> dict[str, tuple[int, int]]:
-    """Per-user CPU minutes straight from sacct: round(AllocCPUS × (End − Start) / 60)."""
+    """Per-user consumed minutes straight from sacct: ceil(Σ AllocCPUS × (End − Start) / 60)
+    and ceil(Σ GPUs × (End − Start) / 60) (no factors set: 1 each)."""
     out: dict[str, list[int]] = {}
     for r in rows:
         if not r.final:
             continue
         start = r.start_time if r.start_time is not None else r.end_time
         secs = r.end_time - start
-        cpu = int(r.alloc_cpus * secs / 60 + 0.5) if secs else 0
-        gpu = int(sum(r.gpus_by_type.values()) * secs / 60 + 0.5) if secs else 0
+        cpu = r.alloc_cpus * secs
+        gpu = sum(r.gpus_by_type.values()) * secs
         t = out.setdefault(r.username, [0, 0])
         t[0] += cpu
         t[1] += gpu
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    return {k: (-(-v[0] // 60), -(-v[1] // 60)) for k, v in out.items()}
 
 
 def test_jobcomp_and_sacct_agree_on_the_charge_key_of_every_captured_run():
@@ -90,7 +91,12 @@ def test_reconcile_charges_every_ended_run_once_and_matches_sacct(conn):
     expected = independent_totals(rows)
     for user, totals in expected.items():
         assert consumed(conn, "user", user) == totals
-    assert sum(t[0] for t in expected.values()) == report.cpu_minutes
+    exact_cpu_s = sum(
+        r.alloc_cpus * (r.end_time - (r.start_time if r.start_time is not None else r.end_time))
+        for r in final
+    )
+    assert report.cpu_s == exact_cpu_s > 0
+    assert report.cpu_minutes == -(-exact_cpu_s // 60)
     again = R.reconcile(conn, since=NOW - 86400, now=NOW, runner=slurm())
     assert again.charged == 0 and again.already_charged == report.runs
     for user, totals in expected.items():

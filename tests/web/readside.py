@@ -54,8 +54,8 @@ INSERT INTO jobs_preallocations VALUES ('u3', 'bob', 'hpc', 300, NULL, 1, '2024-
 INSERT INTO jobs_preallocations VALUES ('u4', 'bob', 'hpc', 7, 0, NULL, '2024-05-01 10:00:00');
 -- carol: no open job, one charged run in bio (so bio is one of her accounts)
 INSERT INTO charges (charge_key, job_id, username, account, start_time, end_time, elapsed_s,
-                     cpus, cpu_minutes, gpu_minutes, source)
-VALUES ('77:1714557600', 77, 'carol', 'bio', 1714557600, 1714557660, 60, 1, 1, 0, 'test');
+                     cpus, cpu_minutes, gpu_minutes, source, cpu_s)
+VALUES ('77:1714557600', 77, 'carol', 'bio', 1714557600, 1714557660, 60, 1, 1, 0, 'test', 60);
 """
 
 # name: (consumed cpu, prealloc cpu, quota cpu, consumed gpu, prealloc gpu, quota gpu, jobs)
