@@ -59,19 +59,8 @@ RELEASE_PORT_OFFSET = {"bookworm": 0, "trixie": 100, "sid": 200}
 # jobcomp wrapper): `down` kills leftovers only when this carries this lab's directory.
 MARKER = "SLURM_QUOTA_LAB_OWNER"
 
-PACKAGES = [
-    "slurmctld",
-    "slurmd",
-    "slurmdbd",
-    "slurm-client",
-    "munge",
-    "mariadb-server",
-    "mariadb-client",
-    "lua5.1",
-    "lua-dbi-sqlite3",
-    "lua-posix",
-    "sqlite3",
-]
+# The host lab installs the same Slurm packages a tree of another release has.
+PACKAGES = list(rootfs.SLURM_LAB_PACKAGES)
 
 CLUSTER = "lab"
 ACCOUNTS = ("research", "physics")

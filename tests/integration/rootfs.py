@@ -30,11 +30,11 @@ MIRROR = "http://deb.debian.org/debian"
 SLURM_OF = {"bookworm": "22.05", "trixie": "24.11", "sid": "26.05"}
 RELEASES = tuple(SLURM_OF)
 
-# What a lab needs inside the tree: the daemons, the clients, the plugins (job_submit_lua and
-# jobcomp_script are in slurm-wlm-basic-plugins), munge (only Recommended by sid's slurm:
-# named explicitly), MariaDB for slurmdbd, the Lua that slurmctld links with LuaDBI, and the
-# system python3 with the CLI's libraries (the charge wrapper runs the CLI inside the tree).
-PACKAGES = (
+# What a lab runs, on the host (its own release) and in a tree: the daemons, the clients, the
+# plugins (job_submit_lua and jobcomp_script are in slurm-wlm-basic-plugins), munge (only
+# Recommended by sid's slurm: named explicitly), MariaDB for slurmdbd, and the Lua that
+# slurmctld links with LuaDBI and luaposix.
+SLURM_LAB_PACKAGES = (
     "slurmctld",
     "slurmd",
     "slurmdbd",
@@ -47,6 +47,10 @@ PACKAGES = (
     "lua-dbi-sqlite3",
     "lua-posix",
     "sqlite3",
+)
+# A tree also needs the system python3 with the CLI's libraries (the charge wrapper and the
+# service run the CLI inside the tree).
+PACKAGES = SLURM_LAB_PACKAGES + (
     "python3",
     "python3-click",
     "python3-tabulate",
