@@ -586,18 +586,6 @@ def set_owner_quota(
     )
 
 
-def set_owner_consumed(
-    conn: sqlite3.Connection, kind: str, name: str, resource: str, minutes: int
-) -> None:
-    """Set one consumed total of an existing user/account row."""
-    table, key = _owner_table(kind)
-    column = consumed_column(resource)
-    conn.execute(
-        f"UPDATE {table} SET {column} = ?, last_updated = CURRENT_TIMESTAMP WHERE {key} = ?",
-        (minutes, name),
-    )
-
-
 def get_setting(conn: sqlite3.Connection, key: str) -> str | None:
     """The text value of a settings key, or None when absent."""
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()

@@ -21,7 +21,6 @@ from slurm_quota.numbers import MAX_DIGITS, int_or_none, shown
 # record is a namedtuple, not a dataclass (see slurm_quota.charge).
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
-    from decimal import Decimal
     from fractions import Fraction
 
 UNLIMITED = -1
@@ -37,17 +36,6 @@ GPU = "gpu"
 RESOURCES = (CPU, GPU)
 
 
-# Below this, product / 60 keeps ≥ 2 decimals within Decimal's 28 digits, so the Decimal
-# rounding below and the exact integer form agree (the nearest k/60 under one half is 29/60).
-_EXACT_INT_PRODUCT_MAX = 10**25
-
-
-def _round_half_up(value: Decimal) -> int:
-    from decimal import ROUND_HALF_UP
-
-    return int(value.to_integral_value(rounding=ROUND_HALF_UP))
-
-
 def _exact_factor(factor: float) -> Fraction:
     # The factor as the decimal an admin typed (0.1 means 1/10), kept exact: Decimal sums
     # round to 28 digits, which lost e.g. 1 + 5e-324 and under-reserved by a minute.
@@ -56,42 +44,11 @@ def _exact_factor(factor: float) -> Fraction:
     return Fraction(repr(float(factor)))
 
 
-def cpu_minutes_charged(cpus: int, elapsed_s: int) -> int:
-    """CPU minutes of one run: round(cpus × elapsed / 60), half up, on the product."""
-    if cpus < 0 or elapsed_s < 0:
-        raise InvalidInput(f"Negative CPUs ({cpus}) or elapsed seconds ({elapsed_s}).")
-    if type(cpus) is int and type(elapsed_s) is int:
-        product = cpus * elapsed_s
-        if product < _EXACT_INT_PRODUCT_MAX:
-            return (2 * product + 60) // 120  # floor(product / 60 + 1/2), exactly
-    from decimal import Decimal
-
-    return _round_half_up(Decimal(cpus) * Decimal(elapsed_s) / Decimal(60))
-
-
 def factor_for(gpu_type: str | None, factors: Mapping[str, float]) -> float:
     """The factor of a GPU type; untyped/unknown types use `default` (1.0 when absent)."""
     if gpu_type and gpu_type in factors:
         return float(factors[gpu_type])
     return float(factors.get(DEFAULT_GPU_TYPE, DEFAULT_GPU_FACTOR))
-
-
-def gpu_minutes_charged(
-    gpus_by_type: Mapping[str, int], factors: Mapping[str, float], elapsed_s: int
-) -> int:
-    """GPU minutes of one run: round(Σ count × factor(type) × elapsed / 60), half up."""
-    if elapsed_s < 0:
-        raise InvalidInput(f"Negative elapsed seconds ({elapsed_s}).")
-    if not gpus_by_type:
-        return 0  # the sum below is 0: floor(0 / 60 + 1/2)
-    from fractions import Fraction
-
-    total = Fraction(0)
-    for gpu_type, count in gpus_by_type.items():
-        if count < 0:
-            raise InvalidInput(f"Negative GPU count {count} for type {gpu_type!r}.")
-        total += count * _exact_factor(factor_for(gpu_type, factors)) * elapsed_s
-    return math.floor(total / 60 + Fraction(1, 2))  # half up
 
 
 # ---------------------------------------------------------------------------------------

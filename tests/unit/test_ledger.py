@@ -40,28 +40,25 @@ def _exact_factor(gpu_type: str, fmap: dict[str, float]) -> Fraction:
 
 
 @given(cpus, seconds)
-@example(128, 59)  # DESIGN §3: 126 CPU minutes, not 0
-@example(1, 30)  # exactly half a minute rounds up
-@example(1, 29)
-def test_cpu_charge_is_the_product_rounded_half_up(n_cpus, elapsed_s):
-    assert ledger.cpu_minutes_charged(n_cpus, elapsed_s) == _half_up(
-        Fraction(n_cpus * elapsed_s, 60)
-    )
+def test_cpu_charge_is_the_exact_product_in_cpu_seconds(n_cpus, elapsed_s):
+    assert ledger.cpu_s_charged(n_cpus, elapsed_s) == n_cpus * elapsed_s
 
 
 def test_cpu_charge_examples_from_the_design():
-    assert ledger.cpu_minutes_charged(128, 59) == 126
-    assert ledger.cpu_minutes_charged(1, 30) == 1
-    assert ledger.cpu_minutes_charged(1, 29) == 0
-    assert ledger.cpu_minutes_charged(0, 10_000) == 0
+    # DESIGN §3: 128 CPUs for 59 s are 126 CPU minutes shown (ceil of the exact 7552 s), not 0
+    assert ledger.cpu_s_charged(128, 59) == 7552
+    assert ledger.minutes_from_cpu_s(7552) == 126
+    assert ledger.minutes_from_cpu_s(ledger.cpu_s_charged(1, 30)) == 1
+    assert ledger.minutes_from_cpu_s(ledger.cpu_s_charged(1, 29)) == 1  # no run is free
+    assert ledger.cpu_s_charged(0, 10_000) == 0
 
 
 @given(st.dictionaries(gpu_types, counts), factor_maps, seconds)
-def test_gpu_charge_is_the_weighted_sum_rounded_half_up(gpus, fmap, elapsed_s):
+def test_gpu_charge_is_the_weighted_sum_in_ms_rounded_half_up_once(gpus, fmap, elapsed_s):
     exact = sum(
         (count * _exact_factor(t, fmap) * elapsed_s for t, count in gpus.items()), Fraction(0)
     )
-    assert ledger.gpu_minutes_charged(gpus, fmap, elapsed_s) == _half_up(exact / 60)
+    assert ledger.gpu_ms_charged(gpus, fmap, elapsed_s) == _half_up(exact * 1000)
 
 
 @given(st.dictionaries(gpu_types, counts), factor_maps, st.integers(0, 525_600))
@@ -80,13 +77,13 @@ def test_factor_of_unknown_and_untyped_gpus_is_the_default():
     assert ledger.factor_for("h100", {"default": 0.25}) == 0.25
     assert ledger.factor_for("h100", {"default": 0.25, "h100": 2.0}) == 2.0
     # The seed's example: factor 0.5 counts 10 minutes as 5.
-    assert ledger.gpu_minutes_charged({"h100": 1}, {"h100": 0.5}, 600) == 5
+    assert ledger.minutes_from_gpu_ms(ledger.gpu_ms_charged({"h100": 1}, {"h100": 0.5}, 600)) == 5
 
 
 @pytest.mark.parametrize("bad", [(-1, 10), (1, -10)])
 def test_negative_charge_inputs_are_refused(bad):
     with pytest.raises(InvalidInput):
-        ledger.cpu_minutes_charged(*bad)
+        ledger.cpu_s_charged(*bad)
 
 
 # ---------------------------------------------------------------------------------------
