@@ -32,8 +32,8 @@ M.job_submit(...) and M.job_modify(...) from its entry points instead (docs/plug
 local FAIL_OPEN = true
 local DEFAULT_DB_PATH = "/var/lib/state/slurm-quota/slurm-quota.db"
 local DB_PATH_ENV = "SLURM_QUOTA_DB"
--- The only schema this plugin knows (PRAGMA user_version after migrations 0001..0005).
-local SCHEMA_VERSION = 5
+-- The only schema this plugin knows (PRAGMA user_version after migrations 0001..0006).
+local SCHEMA_VERSION = 6
 -- Longest wait for the write lock; slurmctld is stalled meanwhile (budget: 250 ms).
 local BUSY_TIMEOUT_MS = 200
 -- Uids treated as administrators in job_modify besides 0 and SlurmUser (the uid slurmctld

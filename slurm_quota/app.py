@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTML_TYPE = "text/html; charset=utf-8"
-API_PARAMS = {"/health": (), "/stats": ("username", "account"), "/metrics": ()}
+API_PARAMS = {"/health": (), "/stats": ("username", "account", "period"), "/metrics": ()}
 DASHBOARD_PARAMS = ("user", "account", "unit", "sort", "refresh")
 
 StartResponse = Callable[..., Any]
@@ -112,6 +112,12 @@ class Routes:
                 username, account = params.get("username"), params.get("account")
                 if username is not None and account is not None:
                     raise InvalidInput("Give either username or account, not both.")
+                if "period" in params:  # a past period, from the archive (issue 18)
+                    with self.model.connection() as conn:
+                        payload = stats.period_payload(
+                            conn, params["period"], username=username, account=account
+                        )
+                    return json_response(200, payload)
                 if username is None and account is None:
                     return self.model.cached("stats", self.whole_stats)
                 with self.model.connection() as conn:

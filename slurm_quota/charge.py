@@ -480,9 +480,12 @@ def charge_in_transaction(
     charge = compute_charge(run, allocation, factors, source)
     if not db.insert_charge(conn, charge.row(released=0)):
         return ChargeResult(charge, charged=False, released=0)
-    db.add_owner_consumption(conn, "user", run.username, charge.cpu_s, charge.gpu_ms)
-    if run.account:
-        db.add_owner_consumption(conn, "account", run.account, charge.cpu_s, charge.gpu_ms)
+    owners = [("user", run.username)] + ([("account", run.account)] if run.account else [])
+    if db.periods_in_use(conn):
+        _charge_with_periods(conn, run, charge, owners)
+    else:
+        for kind, name in owners:
+            db.add_owner_consumption(conn, kind, name, charge.cpu_s, charge.gpu_ms)
     released = 0
     if charge.token and run.release != RELEASE_NONE:
         released = db.release_preallocation(
@@ -491,6 +494,23 @@ def charge_in_transaction(
         if released:
             db.set_charge_released(conn, run.charge_key, released)
     return ChargeResult(charge, charged=True, released=released)
+
+
+def _charge_with_periods(conn, run: Run, charge: Charge, owners: list) -> None:
+    """Add a run to owners under allocation periods: first bring their periods up to now (a
+    boundary passed since the last upkeep closes the period before this run is counted),
+    then add it, and move it to the period it ended in when that one is already closed."""
+    from slurm_quota import access, db, periods
+
+    now, actor = periods.now_s(), access.current_actor()
+    tz = periods.site_zone(conn)
+    for kind, name in owners:
+        known = db.period_state(conn, kind, name) is not None
+        periods.maintain_owner(conn, kind, name, now, actor, tz)
+        db.add_owner_consumption(conn, kind, name, charge.cpu_s, charge.gpu_ms)
+        if not known:  # a new owner row: its period starts now, this run counts in it
+            periods.maintain_owner(conn, kind, name, now, actor, tz)
+        periods.after_charge(conn, kind, name, run.end_time, charge.cpu_s, charge.gpu_ms)
 
 
 def apply_charge(conn, run: Run, allocation: Allocation, source: str) -> ChargeResult:

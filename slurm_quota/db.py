@@ -1185,3 +1185,246 @@ def set_reserved(
         (cpu, gpu, jobs, name),
     )
     return cur.rowcount == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Section: allocation periods (migration 0006) -- issue 18
+# ---------------------------------------------------------------------------------------
+# Owner kinds come only from _OWNER_TABLES (and 'site' for the default rule).
+
+
+def period_rule(conn: sqlite3.Connection, kind: str, name: str) -> tuple | None:
+    """(spec, carry_over_percent, time_zone) of an owner's own rule ('site', '' = default)."""
+    row = conn.execute(
+        "SELECT spec, carry_over_percent, time_zone FROM period_rules "
+        "WHERE owner_kind = ? AND owner = ?",
+        (kind, name),
+    ).fetchone()
+    return None if row is None else (str(row[0]), int(row[1]), row[2])
+
+
+def period_time_zone(conn: sqlite3.Connection) -> str | None:
+    """The site's time zone of calendar boundaries, None when not set."""
+    row = period_rule(conn, "site", "")
+    return None if row is None or not row[2] else str(row[2])
+
+
+def set_period_rule(
+    conn: sqlite3.Connection, kind: str, name: str, spec: str, percent: int, tz: str | None
+) -> None:
+    """Insert or replace the period rule of an owner (or of the site)."""
+    conn.execute(
+        "INSERT INTO period_rules (owner_kind, owner, spec, carry_over_percent, time_zone) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner_kind, owner) DO UPDATE SET "
+        "spec = excluded.spec, carry_over_percent = excluded.carry_over_percent, "
+        "time_zone = excluded.time_zone",
+        (kind, name, spec, int(percent), tz),
+    )
+
+
+def delete_period_rule(conn: sqlite3.Connection, kind: str, name: str) -> bool:
+    """Remove an owner's own rule; False when it had none."""
+    cur = conn.execute(
+        "DELETE FROM period_rules WHERE owner_kind = ? AND owner = ?", (kind, name)
+    )
+    return cur.rowcount == 1
+
+
+def periods_in_use(conn: sqlite3.Connection) -> bool:
+    """Any rule other than none, or any owner still in a period (one indexed probe each)."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM period_rules WHERE spec <> 'none') "
+        "OR EXISTS (SELECT 1 FROM period_state)"
+    ).fetchone()
+    return bool(row[0])
+
+
+def period_state(conn: sqlite3.Connection, kind: str, name: str) -> sqlite3.Row | None:
+    """The current period of an owner, or None."""
+    return conn.execute(
+        "SELECT owner_kind, owner, spec, period_start, period_end, window_aged_until, "
+        "carry_in_cpu_s, carry_in_gpu_ms FROM period_state WHERE owner_kind = ? AND owner = ?",
+        (kind, name),
+    ).fetchone()
+
+
+def set_period_state(
+    conn: sqlite3.Connection,
+    kind: str,
+    name: str,
+    spec: str,
+    start: int,
+    end: int | None,
+    aged_until: int | None,
+    carry_in_cpu_s: int,
+    carry_in_gpu_ms: int,
+) -> None:
+    """Insert or replace the current period of an owner."""
+    conn.execute(
+        "INSERT INTO period_state (owner_kind, owner, spec, period_start, period_end, "
+        "window_aged_until, carry_in_cpu_s, carry_in_gpu_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (owner_kind, owner) DO UPDATE SET spec = excluded.spec, "
+        "period_start = excluded.period_start, period_end = excluded.period_end, "
+        "window_aged_until = excluded.window_aged_until, "
+        "carry_in_cpu_s = excluded.carry_in_cpu_s, carry_in_gpu_ms = excluded.carry_in_gpu_ms",
+        (kind, name, spec, int(start), end, aged_until, int(carry_in_cpu_s), int(carry_in_gpu_ms)),
+    )
+
+
+def delete_period_state(conn: sqlite3.Connection, kind: str, name: str) -> None:
+    """Forget an owner's current period (its rule became none)."""
+    conn.execute("DELETE FROM period_state WHERE owner_kind = ? AND owner = ?", (kind, name))
+
+
+def insert_period_archive(
+    conn: sqlite3.Connection,
+    kind: str,
+    name: str,
+    spec: str,
+    start: int,
+    end: int,
+    quota_cpu_minutes: int,
+    quota_gpu_minutes: int,
+    used_cpu_s: int,
+    used_gpu_ms: int,
+    carry_in_cpu_s: int,
+    carry_in_gpu_ms: int,
+    carry_out_cpu_s: int,
+    carry_out_gpu_ms: int,
+) -> None:
+    """Archive one closed period of an owner."""
+    conn.execute(
+        "INSERT INTO period_archive (owner_kind, owner, spec, period_start, period_end, "
+        "quota_cpu_minutes, quota_gpu_minutes, used_cpu_s, used_gpu_ms, carry_in_cpu_s, "
+        "carry_in_gpu_ms, carry_out_cpu_s, carry_out_gpu_ms) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (kind, name, spec, int(start), int(end), int(quota_cpu_minutes), int(quota_gpu_minutes),
+         int(used_cpu_s), int(used_gpu_ms), int(carry_in_cpu_s), int(carry_in_gpu_ms),
+         int(carry_out_cpu_s), int(carry_out_gpu_ms)),
+    )  # fmt: skip
+
+
+def add_period_archive_late(
+    conn: sqlite3.Connection, kind: str, name: str, end_time: int, cpu_s: int, gpu_ms: int
+) -> bool:
+    """Add a run charged after its period closed to that period's archive row; False when no
+    archived period of the owner contains end_time."""
+    cur = conn.execute(
+        "UPDATE period_archive SET used_cpu_s = used_cpu_s + :cpu, "
+        "used_gpu_ms = used_gpu_ms + :gpu, late_cpu_s = late_cpu_s + :cpu, "
+        "late_gpu_ms = late_gpu_ms + :gpu WHERE owner_kind = :kind AND owner = :name "
+        "AND period_start <= :t AND :t < period_end",
+        {"cpu": int(cpu_s), "gpu": int(gpu_ms), "kind": kind, "name": name, "t": int(end_time)},
+    )
+    return cur.rowcount >= 1
+
+
+def charge_sums_ended_between(
+    conn: sqlite3.Connection, kind: str, name: str, after: int, until: int
+) -> tuple[int, int]:
+    """(Σ cpu_s, Σ gpu_ms) of an owner's charged runs with after < end_time <= until."""
+    column = "username" if kind == "user" else "account"
+    _owner_table(kind)
+    row = conn.execute(
+        f"SELECT COALESCE(SUM(cpu_s), 0), COALESCE(SUM(gpu_ms), 0) FROM charges "
+        f"WHERE {column} = ? AND end_time > ? AND end_time <= ?",
+        (name, int(after), int(until)),
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def period_owners(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """Every (kind, name) the upkeep looks at: all users and accounts when a site default
+    applies, else those with a rule or a period of their own."""
+    site = period_rule(conn, "site", "")
+    if site is not None and site[0] != "none":
+        rows = conn.execute(
+            "SELECT 'user', username FROM users UNION ALL SELECT 'account', account FROM accounts"
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            "SELECT owner_kind, owner FROM period_rules WHERE owner_kind IN ('user', 'account') "
+            "UNION SELECT owner_kind, owner FROM period_state"
+        ).fetchall()
+    return sorted({(str(r[0]), str(r[1])) for r in rows})
+
+
+def period_overview(conn: sqlite3.Connection) -> list[tuple]:
+    """(kind, name, state spec, start, end, carry-in cpu_s, carry-in gpu_ms, own rule spec,
+    own carry %) of every owner with a period or a rule of its own, by kind and name."""
+    return [
+        tuple(r)
+        for r in conn.execute(
+            "SELECT k.owner_kind, k.owner, s.spec, s.period_start, s.period_end, "
+            "s.carry_in_cpu_s, s.carry_in_gpu_ms, r.spec, r.carry_over_percent FROM "
+            "(SELECT owner_kind, owner FROM period_state UNION SELECT owner_kind, owner "
+            "FROM period_rules WHERE owner_kind IN ('user', 'account')) AS k "
+            "LEFT JOIN period_state AS s ON s.owner_kind = k.owner_kind AND s.owner = k.owner "
+            "LEFT JOIN period_rules AS r ON r.owner_kind = k.owner_kind AND r.owner = k.owner "
+            "ORDER BY k.owner_kind, k.owner"
+        ).fetchall()
+    ]
+
+
+def period_archive_at(
+    conn: sqlite3.Connection, at: int, kind: str | None = None, name: str | None = None
+) -> list[sqlite3.Row]:
+    """Archived periods containing the instant at, optionally of one owner, by kind, name."""
+    sql = (
+        "SELECT owner_kind, owner, spec, period_start, period_end, quota_cpu_minutes, "
+        "quota_gpu_minutes, used_cpu_s, used_gpu_ms, carry_in_cpu_s, carry_in_gpu_ms, "
+        "carry_out_cpu_s, carry_out_gpu_ms, late_cpu_s, late_gpu_ms FROM period_archive "
+        "WHERE period_start <= ? AND ? < period_end"
+    )
+    params: list[object] = [int(at), int(at)]
+    if kind is not None and name is not None:
+        sql += " AND owner_kind = ? AND owner = ?"
+        params += [kind, name]
+    return conn.execute(sql + " ORDER BY owner_kind DESC, owner", params).fetchall()
+
+
+def read_charges_ended_between(
+    conn: sqlite3.Connection,
+    start: int,
+    end: int,
+    *,
+    username: str | None = None,
+    account: str | None = None,
+    limit: int,
+) -> list[sqlite3.Row]:
+    """read_charges' rows of the runs that ended in [start, end) (a period), newest first."""
+    sql = (
+        "SELECT id, charge_key, job_id, array_job_id, array_task_id, het_job_id, "
+        "het_job_offset, username, account, job_uuid, partition, job_state, start_time, "
+        "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
+        "released_prealloc, source, charged_at, cpu_s, gpu_ms FROM charges"
+    )
+    clause, params = _where(
+        ("username = ?", username), ("account = ?", account), ("end_time >= ?", int(start)),
+        ("end_time < ?", int(end)),
+    )  # fmt: skip
+    sql += clause + " ORDER BY id DESC LIMIT ?"
+    return conn.execute(sql, [*params, int(limit)]).fetchall()
+
+
+def read_journal_between(
+    conn: sqlite3.Connection,
+    start_utc: str,
+    end_utc: str,
+    *,
+    target_kind: str | None = None,
+    target: str | None = None,
+    limit: int,
+) -> list[sqlite3.Row]:
+    """read_journal's rows written in [start_utc, end_utc) ('YYYY-MM-DD HH:MM:SS' UTC)."""
+    sql = (
+        "SELECT id, at, actor, action, target_kind, target, field, old_value, new_value, "
+        "reason FROM journal WHERE at >= ? AND at < ?"
+    )
+    params: list[object] = [start_utc, end_utc]
+    if target_kind is not None and target is not None:
+        sql += " AND target_kind = ? AND target = ?"
+        params += [target_kind, target]
+    sql += " ORDER BY id DESC LIMIT ?"
+    params.append(int(limit))
+    return conn.execute(sql, params).fetchall()

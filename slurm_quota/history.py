@@ -208,11 +208,13 @@ def history(
     account: str | None = None,
     job_id: int | None = None,
     limit: int = HISTORY_DEFAULT_LIMIT,
+    period: tuple[int, int] | None = None,
 ) -> list[HistoryEntry]:
     """Journal and charge rows, newest first, at most `limit` in total.
 
     --user/--account select that owner's journal rows and charges; --job selects the charges
     of that job (and of its array/het elements) only, since journal rows name no job.
+    period (start, end epoch s): only the journal rows written and the runs that ended in it.
     """
     if user is not None and account is not None:
         raise InvalidInput("Give --user or --account, not both.")
@@ -222,6 +224,10 @@ def history(
         account = parse_name("account", account)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= HISTORY_MAX_LIMIT:
         raise InvalidInput(f"--limit must be between 1 and {HISTORY_MAX_LIMIT}.")
+    if period is not None:
+        if job_id is not None:
+            raise InvalidInput("Give --job or --period, not both.")
+        return _period_history(conn, user, account, period, limit)
     entries: list[HistoryEntry] = []
     if job_id is None:
         if user is not None:
@@ -234,5 +240,27 @@ def history(
     charge_rows = db.read_charges(conn, username=user, account=account, job_id=job_id, limit=limit)
     entries.extend(_charge_entry(r) for r in charge_rows)
     # Newest first; at equal times charges after journal rows is arbitrary but stable.
+    entries.sort(key=lambda e: (e.time or _EPOCH, e.id), reverse=True)
+    return entries[:limit]
+
+
+def _utc_text(epoch_s: int) -> str:
+    return datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _period_history(
+    conn: Any, user: str | None, account: str | None, period: tuple[int, int], limit: int
+) -> list[HistoryEntry]:
+    start, end = period
+    kind, target = ("user", user) if user is not None else ("account", account)
+    rows = db.read_journal_between(
+        conn, _utc_text(start), _utc_text(end), target_kind=kind if target else None,
+        target=target, limit=limit,
+    )  # fmt: skip
+    entries: list[HistoryEntry] = [_journal_entry(r) for r in rows]
+    charge_rows = db.read_charges_ended_between(
+        conn, start, end, username=user, account=account, limit=limit
+    )
+    entries.extend(_charge_entry(r) for r in charge_rows)
     entries.sort(key=lambda e: (e.time or _EPOCH, e.id), reverse=True)
     return entries[:limit]

@@ -160,6 +160,7 @@ class ReconcileReport:
     charged_keys: tuple[str, ...] = field(default=())
     cpu_s: int = 0  # exact sums of the runs charged; the minutes above follow the one rule
     gpu_ms: int = 0
+    periods: tuple[str, ...] = field(default=())  # allocation period changes (periods.py)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly form."""
@@ -200,7 +201,18 @@ def reconcile(
     if since > now:
         raise InvalidInput("--since is in the future; nothing to reconcile.")
 
-    # 1. One batched sacct query (SlurmUnavailable propagates: nothing was changed yet).
+    # 0. Allocation periods: rollovers due and windows to age (no Slurm needed, so done
+    # even when Slurm does not answer below). Idempotent: a second run finds nothing due.
+    period_events: list[str] = []
+    if not dry_run:
+        from slurm_quota import periods
+
+        period_events = [
+            f"{e.kind} {e.name}: {e.action}: {e.detail}"
+            for e in periods.maintain_all(conn, now, _actor())
+        ]
+
+    # 1. One batched sacct query (SlurmUnavailable propagates: nothing else changed yet).
     rows = slurm_mod.sacct_window(since, now, runner=runner)
     runs: dict[str, charge_mod.Run] = {}
     tokens: dict[str, str | None] = {}
@@ -340,6 +352,7 @@ def reconcile(
         sweep_error=sweep_error,
         seconds=time.monotonic() - t0,
         charged_keys=tuple(charged_keys),
+        periods=tuple(period_events),
     )
 
 

@@ -206,3 +206,47 @@ def validate_payload(payload: Any) -> dict[str, list[dict[str, Any]]]:
                 if not isinstance(row[key], (int, float)) or isinstance(row[key], bool):
                     raise ValueError(f"`{key}` of an entry of `{kind}` is not a number")
     return payload
+
+
+PERIOD_KEYS = (
+    "period",
+    "period_start",
+    "period_end",
+    "carry_in_cpu_minutes",
+    "carry_in_gpu_minutes",
+    "carry_out_cpu_minutes",
+    "carry_out_gpu_minutes",
+)
+
+
+def period_payload(
+    conn: Any, at_text: str, *, username: str | None = None, account: str | None = None
+) -> dict[str, Any]:
+    """`/stats?period=DATE`: the archived periods containing DATE, in the /stats shape.
+
+    Each row has the seed's keys (consumed = what the period used, preallocated 0 and
+    job_count 0: reservations belong to no closed period, last_updated = the period's end)
+    and ours: period, period_start, period_end, carry-in and carry-out minutes.
+    """
+    from slurm_quota import periods
+
+    check_selector(username, account)
+    at_s = periods.parse_day(at_text, periods.site_zone(conn))
+    if username is not None:
+        rows = periods.archive_at(conn, at_s, "user", username)
+    elif account is not None:
+        rows = periods.archive_at(conn, at_s, "account", account)
+    else:
+        rows = periods.archive_at(conn, at_s)
+    out: dict[str, Any] = {"users": [], "accounts": [], "period_at": at_text}
+    for r in rows:
+        name_key = "username" if r["kind"] == "user" else "account"
+        row = payload_row(
+            name_key,
+            (r["name"], r["used_cpu_minutes"], 0, r["quota_cpu_minutes"],
+             r["used_gpu_minutes"], 0, r["quota_gpu_minutes"], r["period_end"], 0),
+        )  # fmt: skip
+        for key in PERIOD_KEYS:
+            row[key] = r[key]
+        out["users" if r["kind"] == "user" else "accounts"].append(row)
+    return out

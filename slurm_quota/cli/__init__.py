@@ -23,7 +23,7 @@ from slurm_quota.errors import (  # noqa: F401  (the EXIT_ codes are the CLI's s
 )
 
 # Importing the command modules registers their commands on the group.
-from slurm_quota.cli import admin, jobs, read  # noqa: E402,F401  isort: skip
+from slurm_quota.cli import admin, jobs, periods, read  # noqa: E402,F401  isort: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -566,6 +566,11 @@ def set_gpu_factor_cmd(settings: Settings, gpu_type: str, factor: str, reason: s
 @click.option("--account", "account", metavar="ACCOUNT", help="Only this account.")
 @click.option("--job", "job", metavar="JOBID", help="Only charges of this job (or array/het job).")
 @click.option(
+    "--period", "period", metavar="DATE",
+    help="The archived allocation period containing DATE: its totals, then its journal rows "
+    "and the runs that ended in it.",
+)  # fmt: skip
+@click.option(
     "--limit",
     type=WholeNumber(1, 100_000),
     default=50,
@@ -579,6 +584,7 @@ def history_cmd(
     user: str | None,
     account: str | None,
     job: str | None,
+    period: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -593,6 +599,7 @@ def history_cmd(
       slurm-quota history --user alice
       slurm-quota history --account projx --limit 20
       slurm-quota history --job 12345 --json
+      slurm-quota history --account physics --period 2026-11-15
     """
     from slurm_quota import history as history_view
     from slurm_quota import validate
@@ -606,10 +613,21 @@ def history_cmd(
         account = validate.parse_name("account", account)
     job_id = validate.parse_job_id(job)
     with _ledger(settings, readonly=True) as conn:
-        entries = history_view.history(conn, user=user, account=account, job_id=job_id, limit=limit)
+        archived, span = _period_of(conn, period, user, account)
+        entries = history_view.history(
+            conn, user=user, account=account, job_id=job_id, limit=limit, period=span
+        )
     if as_json:
-        echo_json([e.to_json() for e in entries])
+        echo_json([e.to_json() for e in entries] if period is None else
+                  {"periods": archived, "entries": [e.to_json() for e in entries]})  # fmt: skip
         return
+    for r in archived:
+        click.echo(
+            f"Period {r['period_start']} .. {r['period_end']} ({r['period']}) of {r['kind']} "
+            f"{r['name']}: used {r['used_cpu_minutes']} of {r['quota_cpu_minutes']} CPU min, "
+            f"{r['used_gpu_minutes']} of {r['quota_gpu_minutes']} GPU min; carried in "
+            f"{r['carry_in_cpu_minutes']}, out {r['carry_out_cpu_minutes']} CPU min."
+        )
     if not entries:
         if user is not None:
             click.echo(f"No history found for user: {user}")
@@ -630,6 +648,22 @@ def history_cmd(
             disable_numparse=True,
         )
     )
+
+
+def _period_of(conn, period: str | None, user: str | None, account: str | None):
+    """(archive rows, (start, end)) of the archived period containing the date `period`."""
+    if period is None:
+        return [], None
+    from slurm_quota import periods
+    from slurm_quota.errors import InvalidInput, NotFound
+
+    if user is None and account is None:
+        raise InvalidInput("history --period needs --user or --account.")
+    kind, name = ("user", user) if user is not None else ("account", account)
+    rows = periods.archive_at(conn, periods.parse_day(period, periods.site_zone(conn)), kind, name)
+    if not rows:
+        raise NotFound(f"No archived period of {kind} {name} contains {period}.")
+    return rows, (rows[0]["period_start_epoch"], rows[0]["period_end_epoch"])
 
 
 def _local_time(moment) -> str:

@@ -216,6 +216,10 @@ def _print_reconcile(r) -> None:
         )
         for uuid in r.orphans:
             click.echo(f"  {would}released {uuid}")
+    if r.periods:
+        click.echo(f"Allocation periods: {len(r.periods)} change(s).")
+        for line in r.periods:
+            click.echo(f"  {line}")
     click.echo(f"Done in {r.seconds:.2f} s.")
 
 

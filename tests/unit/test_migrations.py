@@ -23,7 +23,10 @@ from tests.unit.fixtures_seed import (
 
 LATEST = db.latest_version()
 APPLIED_ALL = "Applied migrations " + ", ".join(str(v) for v in range(1, LATEST + 1))
-NEW_TABLES = {"charges", "journal", "consumption_adjustments"}
+NEW_TABLES = {
+    "charges", "journal", "consumption_adjustments",
+    "period_rules", "period_state", "period_archive", "threshold_events",
+}  # fmt: skip
 SEED_TABLES = set(PRIMARY_KEYS)
 NEW_INDEXES = {
     "charges_username",
@@ -35,6 +38,10 @@ NEW_INDEXES = {
     "charges_username_account",
     "jobs_preallocations_account",
     "jobs_preallocations_created_at",
+    "charges_username_end",
+    "charges_account_end",
+    "period_archive_start",
+    "threshold_events_pending",
 }
 
 
