@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from slurm_quota import db, periods
 from slurm_quota import charge as C
+from slurm_quota import db, periods
 from tests.unit.cli_helpers import run_cli, snapshot
 from tests.unit.test_periods import at
 
