@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,11 @@ log = logging.getLogger(__name__)
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTML_TYPE = "text/html; charset=utf-8"
-API_PARAMS = {"/health": (), "/stats": ("username", "account", "period"), "/metrics": ()}
+API_PARAMS = {
+    "/health": (),
+    "/stats": ("username", "account", "period", "forecast"),
+    "/metrics": (),
+}
 DASHBOARD_PARAMS = ("user", "account", "unit", "sort", "refresh")
 
 StartResponse = Callable[..., Any]
@@ -112,6 +117,15 @@ class Routes:
                 username, account = params.get("username"), params.get("account")
                 if username is not None and account is not None:
                     raise InvalidInput("Give either username or account, not both.")
+                if "forecast" in params:  # new key `forecasts` (issue 18)
+                    if params["forecast"] not in ("1", "true"):
+                        raise InvalidInput("Query parameter 'forecast' takes 1 or true.")
+                    if "period" in params:
+                        raise InvalidInput("A forecast is of the current period: no period.")
+                    with self.model.connection() as conn:
+                        payload = stats.stats_payload(conn, username=username, account=account)
+                        payload = stats.with_forecasts(conn, payload, int(time.time()))
+                    return json_response(200, payload)
                 if "period" in params:  # a past period, from the archive (issue 18)
                     with self.model.connection() as conn:
                         payload = stats.period_payload(

@@ -63,6 +63,7 @@ def fetch_stats(
     account: str | None = None,
     timeout_s: float = 5.0,
     cache: StatsCache | None = None,
+    forecast: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """GET /stats from the service; ServiceUnavailable (exit 75) when it does not answer.
 
@@ -79,6 +80,8 @@ def fetch_stats(
         params["username"] = username
     if account is not None:
         params["account"] = account
+    if forecast:
+        params["forecast"] = "1"  # adds the key `forecasts` (issue 18)
     kept = cache if not params else None  # only the whole-ledger answer is kept
     etag = kept.etag(url) if kept is not None else None
     headers = {} if etag is None else {"If-None-Match": etag}

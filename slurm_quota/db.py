@@ -1428,3 +1428,51 @@ def read_journal_between(
     sql += " ORDER BY id DESC LIMIT ?"
     params.append(int(limit))
     return conn.execute(sql, params).fetchall()
+
+
+# ---------------------------------------------------------------------------------------
+# Section: forecasts and usage over time (issue 18)
+# ---------------------------------------------------------------------------------------
+
+
+def first_charge_end(conn: sqlite3.Connection) -> int | None:
+    """The earliest end_time of any charged run (None when nothing was charged)."""
+    row = conn.execute("SELECT MIN(end_time) FROM charges").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def charge_sums_by_owner_since(
+    conn: sqlite3.Connection, kind: str, since: int, until: int
+) -> dict[str, tuple[int, int]]:
+    """{owner: (Σ cpu_s, Σ gpu_ms)} of the runs that ended in [since, until]."""
+    _owner_table(kind)
+    column = "username" if kind == "user" else "account"
+    rows = conn.execute(
+        f"SELECT {column}, SUM(cpu_s), SUM(gpu_ms) FROM charges WHERE end_time >= ? "
+        f"AND end_time <= ? GROUP BY {column}",
+        (int(since), int(until)),
+    ).fetchall()
+    return {str(r[0]): (int(r[1] or 0), int(r[2] or 0)) for r in rows if r[0] is not None}
+
+
+def period_states(conn: sqlite3.Connection, kind: str) -> dict[str, tuple[int, int | None]]:
+    """{owner: (period_start, period_end)} of every owner of a kind in a period."""
+    rows = conn.execute(
+        "SELECT owner, period_start, period_end FROM period_state WHERE owner_kind = ?", (kind,)
+    ).fetchall()
+    return {str(r[0]): (int(r[1]), None if r[2] is None else int(r[2])) for r in rows}
+
+
+def charge_usage_by_bucket(
+    conn: sqlite3.Connection, kind: str, name: str, since: int, bucket_s: int, offset_s: int
+) -> list[tuple[int, int, int]]:
+    """[(bucket start, Σ cpu_s, Σ gpu_ms)] of an owner's runs that ended at or after since,
+    by end time in buckets of bucket_s seconds (shifted by offset_s: local midnights)."""
+    _owner_table(kind)
+    column = "username" if kind == "user" else "account"
+    rows = conn.execute(
+        f"SELECT ((end_time + :off) / :b) * :b - :off AS t, SUM(cpu_s), SUM(gpu_ms) "
+        f"FROM charges WHERE {column} = :name AND end_time >= :since GROUP BY t ORDER BY t",
+        {"off": int(offset_s), "b": int(bucket_s), "name": name, "since": int(since)},
+    ).fetchall()
+    return [(int(r[0]), int(r[1] or 0), int(r[2] or 0)) for r in rows]

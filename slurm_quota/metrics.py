@@ -52,6 +52,7 @@ def metrics_text(conn: Any, *, db_path: str | os.PathLike[str] | None = None) ->
         counts = db.ledger_row_counts(conn)
         charges, charged_cpu, charged_gpu = db.charge_totals(conn)
         version = db.ping(conn)
+        outlook = _forecasts(conn, users, accounts)
     families: list[_Family] = []
     for kind, label, rows in (("user", "username", users), ("account", "account", accounts)):
         consumed = _Family(
@@ -88,6 +89,7 @@ def metrics_text(conn: Any, *, db_path: str | os.PathLike[str] | None = None) ->
             quota.lines += (f"{quota.name}{cpu}{_number(cq)}", f"{quota.name}{gpu}{_number(gq)}")
             jobs.lines.append(f"{jobs.name}{{{owner}}} {int(njobs)}")
         families += [consumed, prealloc, quota, jobs]
+    families += _forecast_families(outlook)
     total = _Family("slurm_quota_charges_total", "counter", "Job runs charged so far.")
     total.add({}, str(charges))
     minutes = _Family(
@@ -113,3 +115,40 @@ def metrics_text(conn: Any, *, db_path: str | os.PathLike[str] | None = None) ->
     schema.add({}, str(version))
     families.append(schema)
     return "\n".join(line for f in families for line in f.lines) + "\n"
+
+
+def _forecasts(conn: Any, users: list, accounts: list) -> list:
+    """slurm_quota.forecast for every user and account (issue 18)."""
+    import time
+
+    from slurm_quota import forecast, stats
+
+    payload = {
+        "users": [stats.payload_row("username", r) for r in users],
+        "accounts": [stats.payload_row("account", r) for r in accounts],
+    }
+    return forecast.forecasts(conn, payload, int(time.time()))
+
+
+def _forecast_families(outlook: list) -> list[_Family]:
+    families = []
+    for kind, label in (("user", "username"), ("account", "account")):
+        burn = _Family(
+            f"slurm_quota_{kind}_burn_minutes_per_day",
+            "gauge",
+            f"Minutes charged to the {kind} per day over the last 14 days.",
+        )
+        out = _Family(
+            f"slurm_quota_{kind}_exhaustion_timestamp_seconds",
+            "gauge",
+            f"When the {kind}'s quota runs out at that pace, reservations counted as spent "
+            f"(epoch seconds; +Inf: unlimited or nothing burnt).",
+        )
+        for f in outlook:
+            if f.kind != kind:
+                continue
+            labels = {label: f.name, "resource": f.resource}
+            burn.add(labels, repr(round(f.burn_minutes_per_day, 3)))
+            out.add(labels, "+Inf" if f.exhaust_at is None else str(f.exhaust_at))
+        families += [burn, out]
+    return families

@@ -250,3 +250,11 @@ def period_payload(
             row[key] = r[key]
         out["users" if r["kind"] == "user" else "accounts"].append(row)
     return out
+
+
+def with_forecasts(conn: Any, payload: dict[str, Any], now: int) -> dict[str, Any]:
+    """The payload with a new key `forecasts`: one entry per owner and resource of its rows
+    (slurm_quota.forecast); the rows themselves are unchanged."""
+    from slurm_quota import forecast
+
+    return {**payload, "forecasts": [f.as_dict() for f in forecast.forecasts(conn, payload, now)]}

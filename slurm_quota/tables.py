@@ -166,3 +166,55 @@ def render_tables(
     if accounts:
         parts.append(_kind_table("ACCOUNT", "account", accounts, hours=hours, color=color))
     return "\n\n".join(parts) + "\n"
+
+
+def _local_day(epoch_s: int | None) -> str:
+    if epoch_s is None:
+        return "-"
+    return datetime.fromtimestamp(int(epoch_s), timezone.utc).astimezone().strftime("%Y-%m-%d")
+
+
+def render_forecast(forecasts: Iterable[Mapping[str, Any]], *, hours: bool = False,
+                    now: int | None = None) -> str:  # fmt: skip
+    """The FORECAST table of `stats --forecast`: per owner and resource with a finite quota
+    or a recent burn, the pace, what is left after reservations, the date it runs out and
+    where the owner stands in its period."""
+    from tabulate import tabulate
+
+    unit = "h" if hours else "min"
+    rows = []
+    for f in forecasts:
+        limited = int(f["quota_minutes"]) != UNLIMITED
+        if not limited and not f["burn_minutes_per_day"]:
+            continue
+        left = f["left_minutes"]
+        out = f["exhaust_at"]
+        if out is not None and now is not None and out <= now:
+            runs_out = "now"
+        elif out is None:
+            runs_out = "never at this pace" if limited else "-"
+        else:
+            runs_out = _local_day(out)
+        if f["exhausts_in_period"] is True:
+            runs_out += " (in this period)"
+        period = "-"
+        if f["period_end"] is not None:
+            period = f"{f['period_elapsed_percent']:.0f}% gone, ends {_local_day(f['period_end'])}"
+        projected = f["projected_percent_at_period_end"]
+        rows.append((
+            f"{f['kind']} {f['name']}", f["resource"].upper(),
+            format_minutes(f["burn_minutes_per_day"], hours=hours),
+            "∞" if left is None else format_minutes(left, hours=hours),
+            runs_out, period, "-" if projected is None else f"{projected:.1f}%",
+        ))  # fmt: skip
+    if not rows:
+        return "Forecast: no finite quota and nothing charged in the last 14 days.\n"
+    return (
+        tabulate(
+            rows,
+            headers=["OWNER", "RES", f"BURN {unit}/DAY", f"LEFT {unit}", "RUNS OUT",
+                     "PERIOD", "AT PERIOD END"],  # fmt: skip
+            disable_numparse=True,
+        )
+        + "\n"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -56,6 +57,12 @@ def _local_mode(ctx: click.Context, local: bool) -> bool:
 @click.option("--hours", is_flag=True, help="Display hours (2 decimals) instead of minutes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the /stats JSON instead of tables.")
 @click.option(
+    "--forecast",
+    is_flag=True,
+    help="Add when each quota runs out at the pace of the last 14 days, and where each owner "
+    "stands in its allocation period (JSON: the key `forecasts`).",
+)
+@click.option(
     "--local",
     is_flag=True,
     help="Read the database directly instead of asking the service (implied by --db or "
@@ -87,6 +94,7 @@ def stats_cmd(
     all_: bool,
     hours: bool,
     as_json: bool,
+    forecast: bool,
     local: bool,
     url: str,
     color: str,
@@ -103,6 +111,7 @@ def stats_cmd(
       slurm-quota stats alice            # alice and her accounts (same as --user alice)
       slurm-quota stats --account hpc    # the account hpc only
       slurm-quota stats --all --hours    # everybody, in hours
+      slurm-quota stats --account hpc --forecast   # and when it runs out at this pace
       slurm-quota --db /var/lib/state/slurm-quota/slurm-quota.db stats --all
     """
     given = [
@@ -125,10 +134,12 @@ def stats_cmd(
         conn = open_db(settings, readonly=True)
         try:
             payload = stats.stats_payload(conn, username=username, account=account, all_=all_)
+            if forecast:
+                payload = stats.with_forecasts(conn, payload, int(time.time()))
         finally:
             conn.close()
     else:
-        payload = client.fetch_stats(url, username=username, account=account)
+        payload = client.fetch_stats(url, username=username, account=account, forecast=forecast)
     if as_json:
         echo_json(payload)
         return
@@ -137,6 +148,12 @@ def stats_cmd(
     text = tables.render_tables(payload, hours=hours, color=use_color, selector=selector)
     # click.echo would strip the colour codes off a non-terminal even under --color always.
     click.echo(text, nl=False, color=use_color)
+    if forecast:
+        click.echo("")
+        click.echo(
+            tables.render_forecast(payload.get("forecasts", []), hours=hours, now=int(time.time())),
+            nl=False,
+        )
 
 
 @cli.command("serve")
