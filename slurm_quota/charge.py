@@ -518,7 +518,29 @@ def apply_charge(conn, run: Run, allocation: Allocation, source: str) -> ChargeR
     from slurm_quota import db
 
     with db.write_transaction(conn):
-        return charge_in_transaction(conn, run, allocation, source, factors_of(conn))
+        result = charge_in_transaction(conn, run, allocation, source, factors_of(conn))
+    if result.charged:
+        owners = [("user", run.username)] + ([("account", run.account)] if run.account else [])
+        notify_thresholds(conn, owners)
+    return result
+
+
+def notify_thresholds(conn, owners: list | None) -> None:
+    """After a charge committed: the site's threshold command for what owners crossed
+    (slurm_quota.thresholds; bounded time). A failure is logged, never raised: the charge
+    is done, and the pending command is retried by the next charge or reconcile."""
+    from slurm_quota import db
+
+    if db.get_setting(conn, "threshold_command") is None:
+        return  # thresholds off: one read, no import
+    import logging
+
+    from slurm_quota import thresholds
+
+    try:
+        thresholds.notify(conn, owners, int(time.time()))
+    except Exception as err:  # noqa: BLE001 - the charge committed; nothing may undo that
+        logging.getLogger(__name__).warning("threshold notification failed: %s", err)
 
 
 def preview_charge(conn, run: Run, allocation: Allocation, source: str) -> ChargeResult:

@@ -1476,3 +1476,93 @@ def charge_usage_by_bucket(
         {"off": int(offset_s), "b": int(bucket_s), "name": name, "since": int(since)},
     ).fetchall()
     return [(int(r[0]), int(r[1] or 0), int(r[2] or 0)) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------
+# Section: usage thresholds (migration 0006) -- issue 18
+# ---------------------------------------------------------------------------------------
+
+
+def owner_usage(conn: sqlite3.Connection, kind: str, name: str) -> dict[str, tuple] | None:
+    """{'cpu': (quota, consumed, reserved), 'gpu': (…)} in minutes, or None without a row."""
+    table, key = _owner_table(kind)
+    row = conn.execute(
+        f"SELECT COALESCE(quota_cpu_minutes, -1), COALESCE(total_consumed_cpu_minutes, 0), "
+        f"reserved_cpu_minutes, COALESCE(quota_gpu_minutes, -1), "
+        f"COALESCE(total_consumed_gpu_minutes, 0), reserved_gpu_minutes FROM {table} "
+        f"WHERE {key} = ?",
+        (name,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {
+        "cpu": (int(row[0]), int(row[1]), int(row[2])),
+        "gpu": (int(row[3]), int(row[4]), int(row[5])),
+    }
+
+
+def all_owners(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """Every (kind, name) with a finite quota."""
+    rows = conn.execute(
+        "SELECT 'user', username FROM users WHERE quota_cpu_minutes >= 0 "
+        "OR quota_gpu_minutes >= 0 UNION ALL SELECT 'account', account FROM accounts "
+        "WHERE quota_cpu_minutes >= 0 OR quota_gpu_minutes >= 0"
+    ).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def insert_threshold_event(
+    conn: sqlite3.Connection,
+    kind: str,
+    name: str,
+    period_start: int,
+    resource: str,
+    threshold_percent: int,
+    usage_percent: float,
+    quota_minutes: int,
+    consumed_minutes: int,
+    reserved_minutes: int,
+    crossed_at: int,
+) -> int:
+    """Record a threshold crossed; 1 when new, 0 when already recorded for this period."""
+    cur = conn.execute(
+        "INSERT INTO threshold_events (owner_kind, owner, period_start, resource, "
+        "threshold_percent, usage_percent, quota_minutes, consumed_minutes, reserved_minutes, "
+        "crossed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner_kind, owner, "
+        "period_start, resource, threshold_percent) DO NOTHING",
+        (kind, name, int(period_start), resource, int(threshold_percent), float(usage_percent),
+         int(quota_minutes), int(consumed_minutes), int(reserved_minutes), int(crossed_at)),
+    )  # fmt: skip
+    return cur.rowcount
+
+
+def pending_threshold_events(conn: sqlite3.Connection, max_attempts: int) -> list[sqlite3.Row]:
+    """Events whose command has not succeeded yet (fewer than max_attempts tries), oldest first."""
+    return conn.execute(
+        "SELECT id, owner_kind, owner, period_start, resource, threshold_percent, "
+        "usage_percent, quota_minutes, consumed_minutes, reserved_minutes, crossed_at, "
+        "attempts, last_error FROM threshold_events WHERE done_at IS NULL AND attempts < ? "
+        "ORDER BY id",
+        (int(max_attempts),),
+    ).fetchall()
+
+
+def finish_threshold_event(
+    conn: sqlite3.Connection, event_id: int, error: str | None, now: int
+) -> None:
+    """Count one attempt: done (error None) or failed with its error, left pending."""
+    conn.execute(
+        "UPDATE threshold_events SET attempts = attempts + 1, last_error = ?, "
+        "done_at = CASE WHEN ? IS NULL THEN ? ELSE NULL END WHERE id = ?",
+        (error, error, int(now), int(event_id)),
+    )
+
+
+def threshold_events(conn: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
+    """The newest threshold events, newest first."""
+    return conn.execute(
+        "SELECT id, owner_kind, owner, period_start, resource, threshold_percent, "
+        "usage_percent, quota_minutes, consumed_minutes, reserved_minutes, crossed_at, "
+        "attempts, last_error, done_at FROM threshold_events ORDER BY id DESC LIMIT ?",
+        (int(limit),),
+    ).fetchall()

@@ -330,6 +330,7 @@ def reconcile(
                             old=_prealloc_text(row), reason=ORPHAN_REASON,
                         )
     if not dry_run:
+        charge_mod.notify_thresholds(conn, None)  # every owner; retries failed commands
         db.checkpoint(conn)  # the plugin never checkpoints; the timer bounds the WAL
     return ReconcileReport(
         since=since,

@@ -249,3 +249,103 @@ def _print_archive(rows: list[dict], at: str) -> None:
             disable_numparse=True,
         )
     )
+
+
+@cli.command("set-thresholds")
+@click.option(
+    "--command",
+    "command",
+    metavar="CMD",
+    help="Run for each threshold crossed (absolute path first; '' switches thresholds off).",
+)
+@click.option("--percents", metavar="LIST", help="Thresholds in percent (default 80,95,100).")
+@click.option("--reason", metavar="TEXT", default=None, help="Why: recorded in the journal.")
+@pass_settings
+def set_thresholds_cmd(
+    settings: Settings, command: str | None, percents: str | None, reason: str | None
+) -> None:
+    """Set the command run once per usage threshold, owner, resource and period.
+
+    When a user's or account's consumption reaches a threshold of its quota (consumed /
+    quota, in the current period), CMD runs once with SLURM_QUOTA_EVENT_OWNER_KIND,
+    _OWNER, _RESOURCE, _THRESHOLD_PERCENT, _USAGE_PERCENT, _QUOTA_MINUTES,
+    _CONSUMED_MINUTES, _RESERVED_MINUTES, _PERIOD_START, _CROSSED_AT and _ID in its
+    environment. The charge runs it after it committed and `reconcile` at its end (as the
+    ledger's owner), each within a bounded time; a command that fails or hangs (10 s) is
+    logged and tried again by the next charge or reconcile, up to 20 times.
+
+    \b
+    Examples:
+      slurm-quota set-thresholds --command /usr/local/sbin/quota-mail --percents 80,95,100
+      slurm-quota set-thresholds --command ''          # off
+    """
+    require_root("set-thresholds")
+    from slurm_quota import thresholds, validate
+    from slurm_quota.access import current_actor
+
+    reason = validate.parse_reason(reason)
+    conn = open_db(settings, intact=True)
+    try:
+        cfg = thresholds.set_config(conn, command, percents, actor=current_actor(), reason=reason)
+    finally:
+        conn.close()
+    click.echo(
+        f"Thresholds {', '.join(f'{p} %' for p in cfg.percents)}: "
+        + (f"run {cfg.command}." if cfg.command else "off (no command).")
+    )
+
+
+@cli.command("thresholds")
+@click.option(
+    "--limit", type=WholeNumber(1, 100_000), default=50, show_default=True, metavar="N",
+    help="Show at most this many events.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_settings
+def thresholds_cmd(settings: Settings, limit: int, as_json: bool) -> None:
+    """Show the threshold settings and the thresholds crossed, newest first, with whether
+    the command ran (done), is to be retried (its last error) or gave up.
+
+    \b
+    Example:
+      slurm-quota thresholds --limit 20
+    """
+    from slurm_quota import db, thresholds
+
+    conn = open_db(settings, readonly=True)
+    try:
+        cfg = thresholds.config(conn)
+        events = [dict(r) for r in db.threshold_events(conn, limit)]
+    finally:
+        conn.close()
+    if as_json:
+        echo_json({"command": cfg.command, "percents": list(cfg.percents), "events": events})
+        return
+    click.echo(
+        f"Thresholds {', '.join(f'{p} %' for p in cfg.percents)}; command: "
+        f"{cfg.command or 'none (off)'}."
+    )
+    if not events:
+        click.echo("No threshold crossed.")
+        return
+    from tabulate import tabulate
+
+    def state(e: dict) -> str:
+        if e["done_at"] is not None:
+            return f"done ({e['attempts']} attempt(s))"
+        if e["attempts"] >= thresholds.MAX_ATTEMPTS:
+            return f"gave up: {e['last_error']}"
+        return f"pending: {e['last_error']}" if e["last_error"] else "pending"
+
+    click.echo(
+        tabulate(
+            [
+                (f"{e['owner_kind']} {e['owner']}", e["resource"].upper(),
+                 f"{e['threshold_percent']} %", f"{e['usage_percent']} %",
+                 f"{e['consumed_minutes']} / {e['quota_minutes']}", state(e))
+                for e in events
+            ],
+            headers=["OWNER", "RES", "THRESHOLD", "USAGE", "CONSUMED / QUOTA", "COMMAND"],
+            disable_numparse=True,
+        )
+    )  # fmt: skip

@@ -175,6 +175,39 @@ def test_commands_without_values_refuse_an_extra_argument(db_path, capsys, comma
     _check(db_path, capsys, [command, "--", extra])
 
 
+@HOSTILE
+@given(who=st.sampled_from([["--default"], ["--user", "alice"], ["--account", "physics"]]),
+       spec=anything, pct=poison, tz=_maybe("--time-zone"), reason=_maybe("--reason"))
+def test_set_period(db_path, capsys, who, spec, pct, tz, reason):
+    _check(db_path, capsys, ["set-period", *who, *tz, *reason, *_opt("--carry-over", pct),
+                             "--", spec])
+
+
+@HOSTILE
+@given(who=st.sampled_from(["--user", "--account"]), name=anything, reason=_maybe("--reason"))
+def test_close_period(db_path, capsys, who, name, reason):
+    _check(db_path, capsys, ["close-period", *_opt(who, name), *reason])
+
+
+@HOSTILE
+@given(at=poison, who=_maybe("--user"), json_=st.sampled_from([[], ["--json"]]))
+def test_periods(db_path, capsys, at, who, json_):
+    _check(db_path, capsys, ["periods", *_opt("--at", at), *who, *json_])
+
+
+@HOSTILE
+@given(percents=poison, command=_maybe("--command", st.sampled_from(["/bin/true", "x", ""])),
+       reason=_maybe("--reason"))
+def test_set_thresholds(db_path, capsys, percents, command, reason):
+    _check(db_path, capsys, ["set-thresholds", *command, *reason, *_opt("--percents", percents)])
+
+
+@HOSTILE
+@given(limit=poison)
+def test_thresholds(db_path, capsys, limit):
+    _check(db_path, capsys, ["thresholds", *_opt("--limit", limit)])
+
+
 JOBCOMP = {"JOBID": "7", "START": "1700000000", "END": "1700000060", "PROCS": "2",
            "USERNAME": "alice", "ACCOUNT": "physics", "JOBSTATE": "COMPLETED"}
 implausible = st.sampled_from([str(2**70), str(2**64), str(2**40), "-5", "9" * 30])
@@ -202,5 +235,6 @@ def test_charge_environment(db_path, capsys, key, value, other):
 def test_every_command_is_covered():
     covered = {*QUOTA_COMMANDS, "adjust", "set-default-quotas", "set-setting", "set-gpu-factor",
                "history", "reconcile", "prune", "serve", "stats", "migrate", "check",
-               "default-quotas", "settings", "gpu-factors", "charge"}
+               "default-quotas", "settings", "gpu-factors", "charge", "set-period",
+               "close-period", "periods", "set-thresholds", "thresholds"}
     assert set(cli.commands) == covered
