@@ -26,6 +26,7 @@ from slurm_quota.errors import (
     DatabaseMissing,
     DatabaseUnavailable,
     InvalidInput,
+    NotFound,
     SchemaError,
     SlurmQuotaError,
 )
@@ -47,8 +48,9 @@ API_PARAMS = {
     "/health": (),
     "/stats": ("username", "account", "period", "forecast"),
     "/metrics": (),
+    "/usage": ("username", "account", "bucket", "days"),
 }
-DASHBOARD_PARAMS = ("user", "account", "unit", "sort", "refresh")
+DASHBOARD_PARAMS = ("user", "account", "unit", "sort", "refresh", "chart")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
@@ -139,9 +141,13 @@ class Routes:
                 return json_response(200, payload)
             if path == "/metrics":
                 return self.model.cached("metrics", self.metrics)
+            if path == "/usage":  # usage over time of one owner (issue 18)
+                return self.usage(params)
             return self.health()
         except InvalidInput as err:
             return error_response(400, "bad_request", str(err))
+        except NotFound as err:
+            return error_response(404, "not_found", str(err))
         except (DatabaseMissing, DatabaseUnavailable, SchemaError) as err:
             log.warning("database unavailable: %s", err)
             return error_response(503, "unavailable", str(err))
@@ -162,6 +168,21 @@ class Routes:
         with self.model.connection() as conn:
             text = metrics.metrics_text(conn, db_path=self.model.db_path)
         return Response(200, METRICS_TYPE, text.encode())
+
+    def usage(self, params: Mapping[str, str]) -> Response:
+        """GET /usage?username=|account=[&bucket=day|week][&days=N]: slurm_quota.usage."""
+        from slurm_quota import numbers, usage
+
+        days_text = params.get("days", str(usage.DEFAULT_DAYS))
+        days = numbers.int_or_none(days_text)
+        if days is None:
+            raise InvalidInput(f"days must be a whole number, not {numbers.shown(days_text)}.")
+        with self.model.connection() as conn:
+            payload = usage.usage_payload(
+                conn, username=params.get("username"), account=params.get("account"),
+                bucket=params.get("bucket", "day"), days=days, now=int(time.time()),
+            )  # fmt: skip
+        return json_response(200, payload)
 
     def health(self) -> Response:
         """GET /health: ok when the ledger is readable with the expected schema."""
@@ -236,6 +257,31 @@ def create_app(settings: Settings) -> WSGIApp:
         url = str(environ.get("SLURM_QUOTA_URL") or settings.api_url)
         return url, lambda **selector: client.fetch_stats(url, cache=cache, **selector)
 
+    def usage_charts(
+        environ: Mapping[str, Any], query: Mapping[str, str], payload: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """/usage answers for the user and account the filters name exactly (issue 18)."""
+        from slurm_quota import usage
+
+        bucket = "week" if query.get("chart") == "week" else "day"
+        wanted = []
+        user_q, account_q = query.get("user", "").strip(), query.get("account", "").strip()
+        if user_q and any(r["username"] == user_q for r in payload["users"]):
+            wanted.append({"username": user_q})
+        if account_q and any(r["account"] == account_q for r in payload["accounts"]):
+            wanted.append({"account": account_q})
+        days = 26 * 7 if bucket == "week" else usage.DEFAULT_DAYS
+        out = []
+        for selector in wanted:
+            if routes is not None:
+                with routes.model.connection() as conn:
+                    out.append(usage.usage_payload(
+                        conn, bucket=bucket, days=days, now=int(time.time()), **selector))
+            else:
+                url = str(environ.get("SLURM_QUOTA_URL") or settings.api_url)
+                out.append(client.fetch_usage(url, bucket=bucket, days=days, **selector))
+        return out
+
     def dashboard(environ: Mapping[str, Any], start_response: StartResponse) -> list[bytes]:
         raw = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
         query = {k: v[0][:256] for k, v in raw.items() if k in DASHBOARD_PARAMS and v}
@@ -245,17 +291,19 @@ def create_app(settings: Settings) -> WSGIApp:
             refresh_s = settings.refresh_s
         refresh_s = max(0, min(refresh_s, 86400))
         label, fetch = source(environ)
-        status, payload, user_accounts, error = 200, None, None, None
+        status, payload, user_accounts, error, charts = 200, None, None, None, []
         try:
             payload = fetch()
             user_q = query.get("user", "").strip()
             if user_q and any(r["username"] == user_q for r in payload["users"]):
                 user_accounts = fetch(username=user_q)["accounts"]
+            charts = usage_charts(environ, query, payload)
         except SlurmQuotaError as err:
             status, error = 503, str(err)
         page = web.render_page(
             payload, query=query, base=str(environ.get("SCRIPT_NAME", "")).rstrip("/") + "/",
             api_url=label, refresh_s=refresh_s, error=error, user_accounts=user_accounts,
+            charts=charts,
         )
         return _send(start_response, environ, Response(
             status, HTML_TYPE, page.encode(), headers=(("Cache-Control", "no-store"),)))

@@ -139,3 +139,37 @@ def _error_detail(resp: Any) -> str:
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         return f": {body['message']}"
     return ""
+
+
+def fetch_usage(
+    base_url: str,
+    *,
+    username: str | None = None,
+    account: str | None = None,
+    bucket: str = "day",
+    days: int = 60,
+    timeout_s: float = 5.0,
+) -> dict[str, Any]:
+    """GET /usage (one owner's usage over time, issue 18); errors as fetch_stats'."""
+    import requests
+
+    url = stats_url(base_url).rsplit("/stats", 1)[0] + "/usage"
+    params = {"bucket": bucket, "days": str(days)}
+    if username is not None:
+        params["username"] = username
+    if account is not None:
+        params["account"] = account
+    try:
+        resp = requests.get(url, params=params, timeout=(min(timeout_s, 3.0), timeout_s))
+    except requests.exceptions.RequestException as err:
+        raise ServiceUnavailable(
+            f"The slurm-quota service at {url} did not answer ({type(err).__name__})."
+        ) from err
+    if resp.status_code != 200:
+        raise ServiceUnavailable(
+            f"The service at {url} answered HTTP {resp.status_code}{_error_detail(resp)}."
+        )
+    body = resp.json()
+    if not isinstance(body, dict) or not isinstance(body.get("series"), list):
+        raise SlurmQuotaError(f"The service at {url} returned no usage series.")
+    return body

@@ -187,6 +187,7 @@ def render_page(
     error: str | None = None,
     user_accounts: list[Mapping[str, Any]] | None = None,
     now: datetime | None = None,
+    charts: list[dict[str, Any]] | None = None,
 ) -> str:
     """The whole dashboard page for a payload (None with an error message when unavailable)."""
     user_q = query.get("user", "")
@@ -242,6 +243,8 @@ def render_page(
             accounts = select_rows(all_accounts, "account", account_q, sort)
             accounts_title = "Accounts"
         body.append(_cards(all_users, all_accounts))
+        if charts:
+            body.append(_charts_html(charts, hours, query.get("chart") == "week", link))
         body.append(
             _table_html(
                 "Users", "users", "username", users, len(all_users), hours,
@@ -261,6 +264,37 @@ def render_page(
         "</body></html>"
     )
     return "".join(body)
+
+
+def _charts_html(charts: list[dict[str, Any]], hours: bool, weekly: bool, link: Any) -> str:
+    """The "Usage over time" section: per owner, a CPU chart and (when it has a GPU quota or
+    GPU use) a GPU chart, server-side SVG (slurm_quota.web.chart)."""
+    from slurm_quota.web.chart import usage_svg
+
+    toggle = (
+        '<span class="toggle" role="group" aria-label="chart bucket">'
+        f'<a href="{link(chart="day")}" class="{"" if weekly else "on"}">per day</a>'
+        f'<a href="{link(chart="week")}" class="{"on" if weekly else ""}">per week</a></span>'
+    )
+    parts = [f'<section id="usage"><h2>Usage over time {toggle}</h2>']
+    for c in charts:
+        row = c["row"]
+        parts.append(
+            f'<figure class="owner-usage" data-kind="{e(c["kind"], quote=True)}" '
+            f'data-name="{e(c["name"], quote=True)}">'
+        )
+        parts.append(usage_svg(c, "cpu", hours=hours))
+        gpu_used = any(p["gpu_minutes"] for p in c["series"])
+        if int(row["quota_gpu_minutes"]) != -1 or gpu_used:
+            parts.append(usage_svg(c, "gpu", hours=hours))
+        parts.append(
+            f"<figcaption>{e(c['kind'])} {e(c['name'])}: cumulative consumption of the "
+            "period (line), minutes charged per bucket (bars), reservations of open jobs at "
+            "now, forecast at the pace of the last 14 days (dashed) and the quota.</figcaption>"
+            "</figure>"
+        )
+    parts.append("</section>")
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,6 +48,13 @@ def _run_chromium(tmp_path: Path, *args: str) -> str:
 @contextlib.contextmanager
 def _dashboard(db_path: Path):
     seed_ledger(db_path)
+    with _dashboard_for(db_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _dashboard_for(db_path: Path):
+    """serve on db_path as it is, and slurm-quota-web asking it; yields the page's URL."""
     with serve_process(db_path, "--idle-timeout", "0") as (_serve, api_url):
         env = dict(os.environ, SLURM_QUOTA_URL=api_url, SLURM_QUOTA_WEB_PORT="0")
         web = subprocess.Popen([SLURM_QUOTA_WEB_BIN], stderr=subprocess.PIPE, text=True, env=env)
