@@ -103,6 +103,10 @@ class Routes:
         self.model = model
         self._parsed: tuple[str | None, Any] = (None, None)  # (tag, payload) of whole_payload
         self._parsed_lock = threading.Lock()
+        # Rendered rows of the last whole-ledger builds: a rebuild after a change renders only
+        # the changed rows (builds of one key run one at a time: ReadModel.cached).
+        self._stats_memos = (stats.RowMemo(), stats.RowMemo())
+        self._metrics_memos = {"user": stats.RowMemo(), "account": stats.RowMemo()}
 
     def handle(self, path: str, query: str) -> Response:
         """Answer a GET of an API path; every failure becomes a JSON error."""
@@ -135,12 +139,14 @@ class Routes:
     def whole_stats(self) -> Response:
         """GET /stats without a selector: every user and every account."""
         with self.model.connection() as conn:
-            return Response(200, JSON_TYPE, stats.whole_stats_json(conn))
+            return Response(200, JSON_TYPE, stats.whole_stats_json(conn, self._stats_memos))
 
     def metrics(self) -> Response:
         """GET /metrics (Prometheus text format 0.0.4)."""
         with self.model.connection() as conn:
-            text = metrics.metrics_text(conn, db_path=self.model.db_path)
+            text = metrics.metrics_text(
+                conn, db_path=self.model.db_path, memos=self._metrics_memos
+            )
         return Response(200, METRICS_TYPE, text.encode())
 
     def health(self) -> Response:
