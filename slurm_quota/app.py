@@ -28,6 +28,7 @@ from slurm_quota.errors import (
     SchemaError,
     SlurmQuotaError,
 )
+from slurm_quota.numbers import int_or_none
 from slurm_quota.readmodel import (
     GZIP_ETAG_SUFFIX,
     JSON_TYPE,
@@ -62,9 +63,8 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Settings of `slurm-quota-web` and mod_wsgi: SLURM_QUOTA_URL, SLURM_QUOTA_WEB_REFRESH."""
         env = os.environ if env is None else env
-        try:
-            refresh_s = int(env.get("SLURM_QUOTA_WEB_REFRESH") or web.DEFAULT_REFRESH_S)
-        except ValueError:
+        refresh_s = int_or_none(env.get("SLURM_QUOTA_WEB_REFRESH") or "")
+        if refresh_s is None:  # unset or not a number: the default (the page says its period)
             refresh_s = web.DEFAULT_REFRESH_S
         return cls(api_url=env.get("SLURM_QUOTA_URL") or client.DEFAULT_URL, refresh_s=refresh_s)
 
@@ -225,11 +225,8 @@ def create_app(settings: Settings) -> WSGIApp:
     def dashboard(environ: Mapping[str, Any], start_response: StartResponse) -> list[bytes]:
         raw = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
         query = {k: v[0][:256] for k, v in raw.items() if k in DASHBOARD_PARAMS and v}
-        try:
-            refresh_s = int(query.get("refresh") or settings.refresh_s)
-        except ValueError:
-            refresh_s = settings.refresh_s
-        refresh_s = max(0, min(refresh_s, 86400))
+        refresh_s = int_or_none(query.get("refresh") or "")
+        refresh_s = settings.refresh_s if refresh_s is None else min(refresh_s, 86400)
         label, fetch = source(environ)
         status, payload, user_accounts, error = 200, None, None, None
         try:
