@@ -1566,3 +1566,11 @@ def threshold_events(conn: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
         "attempts, last_error, done_at FROM threshold_events ORDER BY id DESC LIMIT ?",
         (int(limit),),
     ).fetchall()
+
+
+def database_file(conn: sqlite3.Connection) -> str:
+    """The file of the connection's main database (a cache key)."""
+    for row in conn.execute("PRAGMA database_list").fetchall():
+        if row[1] == "main":
+            return str(row[2])
+    return ""

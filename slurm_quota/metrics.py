@@ -138,16 +138,15 @@ def metrics_text(
 
 
 def _forecasts(conn: Any, users: list, accounts: list) -> list:
-    """slurm_quota.forecast for every user and account (issue 18)."""
+    """slurm_quota.forecast of the users and accounts with a finite quota or a recent burn."""
     import time
 
-    from slurm_quota import forecast, stats
+    from slurm_quota import forecast
 
-    payload = {
-        "users": [stats.payload_row("username", r) for r in users],
-        "accounts": [stats.payload_row("account", r) for r in accounts],
-    }
-    return forecast.forecasts(conn, payload, int(time.time()))
+    now = int(time.time())
+    return forecast.metric_forecasts(conn, "user", users, now) + forecast.metric_forecasts(
+        conn, "account", accounts, now
+    )
 
 
 def _forecast_families(outlook: list) -> list[_Family]:
@@ -162,7 +161,8 @@ def _forecast_families(outlook: list) -> list[_Family]:
             f"slurm_quota_{kind}_exhaustion_timestamp_seconds",
             "gauge",
             f"When the {kind}'s quota runs out at that pace, reservations counted as spent "
-            f"(epoch seconds; +Inf: unlimited or nothing burnt).",
+            f"(epoch seconds; +Inf: unlimited or nothing burnt). Owners with an unlimited "
+            f"quota and nothing charged in 14 days have no sample.",
         )
         for f in outlook:
             if f.kind != kind:
