@@ -234,10 +234,15 @@ class Adjusted(namedtuple("Adjusted", ("old", "new", "clamped"))):
 
 
 def apply_adjustment(consumed: int, delta_minutes: int) -> Adjusted:
-    """Add delta to a consumed total, clamped at 0 (consumed never goes negative)."""
+    """Add delta to a consumed total, clamped at 0 (an adjustment never makes it negative).
+
+    A total already below 0 is a carried-over credit (allocation periods): adding to it keeps
+    the rest of the credit, and taking off never goes below where it was.
+    """
     target = consumed + delta_minutes
-    if target < 0:
-        return Adjusted(old=consumed, new=0, clamped=True)
+    floor = min(0, consumed)
+    if target < floor:
+        return Adjusted(old=consumed, new=floor, clamped=True)
     return Adjusted(old=consumed, new=target, clamped=False)
 
 

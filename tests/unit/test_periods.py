@@ -321,3 +321,15 @@ def test_no_period_costs_the_charge_one_probe(conn):
 
 def test_now_is_utc_epoch():
     assert abs(periods.now_s() - datetime.now(timezone.utc).timestamp()) < 5
+
+
+def test_adjust_keeps_a_carried_over_credit(physics):
+    periods.set_rule(physics, "account", "physics", "month", 10, actor="t", reason=None,
+                     now=at("2026-12-10 12:00"))  # fmt: skip
+    periods.maintain_all(physics, at("2027-01-01 00:00"), "t")
+    assert consumed(physics, "account", "physics") == -100 * 60
+    change = admin.adjust(physics, "account", "physics", "cpu", 30)
+    assert (change.old_minutes, change.new_minutes, change.clamped) == (-100, -70, False)
+    change = admin.adjust(physics, "account", "physics", "cpu", -50)
+    assert (change.new_minutes, change.clamped) == (-70, True)  # never below the credit
+    assert balanced(physics)
