@@ -1483,34 +1483,6 @@ def charge_usage_by_bucket(
 # ---------------------------------------------------------------------------------------
 
 
-def owner_usage(conn: sqlite3.Connection, kind: str, name: str) -> dict[str, tuple] | None:
-    """{'cpu': (quota, consumed, reserved), 'gpu': (…)} in minutes, or None without a row."""
-    table, key = _owner_table(kind)
-    row = conn.execute(
-        f"SELECT COALESCE(quota_cpu_minutes, -1), COALESCE(total_consumed_cpu_minutes, 0), "
-        f"reserved_cpu_minutes, COALESCE(quota_gpu_minutes, -1), "
-        f"COALESCE(total_consumed_gpu_minutes, 0), reserved_gpu_minutes FROM {table} "
-        f"WHERE {key} = ?",
-        (name,),
-    ).fetchone()
-    if row is None:
-        return None
-    return {
-        "cpu": (int(row[0]), int(row[1]), int(row[2])),
-        "gpu": (int(row[3]), int(row[4]), int(row[5])),
-    }
-
-
-def all_owners(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-    """Every (kind, name) with a finite quota."""
-    rows = conn.execute(
-        "SELECT 'user', username FROM users WHERE quota_cpu_minutes >= 0 "
-        "OR quota_gpu_minutes >= 0 UNION ALL SELECT 'account', account FROM accounts "
-        "WHERE quota_cpu_minutes >= 0 OR quota_gpu_minutes >= 0"
-    ).fetchall()
-    return [(str(r[0]), str(r[1])) for r in rows]
-
-
 def insert_threshold_event(
     conn: sqlite3.Connection,
     kind: str,
@@ -1574,3 +1546,50 @@ def database_file(conn: sqlite3.Connection) -> str:
         if row[1] == "main":
             return str(row[2])
     return ""
+
+
+def period_rules_all(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple]:
+    """{(kind, owner): (spec, carry_over_percent, time_zone)} of every rule, site's included."""
+    rows = conn.execute(
+        "SELECT owner_kind, owner, spec, carry_over_percent, time_zone FROM period_rules"
+    ).fetchall()
+    return {(str(r[0]), str(r[1])): (str(r[2]), int(r[3]), r[4]) for r in rows}
+
+
+def period_states_all(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple]:
+    """{(kind, owner): (spec, period_start, period_end, window_aged_until)} of every owner."""
+    rows = conn.execute(
+        "SELECT owner_kind, owner, spec, period_start, period_end, window_aged_until "
+        "FROM period_state"
+    ).fetchall()
+    return {
+        (str(r[0]), str(r[1])): (
+            str(r[2]), int(r[3]), None if r[4] is None else int(r[4]),
+            None if r[5] is None else int(r[5]),
+        )
+        for r in rows
+    }  # fmt: skip
+
+
+def threshold_candidates(
+    conn: sqlite3.Connection, min_percent: int, kind: str | None = None, name: str | None = None
+) -> list[tuple]:
+    """(kind, name, resource, quota, consumed, reserved, period_start, period_end) of every
+    owner (or the one named) and resource with a positive quota whose consumption reached
+    min_percent of it (minutes; the period columns NULL without a period)."""
+    parts = []
+    for owner_kind, (table, key) in _OWNER_TABLES.items():
+        if kind is not None and owner_kind != kind:
+            continue
+        for res in ("cpu", "gpu"):
+            parts.append(
+                f"SELECT '{owner_kind}', t.{key}, '{res}', t.quota_{res}_minutes, "
+                f"COALESCE(t.total_consumed_{res}_minutes, 0), t.reserved_{res}_minutes, "
+                f"s.period_start, s.period_end FROM {table} AS t LEFT JOIN period_state AS s "
+                f"ON s.owner_kind = '{owner_kind}' AND s.owner = t.{key} "
+                f"WHERE t.quota_{res}_minutes > 0 AND "
+                f"COALESCE(t.total_consumed_{res}_minutes, 0) * 100 >= :p * t.quota_{res}_minutes"
+                + ("" if name is None else f" AND t.{key} = :name")
+            )
+    params = {"p": int(min_percent), "name": name}
+    return [tuple(r) for r in conn.execute(" UNION ALL ".join(parts), params)]

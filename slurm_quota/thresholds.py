@@ -38,6 +38,7 @@ DEFAULT_PERCENTS = (80, 95, 100)
 COMMAND_TIMEOUT_S = 10.0
 BUDGET_S = 15.0  # whole notify() call; the rest waits for the next charge or reconcile
 MAX_ATTEMPTS = 20
+RECORD_BATCH = 500  # threshold rows inserted per write transaction
 ACTION_SET = "set-thresholds"
 
 
@@ -115,34 +116,38 @@ def crossed(quota_minutes: int, consumed_minutes: int, percents: tuple[int, ...]
     return [p for p in percents if consumed_minutes * 100 >= p * quota_minutes]
 
 
-def record(conn: Any, owners: list[tuple[str, str]], now: int, cfg: Config) -> int:
-    """Record the thresholds crossed by owners (once each per period); return how many are
-    new. Runs its own short write transaction."""
+def record(conn: Any, owners: list[tuple[str, str]] | None, now: int, cfg: Config) -> int:
+    """Record the thresholds crossed by owners (None: everyone), once each per period; return
+    how many are new. The crossings are found by reading only (one query); the write
+    transactions insert just those, RECORD_BATCH at a time, so the plugin never waits long."""
+    low = min(cfg.percents)
+    if owners is None:
+        rows = db.threshold_candidates(conn, low)
+    else:  # the charge path: the run's user and account only (primary-key lookups)
+        rows = [r for kind, name in owners for r in db.threshold_candidates(conn, low, kind, name)]
+    found = []
+    for kind, name, resource, quota, consumed, reserved, start, end in rows:
+        # A rolling window has no periods: once per threshold for as long as it applies.
+        period_start = int(start) if start is not None and end is not None else 0
+        for pct in crossed(int(quota), int(consumed), cfg.percents):
+            found.append(
+                (
+                    kind,
+                    name,
+                    period_start,
+                    resource,
+                    pct,
+                    round(int(consumed) / int(quota) * 100.0, 2),
+                    int(quota),
+                    int(consumed),
+                    int(reserved),
+                )
+            )
     new = 0
-    with db.write_transaction(conn):
-        for kind, name in owners:
-            usage = db.owner_usage(conn, kind, name)
-            if usage is None:
-                continue
-            state = db.period_state(conn, kind, name)
-            period_start = int(state["period_start"]) if state is not None else 0
-            if state is not None and state["period_end"] is None:
-                period_start = 0  # a rolling window has no periods: once per threshold
-            for resource, (quota, consumed, reserved) in usage.items():
-                for pct in crossed(quota, consumed, cfg.percents):
-                    new += db.insert_threshold_event(
-                        conn,
-                        kind,
-                        name,
-                        period_start,
-                        resource,
-                        pct,
-                        round(consumed / quota * 100.0, 2),
-                        quota,
-                        consumed,
-                        reserved,
-                        now,
-                    )
+    for i in range(0, len(found), RECORD_BATCH):
+        with db.write_transaction(conn):
+            for event in found[i : i + RECORD_BATCH]:
+                new += db.insert_threshold_event(conn, *event, now)
     return new
 
 
@@ -233,7 +238,5 @@ def notify(conn: Any, owners: list[tuple[str, str]] | None, now: int) -> Outcome
     cfg = config(conn)
     if not cfg.command:
         return Outcome(0, 0, 0)
-    if owners is None:
-        owners = db.all_owners(conn)
     record(conn, owners, now, cfg)
     return run_pending(conn, cfg)

@@ -333,3 +333,17 @@ def test_adjust_keeps_a_carried_over_credit(physics):
     change = admin.adjust(physics, "account", "physics", "cpu", -50)
     assert (change.new_minutes, change.clamped) == (-70, True)  # never below the credit
     assert balanced(physics)
+
+
+def test_an_upkeep_with_nothing_due_writes_nothing(physics):
+    periods.set_rule(physics, "site", "", "month", 0, time_zone="UTC", actor="t", reason=None,
+                     now=at("2026-12-10 12:00"))  # fmt: skip
+    periods.set_rule(physics, "account", "physics", "rolling:7", 0, actor="t", reason=None,
+                     now=at("2026-12-10 12:00"))  # fmt: skip
+    charge_run(physics, 1, at("2026-12-10 11:00"), 60)
+    periods.maintain_all(physics, at("2026-12-10 12:00"), "t")  # alice's month starts
+    before = physics.total_changes
+    assert periods.maintain_all(physics, at("2026-12-15 12:00"), "t") == []
+    assert physics.total_changes == before
+    events = periods.maintain_all(physics, at("2026-12-17 12:00"), "t")  # the run ages out
+    assert [(e.name, e.action) for e in events] == [("physics", "window")]
