@@ -347,3 +347,34 @@ def test_an_upkeep_with_nothing_due_writes_nothing(physics):
     assert physics.total_changes == before
     events = periods.maintain_all(physics, at("2026-12-17 12:00"), "t")  # the run ages out
     assert [(e.name, e.action) for e in events] == [("physics", "window")]
+
+
+def test_two_upkeeps_at_once_roll_each_owner_over_once(db_path, conn):
+    import subprocess
+    import sys
+
+    periods.set_rule(conn, "site", "", "month", 10, time_zone="UTC", actor="t", reason=None,
+                     now=at("2026-12-10 12:00"))  # fmt: skip
+    for i in range(150):
+        admin.set_quota(conn, "user", f"u{i}", "cpu", 1000)
+        charge_run(conn, i + 1, at("2026-12-10 11:00"), 60 * i, user=f"u{i}", account="acct")
+    periods.maintain_all(conn, at("2026-12-10 12:00"), "t")
+    code = (
+        "import sys; from slurm_quota import db, periods; "
+        "c = db.connect(sys.argv[1]); "
+        f"print(len(periods.maintain_all(c, {at('2027-01-01 00:10')}, 'p')))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db_path)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]  # fmt: skip
+    counts = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert sum(counts) == 151  # 150 users and the account, each by one of the two
+    rows = conn.execute(
+        "SELECT owner_kind, owner, COUNT(*) FROM period_archive GROUP BY owner_kind, owner "
+        "HAVING COUNT(*) > 1"
+    ).fetchall()
+    assert rows == []
+    # every user used under 90 % of 1000: the 10 % cap (100 min) is carried; the account
+    # has no quota (unlimited): nothing to carry, it restarts at 0
+    assert {consumed(conn, "user", f"u{i}") for i in range(150)} == {-100 * 60}
+    assert consumed(conn, "account", "acct") == 0
+    assert balanced(conn)
