@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from slurm_quota import db, ledger
+from slurm_quota import db, ledger, numbers
 from slurm_quota.errors import InvalidInput, NotFound
 
 NONE = "none"
@@ -93,8 +93,8 @@ def parse_spec(text: str) -> Spec:
             return Spec(raw, CALENDAR, "d", count * (7 if unit == "w" else 1), anchor)
         return Spec(raw, CALENDAR, "m", count * (12 if unit == "y" else 1), anchor)
     raise InvalidInput(
-        f"{text!r} is not a period: give none, month, quarter, year, a start date and a "
-        f"length (2027-01-01+1y, 2026-09-01+6m, 2026-12-07+2w, 2026-12-01+10d) or "
+        f"{numbers.shown(text)} is not a period: give none, month, quarter, year, a start "
+        f"date and a length (2027-01-01+1y, 2026-09-01+6m, 2026-12-07+2w, 2026-12-01+10d) or "
         f"rolling:N (the last N days)."
     )
 
@@ -120,7 +120,9 @@ def zone(name: str | None) -> Any:
     try:
         return ZoneInfo(key)
     except (ZoneInfoNotFoundError, ValueError) as err:
-        raise InvalidInput(f"{key!r} is not a time zone this system knows ({err}).") from err
+        raise InvalidInput(
+            f"{numbers.shown(key)} is not a time zone this system knows ({err})."
+        ) from err
 
 
 def _midnight(day: date, tz: Any) -> int:
@@ -189,8 +191,8 @@ def parse_day(text: str, tz: Any) -> int:
         if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}", raw):
             return int(datetime.fromisoformat(raw).replace(tzinfo=tz).timestamp())
     except ValueError as err:
-        raise InvalidInput(f"{raw!r} is not a date ({err}).") from err
-    raise InvalidInput(f"{raw!r} is not a date: give YYYY-MM-DD or YYYY-MM-DDTHH:MM.")
+        raise InvalidInput(f"{numbers.shown(raw)} is not a date ({err}).") from err
+    raise InvalidInput(f"{numbers.shown(raw)} is not a date: give YYYY-MM-DD or YYYY-MM-DDTHH:MM.")
 
 
 # ---------------------------------------------------------------------------------------

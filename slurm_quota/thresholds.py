@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from slurm_quota import db
+from slurm_quota import db, numbers
 from slurm_quota.errors import InvalidInput
 from slurm_quota.ledger import UNLIMITED
 
@@ -54,13 +54,13 @@ def parse_percents(text: str) -> tuple[int, ...]:
     """'80,95,100' -> (80, 95, 100): whole percentages 1..1000, sorted, no duplicates."""
     out = set()
     for part in (text or "").split(","):
-        part = part.strip()
-        if not part.isascii() or not part.isdigit() or not 1 <= int(part) <= 1000:
+        value = numbers.int_or_none(part.strip())
+        if value is None or not 1 <= value <= 1000:
             raise InvalidInput(
                 f"Thresholds are whole percentages from 1 to 1000 separated by commas "
-                f"(80,95,100), not {text!r}."
+                f"(80,95,100), not {numbers.shown(text)}."
             )
-        out.add(int(part))
+        out.add(value)
     return tuple(sorted(out))
 
 
