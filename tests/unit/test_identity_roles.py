@@ -320,3 +320,31 @@ def _has_user(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_the_dashboard_shows_the_rows_of_a_trusted_remote_user(db_path):
+    from slurm_quota import admin
+
+    conn = db.connect(db_path)
+    admin.set_quota(conn, "user", "alice", "cpu", 1000, actor="root")
+    admin.set_quota(conn, "user", "bob", "cpu", 2000, actor="root")
+    conn.close()
+    view = lab_view()
+
+    def page(trust: bool, **extra) -> tuple[int, str]:
+        application = app.create_app(app.Settings(
+            db_path=db_path, roles=roles.Roles(load=lambda: view), trust_remote_user=trust))
+        seen = {}
+
+        def start_response(status, headers):
+            seen["status"] = int(status.split()[0])
+
+        html = b"".join(application(environ(path="/", **extra), start_response)).decode()
+        return seen["status"], html
+
+    status, html = page(True, REMOTE_USER="alice")
+    assert status == 200
+    assert ">alice<" in html and ">bob<" not in html
+    status, html = page(False, REMOTE_USER="alice")  # not trusted: anonymous
+    assert status == 401 and "PrivateData=usage" in html
+    assert ">bob<" not in html
