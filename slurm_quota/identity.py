@@ -136,7 +136,10 @@ def socket_path() -> str | None:
 
 def encode(payload: bytes, *, ttl_s: int = CREDENTIAL_TTL_S, socket: str | None = None) -> str:
     """A MUNGE credential of the calling process's uid carrying payload."""
-    lib, libc = _Lib.get()
+    try:
+        lib, libc = _Lib.get()
+    except MungeUnavailable as err:
+        raise MungeUnavailable(f"Cannot prove who you are to the service: {err}") from err
     ctx = _context(lib, socket or socket_path(), ttl_s)
     cred = ctypes.c_char_p()
     try:

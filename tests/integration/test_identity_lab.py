@@ -14,7 +14,6 @@ import re
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -48,10 +47,9 @@ def user_bin(lab) -> str:
 def service(lab):
     """`slurm-quota serve` as the lab's SlurmUser (root); yields its base URL."""
     argv = lab.in_chroot(
-        [lab.quota_bin, "serve", "--port", "0", "--idle-timeout", "0", "--roles-ttl", "0",
-         "-v"])
-    proc = subprocess.Popen(
-        argv, env=lab._client_env(), stderr=subprocess.PIPE, text=True, cwd="/")
+        [lab.quota_bin, "serve", "--port", "0", "--idle-timeout", "0", "--roles-ttl", "0", "-v"]
+    )
+    proc = subprocess.Popen(argv, env=lab._client_env(), stderr=subprocess.PIPE, text=True, cwd="/")
     lines: list[str] = []
     try:
         assert proc.stderr is not None
@@ -97,8 +95,8 @@ def ledger_state(lab) -> tuple:
     try:
         tables = ("users", "accounts", "journal", "settings", "gpu_factors")
         return tuple(
-            tuple(tuple(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY 1"))
-            for t in tables)
+            tuple(tuple(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY 1")) for t in tables
+        )
     finally:
         conn.close()
 
@@ -106,8 +104,12 @@ def ledger_state(lab) -> tuple:
 @pytest.fixture
 def ledger(lab, clean_ledger):
     """alice 1000 CPU min, bob 2000; accounts research and physics (set as root)."""
-    for args in (("user-quota", "alice", "1000"), ("user-quota", "bob", "2000"),
-                 ("account-quota", "research", "5000"), ("account-quota", "physics", "6000")):
+    for args in (
+        ("user-quota", "alice", "1000"),
+        ("user-quota", "bob", "2000"),
+        ("account-quota", "research", "5000"),
+        ("account-quota", "physics", "6000"),
+    ):
         lab.run(lab.quota_bin, *args)
     return lab
 
@@ -129,7 +131,8 @@ def test_a_user_reads_their_own_usage_and_is_refused_anothers(ledger, user_bin, 
     print(f"$ slurm-quota stats bob   # as alice\n{refused.stderr}(exit {refused.returncode})")
     assert refused.returncode == 1
     assert "PrivateData=usage in slurm.conf: alice (user) may see their own usage" in (
-        refused.stderr)
+        refused.stderr
+    )
     assert "not user bob's" in refused.stderr
     assert refused.stdout == ""
     other = cli(lab, user_bin, service, "alice", "stats", "--url", service, "--account", "root")
@@ -146,10 +149,12 @@ def test_anonymous_requests_are_refused_under_private_data(ledger, service):
 
 def test_a_coordinator_sees_the_users_of_their_account(ledger, user_bin, service):
     lab = ledger
-    assert cli(lab, user_bin, service, "bob", "stats", "--url", service,
-               "alice").returncode == 1
-    with sacctmgr_grant(lab, ["add", "coordinator", "account=physics", "names=bob"],
-                        ["remove", "coordinator", "account=physics", "names=bob"]):
+    assert cli(lab, user_bin, service, "bob", "stats", "--url", service, "alice").returncode == 1
+    with sacctmgr_grant(
+        lab,
+        ["add", "coordinator", "account=physics", "names=bob"],
+        ["remove", "coordinator", "account=physics", "names=bob"],
+    ):
         seen = stats_json(lab, user_bin, service, "bob", "--all")
         # alice has an association with physics; root has none there.
         assert sorted(u["username"] for u in seen["users"]) == ["alice", "bob"]
@@ -157,21 +162,29 @@ def test_a_coordinator_sees_the_users_of_their_account(ledger, user_bin, service
         alice = stats_json(lab, user_bin, service, "bob", "alice")
         assert [u["username"] for u in alice["users"]] == ["alice"]
         # alice's other account is not bob's to see.
-        refused = cli(lab, user_bin, service, "bob", "stats", "--url", service, "--account",
-                      "research")
+        refused = cli(
+            lab, user_bin, service, "bob", "stats", "--url", service, "--account", "research"
+        )
         assert refused.returncode == 1
         assert "the users of the accounts they coordinate, not account research's" in (
-            refused.stderr)
+            refused.stderr
+        )
 
 
 def test_an_operator_sets_a_quota_from_a_non_root_shell(ledger, user_bin, service):
     lab = ledger
-    with sacctmgr_grant(lab, ["modify", "user", "bob", "set", "adminlevel=operator"],
-                        ["modify", "user", "bob", "set", "adminlevel=none"]):
-        done = cli(lab, user_bin, service, "bob", "user-quota", "alice", "4321", "--reason",
-                   "PI request")
-        print(f"$ slurm-quota user-quota alice 4321 --reason 'PI request'   # as bob\n"
-              f"{done.stdout}{done.stderr}(exit {done.returncode})")
+    with sacctmgr_grant(
+        lab,
+        ["modify", "user", "bob", "set", "adminlevel=operator"],
+        ["modify", "user", "bob", "set", "adminlevel=none"],
+    ):
+        done = cli(
+            lab, user_bin, service, "bob", "user-quota", "alice", "4321", "--reason", "PI request"
+        )
+        print(
+            f"$ slurm-quota user-quota alice 4321 --reason 'PI request'   # as bob\n"
+            f"{done.stdout}{done.stderr}(exit {done.returncode})"
+        )
         assert (done.returncode, done.stderr) == (0, "")
         assert done.stdout == "User alice: CPU quota 1000 minutes -> 4321 minutes.\n"
         history = lab.run(lab.quota_bin, "history", "--user", "alice", "--limit", "1").stdout
@@ -180,16 +193,17 @@ def test_an_operator_sets_a_quota_from_a_non_root_shell(ledger, user_bin, servic
         assert bad.returncode == 2
         assert bad.stderr == (
             "slurm-quota: error: Quota '12x' is not a whole number of minutes "
-            "(use -1 for unlimited).\n")
+            "(use -1 for unlimited).\n"
+        )
     conn = db.connect(lab.db_path, readonly=True)
     try:
         rows = conn.execute(
             "SELECT actor, action, target, old_value, new_value, reason FROM journal "
-            "ORDER BY id DESC LIMIT 1").fetchall()
+            "ORDER BY id DESC LIMIT 1"
+        ).fetchall()
     finally:
         conn.close()
-    assert [tuple(r) for r in rows] == [
-        ("bob", "set-quota", "alice", "1000", "4321", "PI request")]
+    assert [tuple(r) for r in rows] == [("bob", "set-quota", "alice", "1000", "4321", "PI request")]
     assert "by bob: PI request" in history
     # Root on the controller still writes directly, with the same message.
     root = lab.run(lab.quota_bin, "user-quota", "alice", "1000")
@@ -199,30 +213,39 @@ def test_an_operator_sets_a_quota_from_a_non_root_shell(ledger, user_bin, servic
 def test_a_plain_users_write_is_refused_and_the_ledger_unchanged(ledger, user_bin, service):
     lab = ledger
     before = ledger_state(lab)
-    for args in (["user-quota", "alice", "99999"], ["adjust", "--user", "alice", "--cpu",
-                 "--minutes=-30"], ["set-gpu-factor", "h100", "0"],
-                 ["set-default-quotas", "--user-cpu", "5"], ["set-setting", "node_gpus",
-                 "gpu:9"]):
+    for args in (
+        ["user-quota", "alice", "99999"],
+        ["adjust", "--user", "alice", "--cpu", "--minutes=-30"],
+        ["set-gpu-factor", "h100", "0"],
+        ["set-default-quotas", "--user-cpu", "5"],
+        ["set-setting", "node_gpus", "gpu:9"],
+    ):
         proc = cli(lab, user_bin, service, "alice", *args)
         if args[0] == "user-quota":
-            print(f"$ slurm-quota {' '.join(args)}   # as alice\n{proc.stderr}"
-                  f"(exit {proc.returncode})")
+            print(
+                f"$ slurm-quota {' '.join(args)}   # as alice\n{proc.stderr}"
+                f"(exit {proc.returncode})"
+            )
         assert proc.returncode == 1, proc
-        assert f"`slurm-quota {args[0]}` changes the ledger and is restricted to Slurm " \
-               "administrators and operators" in proc.stderr
+        assert (
+            f"`slurm-quota {args[0]}` changes the ledger and is restricted to Slurm "
+            "administrators and operators" in proc.stderr
+        )
         assert "you are alice (user). Nothing was changed." in proc.stderr
     assert ledger_state(lab) == before
 
 
 def _credential(lab, user: str, payload: bytes, ttl_s: int = 60) -> str:
-    proc = lab.run("munge", "-S", str(lab.munge_socket), "-t", str(ttl_s), "-s",
-                   payload.decode(), user=user)
+    proc = lab.run(
+        "munge", "-S", str(lab.munge_socket), "-t", str(ttl_s), "-s", payload.decode(), user=user
+    )
     return proc.stdout.strip()
 
 
 def _get(url: str, path_qs: str, credential: str) -> requests.Response:
-    return requests.get(url.rstrip("/") + path_qs, timeout=10,
-                        headers={"Authorization": f"MUNGE {credential}"})
+    return requests.get(
+        url.rstrip("/") + path_qs, timeout=10, headers={"Authorization": f"MUNGE {credential}"}
+    )
 
 
 def test_forged_replayed_expired_and_misused_credentials_are_refused(ledger, service):
@@ -237,14 +260,16 @@ def test_forged_replayed_expired_and_misused_credentials_are_refused(ledger, ser
     seen = {}
     seen["replayed"] = _get(service, path, good)
     fresh = _credential(lab, "alice", payload)
-    seen["forged"] = _get(service, path, fresh[:30] + ("A" if fresh[30] != "A" else "B")
-                          + fresh[31:])
+    seen["forged"] = _get(
+        service, path, fresh[:30] + ("A" if fresh[30] != "A" else "B") + fresh[31:]
+    )
     short = _credential(lab, "alice", payload, ttl_s=1)
     time.sleep(3)
     seen["expired"] = _get(service, path, short)
     # A credential of alice's own request, sent for bob's usage.
-    seen["another request"] = _get(service, "/stats?username=bob",
-                                   _credential(lab, "alice", payload))
+    seen["another request"] = _get(
+        service, "/stats?username=bob", _credential(lab, "alice", payload)
+    )
     for what, resp in seen.items():
         print(f"{what}: HTTP {resp.status_code} {resp.text.strip()}")
         assert resp.status_code == 401, (what, resp.text)
@@ -257,23 +282,40 @@ def test_forged_replayed_expired_and_misused_credentials_are_refused(ledger, ser
 
 def test_a_replayed_write_changes_nothing(ledger, service):
     lab = ledger
-    body = json.dumps({"name": "alice", "minutes": "7", "reason": None},
-                      sort_keys=True).encode()
+    body = json.dumps({"name": "alice", "minutes": "7", "reason": None}, sort_keys=True).encode()
     path = "/admin/user-quota"
-    cred = lab.run("munge", "-S", str(lab.munge_socket), "-s",
-                   identity.request_payload("POST", path, body).decode()).stdout.strip()
+    cred = lab.run(
+        "munge",
+        "-S",
+        str(lab.munge_socket),
+        "-s",
+        identity.request_payload("POST", path, body).decode(),
+    ).stdout.strip()
     headers = {"Authorization": f"MUNGE {cred}", "Content-Type": "application/json"}
-    assert requests.post(service.rstrip("/") + path, data=body, headers=headers,
-                         timeout=10).status_code == 200
+    assert (
+        requests.post(
+            service.rstrip("/") + path, data=body, headers=headers, timeout=10
+        ).status_code
+        == 200
+    )
     before = ledger_state(lab)
     again = requests.post(service.rstrip("/") + path, data=body, headers=headers, timeout=10)
     assert again.status_code == 401
     assert again.json()["error"] == "CredentialRefused"
     other = json.dumps({"name": "bob", "minutes": "7", "reason": None}).encode()
-    fresh = lab.run("munge", "-S", str(lab.munge_socket), "-s",
-                    identity.request_payload("POST", path, body).decode()).stdout.strip()
-    misused = requests.post(service.rstrip("/") + path, data=other, timeout=10,
-                            headers={"Authorization": f"MUNGE {fresh}"})
+    fresh = lab.run(
+        "munge",
+        "-S",
+        str(lab.munge_socket),
+        "-s",
+        identity.request_payload("POST", path, body).decode(),
+    ).stdout.strip()
+    misused = requests.post(
+        service.rstrip("/") + path,
+        data=other,
+        timeout=10,
+        headers={"Authorization": f"MUNGE {fresh}"},
+    )
     assert misused.status_code == 401
     assert ledger_state(lab) == before
 
@@ -281,8 +323,9 @@ def test_a_replayed_write_changes_nothing(ledger, service):
 def test_root_on_the_controller_writes_directly(ledger):
     # Root never asks the service: a write works with no service at the address.
     lab = ledger
-    proc = lab.run("env", "SLURM_QUOTA_URL=http://127.0.0.1:9/", lab.quota_bin, "user-quota",
-                   "bob", "77")
+    proc = lab.run(
+        "env", "SLURM_QUOTA_URL=http://127.0.0.1:9/", lab.quota_bin, "user-quota", "bob", "77"
+    )
     assert proc.stdout == "User bob: CPU quota 2000 minutes -> 77 minutes.\n"
     last = lab.run(lab.quota_bin, "history", "--user", "bob", "--json", "--limit", "1").stdout
     assert json.loads(last)[0]["actor"] == "root"

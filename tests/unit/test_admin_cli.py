@@ -594,9 +594,10 @@ def test_admin_writes_of_a_non_root_uid_never_open_the_ledger(world_writable_db,
     )
 
     assert proc.returncode == 75, proc
-    assert "slurm-quota: error: Cannot prove who you are to the service: MUNGE says:" in (
+    assert "slurm-quota: error: Cannot prove who you are to the service: " in proc.stderr
+    # libmunge says which socket it could not reach (or that it is not installed at all).
+    assert "/nonexistent/munge.socket.2" in proc.stderr or "libmunge is not installed" in (
         proc.stderr)
-    assert "/nonexistent/munge.socket.2" in proc.stderr
     assert proc.stdout == ""
     assert _file_bytes(world_writable_db) == before_bytes
     assert snapshot(world_writable_db) == before_rows

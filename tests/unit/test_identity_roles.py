@@ -17,12 +17,31 @@ from slurm_quota.slurm import RunResult
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "slurm-22.05" / "roles"
 OUTPUTS = {
     ("scontrol", "show", "config"): "scontrol_show_config.txt",
-    ("sacctmgr", "-n", "-P", "show", "user", "format=User,AdminLevel"):
-        "sacctmgr_show_user_adminlevel.txt",
-    ("sacctmgr", "-n", "-P", "show", "account", "withcoord", "format=Account,Coordinators"):
-        "sacctmgr_show_account_withcoord.txt",
-    ("sacctmgr", "-n", "-P", "show", "association", "format=User,Account"):
-        "sacctmgr_show_association.txt",
+    (
+        "sacctmgr",
+        "-n",
+        "-P",
+        "show",
+        "user",
+        "format=User,AdminLevel",
+    ): "sacctmgr_show_user_adminlevel.txt",
+    (
+        "sacctmgr",
+        "-n",
+        "-P",
+        "show",
+        "account",
+        "withcoord",
+        "format=Account,Coordinators",
+    ): "sacctmgr_show_account_withcoord.txt",
+    (
+        "sacctmgr",
+        "-n",
+        "-P",
+        "show",
+        "association",
+        "format=User,Account",
+    ): "sacctmgr_show_association.txt",
 }
 
 
@@ -62,10 +81,14 @@ def test_a_failing_sacctmgr_is_slurm_unavailable():
         slurm.admin_levels(runner=failing)
 
 
-@pytest.mark.parametrize(("value", "flags"), [
-    ("none", frozenset()), ("usage", {"usage"}), ("accounts,jobs,usage", {"accounts", "jobs",
-                                                                          "usage"}),
-])
+@pytest.mark.parametrize(
+    ("value", "flags"),
+    [
+        ("none", frozenset()),
+        ("usage", {"usage"}),
+        ("accounts,jobs,usage", {"accounts", "jobs", "usage"}),
+    ],
+)
 def test_private_data_flags(value, flags):
     assert roles.parse_private_data(value) == flags
 
@@ -73,21 +96,25 @@ def test_private_data_flags(value, flags):
 # ------------------------------------------------------------------ roles
 
 
-@pytest.mark.parametrize(("name", "uid", "role"), [
-    ("root", 0, roles.ADMIN),
-    ("slurm", 64030, roles.ADMIN),  # SlurmUser
-    ("carol", 1003, roles.USER),
-    ("bob", 1002, roles.OPERATOR),
-    ("alice", 1001, roles.USER),
-])
+@pytest.mark.parametrize(
+    ("name", "uid", "role"),
+    [
+        ("root", 0, roles.ADMIN),
+        ("slurm", 64030, roles.ADMIN),  # SlurmUser
+        ("carol", 1003, roles.USER),
+        ("bob", 1002, roles.OPERATOR),
+        ("alice", 1001, roles.USER),
+    ],
+)
 def test_roles_come_from_slurm(name, uid, role):
     view = lab_view(slurm_user="slurm")
     assert roles.access_of(who(name, uid), view).role == role
 
 
 def test_administrator_level_is_admin_and_coordinators_are_coordinators():
-    view = lab_view(admin_levels={"alice": "Administrator"},
-                    coordinators={"research": frozenset({"carol"})})
+    view = lab_view(
+        admin_levels={"alice": "Administrator"}, coordinators={"research": frozenset({"carol"})}
+    )
     assert roles.access_of(who("alice"), view).role == roles.ADMIN
     carol = roles.access_of(who("carol"), view)
     assert carol.role == roles.COORDINATOR
@@ -168,8 +195,14 @@ def test_under_private_data_operators_see_everything_and_anonymous_nothing():
 
 
 def environ(method="GET", path="/stats", query="", body=b"", auth=None, **extra):
-    env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
-           "SCRIPT_NAME": "", "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+    env = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "SCRIPT_NAME": "",
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+    }
     if auth is not None:
         env["HTTP_AUTHORIZATION"] = auth
     env.update(extra)
@@ -179,6 +212,7 @@ def environ(method="GET", path="/stats", query="", body=b"", auth=None, **extra)
 @pytest.fixture
 def fake_munge(monkeypatch):
     """decode() of 'CRED:<uid>:<payload>' (what munged would vouch for)."""
+
     def decode(credential, socket=None):
         if not credential.startswith("CRED:"):
             raise CredentialRefused("The MUNGE credential is not valid.")
@@ -187,7 +221,8 @@ def fake_munge(monkeypatch):
 
     monkeypatch.setattr(identity, "decode", decode)
     return lambda uid, method, path_qs, body=b"": (
-        f"MUNGE CRED:{uid}:{identity.request_payload(method, path_qs, body).decode()}")
+        f"MUNGE CRED:{uid}:{identity.request_payload(method, path_qs, body).decode()}"
+    )
 
 
 def test_a_credential_names_its_user(fake_munge):
@@ -195,9 +230,14 @@ def test_a_credential_names_its_user(fake_munge):
     assert (caller.uid, caller.name, caller.via) == (0, "root", "munge")
 
 
-@pytest.mark.parametrize(("method", "path_qs", "body"), [
-    ("GET", "/stats?username=alice", b""), ("POST", "/stats", b""), ("GET", "/stats", b"x"),
-])
+@pytest.mark.parametrize(
+    ("method", "path_qs", "body"),
+    [
+        ("GET", "/stats?username=alice", b""),
+        ("POST", "/stats", b""),
+        ("GET", "/stats", b"x"),
+    ],
+)
 def test_a_credential_for_another_request_is_refused(fake_munge, method, path_qs, body):
     env = environ(auth=fake_munge(0, method, path_qs, body))
     with pytest.raises(CredentialRefused, match="made for another request"):
@@ -249,8 +289,12 @@ def service(db_path, fake_munge):
 def journal(db_path):
     conn = db.connect(db_path, readonly=True)
     try:
-        return [tuple(r) for r in conn.execute(
-            "SELECT actor, action, target, new_value FROM journal ORDER BY id")]
+        return [
+            tuple(r)
+            for r in conn.execute(
+                "SELECT actor, action, target, new_value FROM journal ORDER BY id"
+            )
+        ]
     finally:
         conn.close()
 
@@ -260,15 +304,20 @@ def test_stats_follow_private_data(service):
     assert call(application, environ())[0] == 401
     status, body = call(application, environ(auth=cred(1001, "GET", "/stats")))
     assert status == 200 and [u["username"] for u in body["users"]] == ["alice"]
-    status, body = call(application, environ(
-        query="username=bob", auth=cred(1001, "GET", "/stats?username=bob")))
+    status, body = call(
+        application, environ(query="username=bob", auth=cred(1001, "GET", "/stats?username=bob"))
+    )
     assert status == 403 and "not user bob's" in body["message"]
 
 
 def admin_post(cred, uid, command, args):
     body = json.dumps(args).encode()
-    return environ(method="POST", path=f"/admin/{command}", body=body,
-                   auth=cred(uid, "POST", f"/admin/{command}", body))
+    return environ(
+        method="POST",
+        path=f"/admin/{command}",
+        body=body,
+        auth=cred(uid, "POST", f"/admin/{command}", body),
+    )
 
 
 def test_an_operator_writes_through_the_service_journaled_as_them(service, db_path):
@@ -276,8 +325,9 @@ def test_an_operator_writes_through_the_service_journaled_as_them(service, db_pa
     import pwd
 
     bob_uid = pwd.getpwnam("bob").pw_uid if _has_user("bob") else pytest.skip("no user bob")
-    status, body = call(application, admin_post(
-        cred, bob_uid, "user-quota", {"name": "alice", "minutes": "4321"}))
+    status, body = call(
+        application, admin_post(cred, bob_uid, "user-quota", {"name": "alice", "minutes": "4321"})
+    )
     assert status == 200, body
     assert body["result"]["new_minutes"] == 4321
     assert journal(db_path)[-1] == ("bob", "set-quota", "alice", "4321")
@@ -286,13 +336,16 @@ def test_an_operator_writes_through_the_service_journaled_as_them(service, db_pa
 def test_a_plain_users_write_is_refused_and_changes_nothing(service, db_path):
     application, cred = service
     before = journal(db_path)
-    status, body = call(application, admin_post(
-        cred, 65534, "user-quota", {"name": "alice", "minutes": "1"}))
+    status, body = call(
+        application, admin_post(cred, 65534, "user-quota", {"name": "alice", "minutes": "1"})
+    )
     assert status == 403
     assert body["error"] == "NotPermitted" and body["exit_code"] == 1
     assert "Nothing was changed." in body["message"]
-    status, body = call(application, environ(
-        method="POST", path="/admin/user-quota", body=b'{"name": "alice", "minutes": "1"}'))
+    status, body = call(
+        application,
+        environ(method="POST", path="/admin/user-quota", body=b'{"name": "alice", "minutes": "1"}'),
+    )
     assert status == 401 and body["error"] == "NotAuthenticated"
     assert journal(db_path) == before
 
@@ -300,14 +353,32 @@ def test_a_plain_users_write_is_refused_and_changes_nothing(service, db_path):
 def test_bad_values_get_the_controllers_message_and_exit_code(service, db_path):
     application, cred = service
     before = journal(db_path)
-    status, body = call(application, admin_post(
-        cred, 0, "user-quota", {"name": "alice", "minutes": "12x"}))
+    status, body = call(
+        application, admin_post(cred, 0, "user-quota", {"name": "alice", "minutes": "12x"})
+    )
     assert status == 400
-    assert body == {"error": "InvalidInput", "exit_code": 2, "message":
-                    "Quota '12x' is not a whole number of minutes (use -1 for unlimited)."}
-    status, body = call(application, admin_post(cred, 0, "adjust", {
-        "user": "alice", "account": None, "cpu": True, "gpu": True, "minutes": "+1",
-        "hours": None, "reason": None}))
+    assert body == {
+        "error": "InvalidInput",
+        "exit_code": 2,
+        "message": "Quota '12x' is not a whole number of minutes (use -1 for unlimited).",
+    }
+    status, body = call(
+        application,
+        admin_post(
+            cred,
+            0,
+            "adjust",
+            {
+                "user": "alice",
+                "account": None,
+                "cpu": True,
+                "gpu": True,
+                "minutes": "+1",
+                "hours": None,
+                "reason": None,
+            },
+        ),
+    )
     assert (status, body["message"]) == (400, "adjust needs exactly one of --cpu or --gpu.")
     assert journal(db_path) == before
 
@@ -332,8 +403,11 @@ def test_the_dashboard_shows_the_rows_of_a_trusted_remote_user(db_path):
     view = lab_view()
 
     def page(trust: bool, **extra) -> tuple[int, str]:
-        application = app.create_app(app.Settings(
-            db_path=db_path, roles=roles.Roles(load=lambda: view), trust_remote_user=trust))
+        application = app.create_app(
+            app.Settings(
+                db_path=db_path, roles=roles.Roles(load=lambda: view), trust_remote_user=trust
+            )
+        )
         seen = {}
 
         def start_response(status, headers):
