@@ -31,6 +31,7 @@ from slurm_quota.errors import (
     SlurmQuotaError,
     TemporaryFailure,
 )
+from slurm_quota.numbers import int_or_none
 from slurm_quota.readmodel import (
     GZIP_ETAG_SUFFIX,
     JSON_TYPE,
@@ -71,9 +72,8 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Settings of `slurm-quota-web` and mod_wsgi: SLURM_QUOTA_URL, SLURM_QUOTA_WEB_REFRESH."""
         env = os.environ if env is None else env
-        try:
-            refresh_s = int(env.get("SLURM_QUOTA_WEB_REFRESH") or web.DEFAULT_REFRESH_S)
-        except ValueError:
+        refresh_s = int_or_none(env.get("SLURM_QUOTA_WEB_REFRESH") or "")
+        if refresh_s is None:  # unset or not a number: the default (the page says its period)
             refresh_s = web.DEFAULT_REFRESH_S
         return cls(api_url=env.get("SLURM_QUOTA_URL") or client.DEFAULT_URL, refresh_s=refresh_s)
 
@@ -112,6 +112,10 @@ class Routes:
         self.model = model
         self._parsed: tuple[str | None, Any] = (None, None)  # (tag, payload) of whole_payload
         self._parsed_lock = threading.Lock()
+        # Rendered rows of the last whole-ledger builds: a rebuild after a change renders only
+        # the changed rows (builds of one key run one at a time: ReadModel.cached).
+        self._stats_memos = (stats.RowMemo(), stats.RowMemo())
+        self._metrics_memos = {"user": stats.RowMemo(), "account": stats.RowMemo()}
 
     def handle(
         self, path: str, query: str, access_of: Callable[[], roles.Access] | None = None,
@@ -164,12 +168,14 @@ class Routes:
     def whole_stats(self) -> Response:
         """GET /stats without a selector: every user and every account."""
         with self.model.connection() as conn:
-            return Response(200, JSON_TYPE, stats.whole_stats_json(conn))
+            return Response(200, JSON_TYPE, stats.whole_stats_json(conn, self._stats_memos))
 
     def metrics(self) -> Response:
         """GET /metrics (Prometheus text format 0.0.4)."""
         with self.model.connection() as conn:
-            text = metrics.metrics_text(conn, db_path=self.model.db_path)
+            text = metrics.metrics_text(
+                conn, db_path=self.model.db_path, memos=self._metrics_memos
+            )
         return Response(200, METRICS_TYPE, text.encode())
 
     def health(self) -> Response:
@@ -252,11 +258,8 @@ def create_app(settings: Settings) -> WSGIApp:
     ) -> list[bytes]:
         raw = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
         query = {k: v[0][:256] for k, v in raw.items() if k in DASHBOARD_PARAMS and v}
-        try:
-            refresh_s = int(query.get("refresh") or settings.refresh_s)
-        except ValueError:
-            refresh_s = settings.refresh_s
-        refresh_s = max(0, min(refresh_s, 86400))
+        refresh_s = int_or_none(query.get("refresh") or "")
+        refresh_s = settings.refresh_s if refresh_s is None else min(refresh_s, 86400)
         label, fetch = source(environ)
         status, payload, user_accounts, error = 200, None, None, None
         try:

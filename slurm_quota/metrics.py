@@ -6,12 +6,14 @@ ledger or hold SQL (it reads through db.py's read-model queries).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from slurm_quota import db
 from slurm_quota.ledger import UNLIMITED
+from slurm_quota.stats import RowMemo
 
 
 def _escape_label(value: str) -> str:
@@ -39,12 +41,31 @@ class _Family:
             self.lines.append(f"{self.name} {value}")
 
 
-def metrics_text(conn: Any, *, db_path: str | os.PathLike[str] | None = None) -> str:
+def _row_samples(
+    label: str, consumed: str, prealloc: str, quota: str, jobs: str, row: Any
+) -> tuple[str, str, str, str]:
+    """A usage row's samples: (consumed, preallocated, quota) cpu and gpu lines, open jobs."""
+    name, cu, cp, cq, gu, gp, gq, _updated, njobs = row
+    owner = f'{label}="{_escape_label(name)}"'
+    cpu, gpu = f'{{{owner},resource="cpu"}} ', f'{{{owner},resource="gpu"}} '
+    return (
+        f"{consumed}{cpu}{_number(cu)}\n{consumed}{gpu}{_number(gu)}",
+        f"{prealloc}{cpu}{_number(cp)}\n{prealloc}{gpu}{_number(gp)}",
+        f"{quota}{cpu}{_number(cq)}\n{quota}{gpu}{_number(gq)}",
+        f"{jobs}{{{owner}}} {int(njobs)}",
+    )
+
+
+def metrics_text(
+    conn: Any, *, db_path: str | os.PathLike[str] | None = None,
+    memos: Mapping[str, RowMemo] | None = None,
+) -> str:
     """Prometheus text exposition (format 0.0.4) of the whole ledger.
 
     Per user and per account (label `username` / `account`, `resource` = cpu|gpu): consumed,
     preallocated and quota minutes (quota +Inf when unlimited), open jobs; charges total and
-    charged minutes; rows per table; size of the database files.
+    charged minutes; rows per table; size of the database files. memos ("user", "account"):
+    the service keeps them from one build to the next.
     """
     with db.read_snapshot(conn):
         users = db.stats_users(conn)
@@ -75,18 +96,17 @@ def metrics_text(conn: Any, *, db_path: str | os.PathLike[str] | None = None) ->
             f"Open jobs (array elements not yet charged) of the {kind}.",
         )
         # Samples written directly (11k rows, 77k lines at 10k users): the label of a row is
-        # escaped once, not once per sample.
-        for name, cu, cp, cq, gu, gp, gq, _updated, njobs in rows:
-            owner = f'{label}="{_escape_label(name)}"'
-            cpu, gpu = f'{{{owner},resource="cpu"}} ', f'{{{owner},resource="gpu"}} '
-            consumed.lines += (
-                f"{consumed.name}{cpu}{_number(cu)}", f"{consumed.name}{gpu}{_number(gu)}"
-            )
-            prealloc.lines += (
-                f"{prealloc.name}{cpu}{_number(cp)}", f"{prealloc.name}{gpu}{_number(gp)}"
-            )
-            quota.lines += (f"{quota.name}{cpu}{_number(cq)}", f"{quota.name}{gpu}{_number(gq)}")
-            jobs.lines.append(f"{jobs.name}{{{owner}}} {int(njobs)}")
+        # escaped once, not once per sample; with a memo, only changed rows are rendered.
+        render = functools.partial(
+            _row_samples, label, consumed.name, prealloc.name, quota.name, jobs.name
+        )
+        memo = memos.get(kind) if memos is not None else None
+        samples = memo.render(rows, render) if memo is not None else map(render, rows)
+        for consumed_lines, prealloc_lines, quota_lines, jobs_line in samples:
+            consumed.lines.append(consumed_lines)
+            prealloc.lines.append(prealloc_lines)
+            quota.lines.append(quota_lines)
+            jobs.lines.append(jobs_line)
         families += [consumed, prealloc, quota, jobs]
     total = _Family("slurm_quota_charges_total", "counter", "Job runs charged so far.")
     total.add({}, str(charges))

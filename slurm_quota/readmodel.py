@@ -2,8 +2,8 @@
 the whole ledger kept until it changes, and the answer records the routes return.
 
 Owns: ReadModel (connections, the change probe, the cache of whole-ledger answers), Response,
-finish_whole (gzipped copy and entity tag), etag_matches. It must not write to the ledger or
-know about HTTP servers: slurm_quota.app turns Responses into WSGI answers.
+finish_whole (gzipped copy and entity tag), PieceGzip, etag_matches. It must not write to the
+ledger or know about HTTP servers: slurm_quota.app turns Responses into WSGI answers.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import queue
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +33,13 @@ POOL_SIZE = 4  # read-only connections kept open: one per server thread
 # A read never waits long for the plugin's or a charge's write lock: the client is a person.
 READ_BUSY_TIMEOUT_MS = 2000
 GZIP_MIN_BYTES = 4096
+GZIP_LEVEL = 5
+GZIP_PIECE_BYTES = 32768  # PieceGzip: pieces of about this size are compressed and kept
 GZIP_ETAG_SUFFIX = "-gzip"  # the gzipped copy's entity tag: the body's, with this suffix
 JSON_TYPE = "application/json"
 WHOLE_LEDGER_KEYS = ("stats", "metrics")
+# Where PieceGzip cuts each whole-ledger answer: between two rows (JSON objects, text lines).
+PIECE_DELIMITERS = {"stats": b"},", "metrics": b"\n"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ class ReadModel:
         # key -> (seq it was built at, answer, time.monotonic() its build began)
         self._cache: dict[str, tuple[int, Response, float]] = {}
         self._build_locks = {key: threading.Lock() for key in WHOLE_LEDGER_KEYS}
+        # Compressed pieces of the last answer of each key (used under its build lock).
+        self._gzip = {key: PieceGzip(PIECE_DELIMITERS[key]) for key in WHOLE_LEDGER_KEYS}
 
     def _open(self) -> Any:
         return db.connect(self.db_path, readonly=True, busy_timeout_ms=READ_BUSY_TIMEOUT_MS)
@@ -185,7 +193,7 @@ class ReadModel:
             response = build()
             if response.status != 200:
                 return response
-            response = finish_whole(response)
+            response = finish_whole(response, self._gzip[key])
             self._cache[key] = (seq, response, built_at)
             return response
         finally:
@@ -212,14 +220,60 @@ class ReadModel:
                 self._probe = None
 
 
-def finish_whole(response: Response) -> Response:
-    """A whole-ledger answer as it is kept and sent: with its gzipped copy (when worth it)
-    and its entity tag. The tag hashes the bytes, so a restarted server gives the same tag
-    for the same ledger state and a client keeps its copy across restarts."""
+class PieceGzip:
+    """gzip of a whole-ledger answer made of the deflate streams of its pieces, each piece
+    compressed once and kept while it recurs: after a change to a few rows, only the pieces
+    holding them are compressed again (a 4 MB answer in 32 kB pieces: one or two of 130).
+
+    The answer is cut at the first delimiter (between two rows) at least GZIP_PIECE_BYTES
+    after the previous cut, so a row that grows or shrinks moves no later cut (unless a
+    delimiter crosses that bound: then the pieces after it are compressed anew, once). Each
+    piece is a raw deflate stream ended by a sync flush (byte-aligned, not final); the
+    pieces, an empty final block, the CRC-32 and the length make one gzip member (RFC
+    1951/1952), which any gzip reader decompresses to the answer.
+    """
+
+    _HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, mtime 0, OS unknown
+    _FINAL = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15).flush()  # empty final block
+
+    def __init__(self, delimiter: bytes, piece_bytes: int = GZIP_PIECE_BYTES) -> None:
+        self.delimiter = delimiter
+        self.piece_bytes = piece_bytes
+        self._last: dict[bytes, bytes] = {}
+
+    def compress(self, body: bytes) -> bytes:
+        last: dict[bytes, bytes] = self._last
+        now: dict[bytes, bytes] = {}
+        parts = [self._HEADER]
+        start, size = 0, len(body)
+        while start < size:
+            cut = body.find(self.delimiter, start + self.piece_bytes)
+            end = size if cut < 0 else cut + len(self.delimiter)
+            piece = body[start:end]
+            deflated = last.get(piece)
+            if deflated is None:
+                compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15)
+                deflated = compressor.compress(piece) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            now[piece] = deflated
+            parts.append(deflated)
+            start = end
+        self._last = now
+        parts += (self._FINAL, struct.pack("<II", zlib.crc32(body), size & 0xFFFFFFFF))
+        return b"".join(parts)
+
+
+def finish_whole(response: Response, pieces: PieceGzip | None = None) -> Response:
+    """A whole-ledger answer as it is kept and sent: with its gzipped copy (when worth it;
+    through pieces, the ReadModel's, when given) and its entity tag. The tag hashes the
+    bytes, so a restarted server gives the same tag for the same ledger state and a client
+    keeps its copy across restarts."""
     digest = hashlib.blake2b(response.body, digest_size=12).hexdigest()
     gzipped = None
     if len(response.body) >= GZIP_MIN_BYTES:
-        gzipped = gzip.compress(response.body, compresslevel=5, mtime=0)
+        if pieces is not None:
+            gzipped = pieces.compress(response.body)
+        else:
+            gzipped = gzip.compress(response.body, compresslevel=GZIP_LEVEL, mtime=0)
     return Response(
         response.status, response.content_type, response.body, gzipped, response.headers,
         f'"{digest}"',

@@ -26,6 +26,7 @@ from typing import Any
 from slurm_quota import __version__
 from slurm_quota.app import Settings, StartResponse, WSGIApp, create_app
 from slurm_quota.errors import ServiceUnavailable
+from slurm_quota.numbers import int_or_none, shown
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +252,16 @@ def web_main(argv: list[str] | None = None) -> int:
         "point WSGIScriptAlias at slurm_quota/web/wsgi.py instead.",
     )
     parser.add_argument("--host", default=os.environ.get("SLURM_QUOTA_WEB_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--port", default=None, help="TCP port (0-65535)")
     parser.add_argument("--version", action="version", version=f"slurm-quota-web {__version__}")
     args = parser.parse_args(argv)
-    try:
-        port = args.port if args.port is not None else int(
-            os.environ.get("SLURM_QUOTA_WEB_PORT", "8080"))
-    except ValueError:
-        print("slurm-quota-web: error: SLURM_QUOTA_WEB_PORT is not a number.", file=sys.stderr)
+    given, source = args.port, "--port"
+    if given is None:
+        given, source = os.environ.get("SLURM_QUOTA_WEB_PORT", "8080"), "SLURM_QUOTA_WEB_PORT"
+    port = int_or_none(given)
+    if port is None or port > 65535:
+        print(f"slurm-quota-web: error: {source} {shown(given)} is not a port number "
+              "(0-65535).", file=sys.stderr)
         return 2
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"

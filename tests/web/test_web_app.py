@@ -110,6 +110,22 @@ def test_auto_refresh_meta_and_switching_it_off(api):
     assert '<meta http-equiv="refresh" content="60">' in call(api)[2]
     assert '<meta http-equiv="refresh" content="15">' in call(api, query="refresh=15")[2]
     assert 'http-equiv="refresh"' not in call(api, query="refresh=0")[2]
+    # what is not a whole number of seconds in ASCII digits keeps the default period
+    for bad in ("-5", "1e3", "%D9%A3", "99999999999999999999999999999999999", "x"):
+        assert '<meta http-equiv="refresh" content="60">' in call(api, query=f"refresh={bad}")[2]
+    assert '<meta http-equiv="refresh" content="86400">' in call(api, query="refresh=999999")[2]
+
+
+@pytest.mark.parametrize("port", ["٣", "65536", "-1", "80x", ""])
+def test_slurm_quota_web_refuses_a_port_that_is_not_one(port, monkeypatch, capsys):
+    from slurm_quota.serve import web_main
+
+    monkeypatch.setenv("SLURM_QUOTA_WEB_PORT", port)
+    assert web_main([]) == 2
+    assert "SLURM_QUOTA_WEB_PORT" in capsys.readouterr().err
+    monkeypatch.delenv("SLURM_QUOTA_WEB_PORT")
+    assert web_main(["--port", port]) == 2
+    assert "is not a port number (0-65535)" in capsys.readouterr().err
 
 
 def test_names_are_html_escaped(db_path):
