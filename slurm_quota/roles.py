@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slurm_quota import slurm
-from slurm_quota.errors import NotAuthenticated, NotPermitted, SlurmQuotaError
+from slurm_quota.errors import NotAuthenticated, NotPermitted, SlurmQuotaError, SlurmUnavailable
 from slurm_quota.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ WRITERS = (ADMIN, OPERATOR)
 # PrivateData flags that hide one user's quota usage from another (slurm.conf(5)).
 PRIVATE_FLAGS = frozenset({"usage", "users", "accounts"})
 DEFAULT_TTL_S = 60.0
+RETRY_S = 10.0  # after Slurm failed to answer, keep the last view this long before asking
 
 
 @dataclass(frozen=True)
@@ -165,23 +166,30 @@ class Roles:
         self._clock = clock
         self._lock = threading.Lock()
         self._view: tuple[float, SlurmView] | None = None
+        self._retry_at = float("-inf")
 
     def view(self) -> SlurmView:
         """The current view. When Slurm does not answer, the last view is kept (logged) for
         up to ten times ttl_s; with none, SlurmUnavailable."""
         with self._lock:
             now = self._clock()
-            if self._view is None or now - self._view[0] >= self.ttl_s:
+            stale = self._view is None or now - self._view[0] >= self.ttl_s
+            if stale and now >= self._retry_at:
                 try:
                     self._view = (now, self._load())
+                    return self._view[1]
                 except SlurmQuotaError as err:
                     if self._view is None or now - self._view[0] >= 10 * self.ttl_s:
                         raise
+                    # Not again for every request: each try may wait for sacctmgr's timeout.
+                    self._retry_at = now + min(self.ttl_s, RETRY_S)
                     log.warning(
                         "roles: Slurm did not answer (%s); using the view of %.0f s ago",
                         err,
                         now - self._view[0],
                     )
+            if self._view is None or now - self._view[0] >= 10 * self.ttl_s:
+                raise SlurmUnavailable("Slurm has not said who is who for too long.")
             return self._view[1]
 
     def access(self, identity: Identity) -> Access:

@@ -121,6 +121,13 @@ def test_administrator_level_is_admin_and_coordinators_are_coordinators():
     assert carol.users_of_coordinated == frozenset({"alice", "root"})
 
 
+def test_a_ttl_of_zero_asks_slurm_every_time():
+    calls = []
+    cache = roles.Roles(0, load=lambda: calls.append(1) or lab_view(), clock=lambda: 5.0)
+    assert cache.view().slurm_user == cache.view().slurm_user == "root"
+    assert len(calls) == 2
+
+
 def test_roles_are_asked_again_after_the_ttl_and_kept_when_slurm_fails():
     now = [0.0]
     calls = []
@@ -140,6 +147,12 @@ def test_roles_are_asked_again_after_the_ttl_and_kept_when_slurm_fails():
     cache.view()
     now[0] = 130
     assert cache.view().slurm_user == "root"  # Slurm failed: the view of 61 s is kept
+    now[0] = 135
+    cache.view()
+    assert len(calls) == 3  # not asked again within RETRY_S of the failure
+    now[0] = 141
+    cache.view()
+    assert len(calls) == 4
     now[0] = 10_000
     with pytest.raises(SlurmUnavailable):
         cache.view()
