@@ -175,13 +175,15 @@ def get_default_quotas(conn: Any) -> DefaultQuotas:
 def set_default_quotas(
     conn: Any,
     *,
-    user_cpu: int | None = None,
-    user_gpu: int | None = None,
-    account_cpu: int | None = None,
-    account_gpu: int | None = None,
+    user_cpu: int | str | None = None,
+    user_gpu: int | str | None = None,
+    account_cpu: int | str | None = None,
+    account_gpu: int | str | None = None,
     reason: str | None = None,
+    actor: str | None = None,
 ) -> list[DefaultChange]:
-    """Set the given default quotas (at least one); existing rows are not touched."""
+    """Set the given default quotas (at least one; minutes as typed or int); existing rows
+    are not touched."""
     wanted = {
         default_key("user", ledger.CPU): user_cpu,
         default_key("user", ledger.GPU): user_gpu,
@@ -194,7 +196,7 @@ def set_default_quotas(
             "Give at least one of --user-cpu, --user-gpu, --account-cpu, --account-gpu."
         )
     reason = parse_reason(reason)
-    journal = Journal(conn, current_actor(), reason)
+    journal = Journal(conn, actor or current_actor(), reason)
     changes: list[DefaultChange] = []
     with db.write_transaction(conn):
         current = get_default_quotas(conn).as_settings()
@@ -227,7 +229,8 @@ def list_settings(conn: Any) -> dict[str, str]:
 
 
 def set_setting(
-    conn: Any, key: str, value: str | None, *, reason: str | None = None
+    conn: Any, key: str, value: str | None, *, reason: str | None = None,
+    actor: str | None = None,
 ) -> SettingChange:
     """Set (or, with value None, unset) one plugin setting, journaled."""
     key, new = parse_setting(key, value)
@@ -238,7 +241,7 @@ def set_setting(
             db.delete_setting(conn, key)
         else:
             db.set_setting(conn, key, new)
-        Journal(conn, current_actor(), reason).record(
+        Journal(conn, actor or current_actor(), reason).record(
             ACTION_SET_SETTING, "setting", key, field="value", old=old, new=new,
         )
     return SettingChange(key=key, old=old, new=new)
@@ -273,17 +276,19 @@ def set_quota(
     kind: str,
     name: str,
     resource: str,
-    minutes: int,
+    minutes: int | str,
     *,
     reason: str | None = None,
+    actor: str | None = None,
 ) -> QuotaChange:
-    """Set the CPU or GPU quota of a user/account, creating the row (with defaults) if needed."""
+    """Set the CPU or GPU quota of a user/account (minutes as typed or int), creating the row
+    (with defaults) if needed."""
     check_kind(kind)
     check_resource(resource)
     name = parse_name(kind, name)
     minutes = check_quota(minutes)
     reason = parse_reason(reason)
-    journal = Journal(conn, current_actor(), reason)
+    journal = Journal(conn, actor or current_actor(), reason)
     other = ledger.GPU if resource == ledger.CPU else ledger.CPU
     with db.write_transaction(conn):
         row = db.get_owner(conn, kind, name)
@@ -324,6 +329,7 @@ def adjust(
     delta_minutes: int,
     *,
     reason: str | None = None,
+    actor: str | None = None,
 ) -> Adjustment:
     """Add a signed delta to a consumed total, clamped at 0; the row must exist."""
     check_kind(kind)
@@ -334,7 +340,7 @@ def adjust(
     if abs(delta_minutes) > ledger.MAX_MINUTES:
         raise InvalidInput(f"Adjustment {delta_minutes} exceeds {ledger.MAX_MINUTES} minutes.")
     reason = parse_reason(reason)
-    journal = Journal(conn, current_actor(), reason)
+    journal = Journal(conn, actor or current_actor(), reason)
     with db.write_transaction(conn):
         row = db.get_owner(conn, kind, name)
         if row is None:
@@ -394,13 +400,15 @@ def gpu_factors(conn: Any) -> list[GpuFactor]:
 
 
 def set_gpu_factor(
-    conn: Any, gpu_type: str, factor: float, *, reason: str | None = None
+    conn: Any, gpu_type: str, factor: float | str, *, reason: str | None = None,
+    actor: str | None = None,
 ) -> FactorChange:
-    """Set the factor of a GPU type (`default` = the fallback for untyped/unknown GPUs)."""
+    """Set the factor of a GPU type (`default` = the fallback for untyped/unknown GPUs); the
+    factor as typed or a float."""
     gpu_type = parse_gpu_type(gpu_type)
     factor = ledger.parse_factor(repr(factor) if isinstance(factor, float) else str(factor))
     reason = parse_reason(reason)
-    journal = Journal(conn, current_actor(), reason)
+    journal = Journal(conn, actor or current_actor(), reason)
     with db.write_transaction(conn):
         old = db.get_gpu_factor(conn, gpu_type)
         db.set_gpu_factor(conn, gpu_type, factor)

@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
-from slurm_quota import client, db, metrics, stats, web
+from slurm_quota import client, db, identity, metrics, remote, roles, stats, web
 from slurm_quota.errors import (
     DatabaseMissing,
     DatabaseUnavailable,
     InvalidInput,
+    NotAuthenticated,
     NotFound,
+    NotPermitted,
     SchemaError,
     SlurmQuotaError,
+    TemporaryFailure,
 )
 from slurm_quota.numbers import int_or_none
 from slurm_quota.readmodel import (
@@ -65,6 +68,12 @@ class Settings:
     api_url: str = client.DEFAULT_URL  # environ SLURM_QUOTA_URL (Apache SetEnv) overrides it
     max_stale_s: float = 0.0
     refresh_s: int = web.DEFAULT_REFRESH_S
+    # Who may see and change what (slurm_quota.roles); None: everyone sees everything and
+    # nobody writes through the service (a dashboard away from the ledger, tests).
+    roles: roles.Roles | None = None
+    # Take REMOTE_USER (X-Remote-User from a proxy) as the caller: only behind a front end
+    # that authenticates, with the service reachable through it alone.
+    trust_remote_user: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -115,14 +124,20 @@ class Routes:
         self._stats_memos = (stats.RowMemo(), stats.RowMemo())
         self._metrics_memos = {"user": stats.RowMemo(), "account": stats.RowMemo()}
 
-    def handle(self, path: str, query: str) -> Response:
-        """Answer a GET of an API path; every failure becomes a JSON error."""
+    def handle(
+        self, path: str, query: str, access_of: Callable[[], roles.Access] | None = None,
+    ) -> Response:
+        """Answer a GET of an API path for whoever access_of() says asks (None: everyone
+        sees everything); every failure becomes a JSON error."""
         try:
             params = parse_query(path, query)
+            access = access_of() if access_of is not None and path != "/health" else None
             if path == "/stats":
                 username, account = params.get("username"), params.get("account")
                 if username is not None and account is not None:
                     raise InvalidInput("Give either username or account, not both.")
+                if access is not None:
+                    roles.check_stats(access, username, account)
                 if "forecast" in params:  # new key `forecasts` (issue 18)
                     if params["forecast"] not in ("1", "true"):
                         raise InvalidInput("Query parameter 'forecast' takes 1 or true.")
@@ -130,6 +145,8 @@ class Routes:
                         raise InvalidInput("A forecast is of the current period: no period.")
                     with self.model.connection() as conn:
                         payload = stats.stats_payload(conn, username=username, account=account)
+                        if access is not None:  # forecasts of the rows the asker may see
+                            payload = roles.filter_payload(payload, access)
                         payload = stats.with_forecasts(conn, payload, int(time.time()))
                     return json_response(200, payload)
                 if "period" in params:  # a past period, from the archive (issue 18)
@@ -137,21 +154,39 @@ class Routes:
                         payload = stats.period_payload(
                             conn, params["period"], username=username, account=account
                         )
+                    if access is not None:
+                        payload = roles.filter_payload(payload, access)
                     return json_response(200, payload)
                 if username is None and account is None:
+                    if access is not None and not access.sees_everything:
+                        return json_response(200, roles.filter_payload(
+                            self.whole_payload(), access))
                     return self.model.cached("stats", self.whole_stats)
                 with self.model.connection() as conn:
                     payload = stats.stats_payload(conn, username=username, account=account)
+                if access is not None:
+                    payload = roles.filter_payload(payload, access)
                 return json_response(200, payload)
             if path == "/metrics":
+                if access is not None:
+                    roles.check_metrics(access)
                 return self.model.cached("metrics", self.metrics)
             if path == "/usage":  # usage over time of one owner (issue 18)
+                if access is not None:
+                    roles.check_stats(access, params.get("username"), params.get("account"))
                 return self.usage(params)
             return self.health()
         except InvalidInput as err:
             return error_response(400, "bad_request", str(err))
         except NotFound as err:
             return error_response(404, "not_found", str(err))
+        except NotAuthenticated as err:
+            return error_response(401, "unauthorized", str(err))
+        except NotPermitted as err:
+            return error_response(403, "forbidden", str(err))
+        except TemporaryFailure as err:
+            log.warning("request %s?%s: %s", path, query[:200], err)
+            return error_response(503, "unavailable", str(err))
         except (DatabaseMissing, DatabaseUnavailable, SchemaError) as err:
             log.warning("database unavailable: %s", err)
             return error_response(503, "unavailable", str(err))
@@ -240,8 +275,9 @@ def _send(
 
 
 _PHRASES = {
-    200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
-    405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable",
+    200: "OK", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
@@ -288,7 +324,10 @@ def create_app(settings: Settings) -> WSGIApp:
                 out.append(client.fetch_usage(url, bucket=bucket, days=days, **selector))
         return out
 
-    def dashboard(environ: Mapping[str, Any], start_response: StartResponse) -> list[bytes]:
+    def dashboard(
+        environ: Mapping[str, Any], start_response: StartResponse,
+        access_of: Callable[[], roles.Access],
+    ) -> list[bytes]:
         raw = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
         query = {k: v[0][:256] for k, v in raw.items() if k in DASHBOARD_PARAMS and v}
         refresh_s = int_or_none(query.get("refresh") or "")
@@ -296,11 +335,20 @@ def create_app(settings: Settings) -> WSGIApp:
         label, fetch = source(environ)
         status, payload, user_accounts, error, charts = 200, None, None, None, []
         try:
+            if routes is not None and settings.roles is not None:
+                access = access_of()
+                roles.check_stats(access, None, None)
+                unfiltered = fetch
+
+                def fetch(**selector: str) -> dict[str, Any]:  # noqa: F811 - the filtered one
+                    return roles.filter_payload(unfiltered(**selector), access)
             payload = fetch()
             user_q = query.get("user", "").strip()
             if user_q and any(r["username"] == user_q for r in payload["users"]):
                 user_accounts = fetch(username=user_q)["accounts"]
             charts = usage_charts(environ, query, payload)
+        except (NotAuthenticated, NotPermitted) as err:
+            status, error = (401 if isinstance(err, NotAuthenticated) else 403), str(err)
         except SlurmQuotaError as err:
             status, error = 503, str(err)
         page = web.render_page(
@@ -311,19 +359,71 @@ def create_app(settings: Settings) -> WSGIApp:
         return _send(start_response, environ, Response(
             status, HTML_TYPE, page.encode(), headers=(("Cache-Control", "no-store"),)))
 
+    def who(environ: Mapping[str, Any], body: bytes = b"") -> identity.Identity:
+        """The caller; CredentialRefused (401) for a credential that proves nothing."""
+        return identity.from_request(
+            dict(environ), body, trust_remote_user=settings.trust_remote_user)
+
+    def access_of(caller: identity.Identity) -> Callable[[], roles.Access]:
+        """Resolved on first use: only routes that show or change usage ask Slurm."""
+        def resolve() -> roles.Access:
+            if settings.roles is None:
+                return roles.Access(name=caller.name, role=roles.USER, private=False)
+            return settings.roles.access(caller)
+        return resolve
+
+    def write(environ: Mapping[str, Any], command: str) -> Response:
+        """POST /admin/<command>: one admin write for an authenticated admin or operator."""
+        try:
+            body = _read_body(environ)
+            caller = who(environ, body)
+            access = access_of(caller)()
+            remote.refuse_unless_writer(command, access)
+            args = remote.parse_body(body)
+            assert settings.db_path is not None
+            conn = db.connect(settings.db_path, intact=True)
+            try:
+                result = remote.execute(conn, command, args, actor=str(caller.name))
+            finally:
+                conn.close()
+            log.info("admin write %s by %s (%s)", command, caller.name, access.role)
+            return json_response(200, {"result": remote.result_to_json(result)})
+        except SlurmQuotaError as err:
+            status = remote.status_of(err)
+            if status >= 500:
+                log.error("admin write %s failed: %s", command, err)
+            return json_response(status, remote.error_body(err))
+        except Exception:  # a bug: log it for the admin, never show a traceback to clients
+            log.exception("admin write %s failed", command)
+            return error_response(500, "internal", "Internal error; see the service log.")
+
     def application(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         raw_path = str(environ.get("PATH_INFO", "") or "/")
         path = raw_path.rstrip("/") or "/"
+        if path.startswith(remote.ADMIN_PREFIX) and routes is not None:
+            if method != "POST":
+                return _send(start_response, environ, error_response(
+                    405, "method_not_allowed", f"Method {method[:20]} is not allowed; use POST."),
+                    (("Allow", "POST"),))
+            return _send(start_response, environ, write(environ, path[len(remote.ADMIN_PREFIX):]))
         if method not in ("GET", "HEAD"):
             return _send(start_response, environ, error_response(
                 405, "method_not_allowed", f"Method {method[:20]} is not allowed; use GET."),
                 (("Allow", "GET, HEAD"),))
+        try:
+            caller = who(environ)
+        except NotAuthenticated as err:
+            return _send(start_response, environ, error_response(401, "unauthorized", str(err)))
+        except TemporaryFailure as err:
+            return _send(start_response, environ, error_response(503, "unavailable", str(err)))
         if path in API_PARAMS and routes is not None:
-            response = routes.handle(path, str(environ.get("QUERY_STRING", "")))
+            response = routes.handle(
+                path, str(environ.get("QUERY_STRING", "")),
+                access_of(caller) if settings.roles is not None else None)
             return _send(start_response, environ, response)
         if path == "/":
-            return dashboard(environ, start_response)
+            return dashboard(environ, start_response, access_of(caller))
         static = web.static_file(raw_path)
         if static is not None:
             ctype, body = static
@@ -333,6 +433,17 @@ def create_app(settings: Settings) -> WSGIApp:
             404, "not_found", f"No route {raw_path[:200]}."))
 
     return application
+
+
+def _read_body(environ: Mapping[str, Any]) -> bytes:
+    """The request body (the server bounds its size: serve.MAX_BODY_BYTES)."""
+    try:
+        length = int(str(environ.get("CONTENT_LENGTH") or 0))
+    except ValueError as err:
+        raise InvalidInput("Content-Length is not a number.") from err
+    if length <= 0:
+        return b""
+    return environ["wsgi.input"].read(length)
 
 
 _default: WSGIApp | None = None

@@ -11,8 +11,18 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from slurm_quota import DEFAULT_URL  # noqa: F401  (the client's default, re-exported)
-from slurm_quota.errors import InvalidInput, ServiceUnavailable, SlurmQuotaError
+from slurm_quota import (
+    DEFAULT_URL,  # noqa: F401  (the client's default, re-exported)
+    identity,
+)
+from slurm_quota.errors import (
+    InvalidInput,
+    MungeUnavailable,
+    NotAuthenticated,
+    NotPermitted,
+    ServiceUnavailable,
+    SlurmQuotaError,
+)
 from slurm_quota.stats import check_selector, validate_payload
 
 
@@ -85,10 +95,16 @@ def fetch_stats(
     kept = cache if not params else None  # only the whole-ledger answer is kept
     etag = kept.etag(url) if kept is not None else None
     headers = {} if etag is None else {"If-None-Match": etag}
+    munge_error = None
     try:
-        resp = requests.get(
-            url, params=params, headers=headers, timeout=(min(timeout_s, 3.0), timeout_s)
-        )
+        prepared = requests.Request("GET", url, params=params, headers=headers).prepare()
+        try:
+            # Who asks: the service shows a user's own usage under PrivateData.
+            prepared.headers.update(identity.credential_header("GET", prepared.path_url))
+        except MungeUnavailable as err:
+            munge_error = str(err)  # asked anonymously; said if the service needs to know
+        with requests.Session() as session:
+            resp = session.send(prepared, timeout=(min(timeout_s, 3.0), timeout_s))
     except requests.exceptions.InvalidURL as err:
         raise InvalidInput(f"SLURM_QUOTA_URL {base_url!r} is not a valid URL: {err}.") from err
     except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema) as err:
@@ -105,6 +121,13 @@ def fetch_stats(
         if copy is not None:
             return copy
     detail = _error_detail(resp)
+    if resp.status_code == 401:
+        raise NotAuthenticated(
+            f"The service at {url} needs to know who you are{detail}"
+            + (f" ({munge_error})" if munge_error else "")
+        )
+    if resp.status_code == 403:
+        raise NotPermitted(f"The service at {url} refused{detail}")
     if resp.status_code in (502, 503, 504):
         raise ServiceUnavailable(
             f"The slurm-quota service at {url} is unavailable (HTTP {resp.status_code})"

@@ -68,3 +68,16 @@ class SlurmUnavailable(TemporaryFailure):
 
 class ServiceUnavailable(TemporaryFailure):
     """The slurm-quota HTTP service did not answer."""
+
+
+class NotAuthenticated(SlurmQuotaError):
+    """The service cannot tell who sent a request, or the credential proves nothing (401)."""
+
+
+class CredentialRefused(NotAuthenticated):
+    """A MUNGE credential that does not prove who sent this request (replayed, expired,
+    forged, or made for another request)."""
+
+
+class MungeUnavailable(TemporaryFailure):
+    """libmunge is missing or munged does not answer."""

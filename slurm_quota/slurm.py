@@ -553,3 +553,73 @@ def tokens_of(rows: Iterable[AccountingJob]) -> set[str]:
         out |= tokens_in(row.admin_comment)
     return out
 
+
+
+# ---------------------------------------------------------------------------------------
+# Who is who: slurm.conf and the accounting database (roles, privacy; the service)
+# ---------------------------------------------------------------------------------------
+
+SACCTMGR_TIMEOUT_S = 10.0
+
+
+def slurm_config(*, runner: Runner | None = None) -> dict[str, str]:
+    """`scontrol show config` as {key: value} (e.g. PrivateData, SlurmUser)."""
+    argv = ["scontrol", "show", "config"]
+    res = (runner or run_command)(argv, SCONTROL_TIMEOUT_S)
+    if res.returncode != 0:
+        raise _fail(argv, res)
+    config: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if sep and key and " " not in key:
+            config.setdefault(key, value.strip())
+    if "SlurmUser" not in config:
+        raise SlurmUnavailable(f"`{' '.join(argv)}` printed no SlurmUser line.")
+    return config
+
+
+def _sacctmgr_rows(args: Sequence[str], width: int, runner: Runner | None) -> list[list[str]]:
+    argv = ["sacctmgr", "-n", "-P", *args]
+    res = (runner or run_command)(argv, SACCTMGR_TIMEOUT_S)
+    if res.returncode != 0:
+        raise _fail(argv, res)
+    rows = []
+    for line in res.stdout.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != width:
+            raise SlurmUnavailable(
+                f"`{' '.join(argv)}` printed an unexpected line: {line[:200]!r}"
+            )
+        rows.append([p.strip() for p in parts])
+    return rows
+
+
+def admin_levels(*, runner: Runner | None = None) -> dict[str, str]:
+    """user -> AdminLevel (Administrator, Operator or None) from the accounting database."""
+    rows = _sacctmgr_rows(["show", "user", "format=User,AdminLevel"], 2, runner)
+    return {user: level for user, level in rows if user}
+
+
+def account_coordinators(*, runner: Runner | None = None) -> dict[str, frozenset[str]]:
+    """account -> the users sacctmgr lists as its coordinators."""
+    rows = _sacctmgr_rows(["show", "account", "withcoord", "format=Account,Coordinators"], 2,
+                          runner)
+    out: dict[str, frozenset[str]] = {}
+    for account, coords in rows:
+        names = frozenset(c.strip() for c in coords.split(",") if c.strip())
+        if account and names:
+            out[account] = out.get(account, frozenset()) | names
+    return out
+
+
+def user_accounts(*, runner: Runner | None = None) -> dict[str, frozenset[str]]:
+    """user -> the accounts the user has an association with."""
+    rows = _sacctmgr_rows(["show", "association", "format=User,Account"], 2, runner)
+    out: dict[str, set[str]] = {}
+    for user, account in rows:
+        if user and account:
+            out.setdefault(user, set()).add(account)
+    return {user: frozenset(accounts) for user, accounts in out.items()}

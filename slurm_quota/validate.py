@@ -93,11 +93,34 @@ def check_resource(resource: str) -> None:
         raise ValueError(f"unknown resource {resource!r}")
 
 
-def check_quota(minutes: int) -> int:
-    """A quota in whole minutes (-1 = unlimited); InvalidInput otherwise."""
+def check_quota(minutes: int | str) -> int:
+    """A quota in whole minutes (-1 = unlimited), as typed or an int; InvalidInput otherwise."""
+    if isinstance(minutes, str):
+        return ledger.parse_quota(minutes)
     if isinstance(minutes, bool) or not isinstance(minutes, int):
         raise InvalidInput(f"Quota {minutes!r} is not a whole number of minutes.")
     return ledger.parse_quota(str(minutes))
+
+
+def parse_adjustment(
+    user: str | None, account: str | None, cpu: bool, gpu: bool, minutes: str | None,
+    hours: str | None,
+) -> tuple[str, str, str, int]:
+    """(kind, name, resource, signed minutes) of `adjust`'s options, checked together."""
+    if (user is None) == (account is None):
+        raise InvalidInput("adjust needs exactly one of --user or --account.")
+    if cpu == gpu:
+        raise InvalidInput("adjust needs exactly one of --cpu or --gpu.")
+    if (minutes is None) == (hours is None):
+        raise InvalidInput("adjust needs exactly one of --minutes or --hours (signed, e.g. +30).")
+    kind = "user" if user is not None else "account"
+    name = parse_name(kind, user if user is not None else account)
+    resource = ledger.CPU if cpu else ledger.GPU
+    if minutes is not None:
+        delta = ledger.parse_signed_minutes(minutes)
+    else:
+        delta = ledger.parse_signed_minutes(str(hours), hours=True)
+    return kind, name, resource, delta
 
 
 def parse_job_id(text: str | int | None) -> int | None:

@@ -1,6 +1,9 @@
-"""Admin commands (root): migrate, quotas, adjust, defaults, GPU factors, history.
+"""Admin commands: migrate, quotas, adjust, defaults, GPU factors, settings, history.
 
-Parse, call one library function, format. No SQL here.
+Parse, call one library function, format. No SQL here. The writes (quotas, adjust, defaults,
+GPU factors, settings) pass what was typed to slurm_quota.remote.perform, which checks it in
+one place: directly on the ledger for root, through the service for anyone else (an admin or
+operator as MUNGE and Slurm say).
 """
 
 from __future__ import annotations
@@ -189,6 +192,16 @@ def _ledger(
         conn.close()
 
 
+def _write(settings: Settings, command: str, **args: Any) -> Any:
+    """Run one write command (root: on the ledger; else: through the service)."""
+    import os
+
+    from slurm_quota import DEFAULT_URL, remote
+
+    url = os.environ.get("SLURM_QUOTA_URL") or DEFAULT_URL
+    return remote.perform(settings.db_path, command, args, url=url)
+
+
 def _minutes(value: int) -> str:
     from slurm_quota import ledger
 
@@ -199,14 +212,7 @@ def _set_quota(
     settings: Settings, command: str, kind: str, resource: str, name: str, n: str, reason
 ) -> None:
     """Shared body of the four quota commands."""
-    require_root(command)
-    from slurm_quota import admin, ledger, validate
-
-    name = validate.parse_name(kind, name)
-    quota = ledger.parse_quota(n)
-    reason = validate.parse_reason(reason)
-    with _ledger(settings) as conn:
-        change = admin.set_quota(conn, kind, name, resource, quota, reason=reason)
+    change = _write(settings, command, name=name, minutes=n, reason=reason)
     label = f"{_KIND_LABEL[kind]} {change.name}"
     res = _RESOURCE_LABEL[resource]
     if change.created:
@@ -231,7 +237,7 @@ def _set_quota(
 @_reason_option
 @pass_settings
 def user_quota_cmd(settings: Settings, user: str, n: str, reason: str | None) -> None:
-    """Set the CPU-minute quota of USER to N (-1 = unlimited). Root only.
+    """Set the CPU-minute quota of USER to N (-1 = unlimited). Admins and operators.
 
     A new user row gets the default GPU quota (see `default-quotas`).
 
@@ -249,7 +255,7 @@ def user_quota_cmd(settings: Settings, user: str, n: str, reason: str | None) ->
 @_reason_option
 @pass_settings
 def user_gpu_quota_cmd(settings: Settings, user: str, n: str, reason: str | None) -> None:
-    """Set the GPU-minute quota of USER to N (-1 = unlimited). Root only.
+    """Set the GPU-minute quota of USER to N (-1 = unlimited). Admins and operators.
 
     A new user row gets the default CPU quota (see `default-quotas`).
 
@@ -267,7 +273,7 @@ def user_gpu_quota_cmd(settings: Settings, user: str, n: str, reason: str | None
 @_reason_option
 @pass_settings
 def account_quota_cmd(settings: Settings, account: str, n: str, reason: str | None) -> None:
-    """Set the CPU-minute quota of the Slurm ACCOUNT to N (-1 = unlimited). Root only.
+    """Set the CPU-minute quota of the Slurm ACCOUNT to N (-1 = unlimited). Admins and operators.
 
     Account names are matched exactly as Slurm reports them (sacctmgr stores them in
     lower case). A new account row gets the default GPU quota.
@@ -286,7 +292,7 @@ def account_quota_cmd(settings: Settings, account: str, n: str, reason: str | No
 @_reason_option
 @pass_settings
 def account_gpu_quota_cmd(settings: Settings, account: str, n: str, reason: str | None) -> None:
-    """Set the GPU-minute quota of the Slurm ACCOUNT to N (-1 = unlimited). Root only.
+    """Set the GPU-minute quota of the Slurm ACCOUNT to N (-1 = unlimited). Admins and operators.
 
     A new account row gets the default CPU quota.
 
@@ -317,7 +323,7 @@ def adjust_cmd(
     hours: str | None,
     reason: str | None,
 ) -> None:
-    """Add or subtract consumed minutes of one user or account. Root only.
+    """Add or subtract consumed minutes of one user or account. Admins and operators.
 
     Exactly one of --user/--account, one of --cpu/--gpu and one of --minutes/--hours,
     with an explicit sign. The result is clamped at 0 (consumed time never goes negative).
@@ -329,26 +335,11 @@ def adjust_cmd(
       sudo slurm-quota adjust --user alice --gpu --minutes=-120 --reason "node failure"
       sudo slurm-quota adjust --account projx --cpu --hours=+2
     """
-    require_root("adjust")
-    from slurm_quota import admin, ledger, validate
-    from slurm_quota.errors import InvalidInput
-
-    if (user is None) == (account is None):
-        raise InvalidInput("adjust needs exactly one of --user or --account.")
-    if cpu == gpu:
-        raise InvalidInput("adjust needs exactly one of --cpu or --gpu.")
-    if (minutes is None) == (hours is None):
-        raise InvalidInput("adjust needs exactly one of --minutes or --hours (signed, e.g. +30).")
-    kind = "user" if user is not None else "account"
-    name = validate.parse_name(kind, user if user is not None else account)
-    resource = "cpu" if cpu else "gpu"
-    if minutes is not None:
-        delta = ledger.parse_signed_minutes(minutes)
-    else:
-        delta = ledger.parse_signed_minutes(hours, hours=True)
-    reason = validate.parse_reason(reason)
-    with _ledger(settings) as conn:
-        result = admin.adjust(conn, kind, name, resource, delta, reason=reason)
+    result = _write(
+        settings, "adjust", user=user, account=account, cpu=cpu, gpu=gpu, minutes=minutes,
+        hours=hours, reason=reason,
+    )
+    kind, resource, delta = result.kind, result.resource, result.delta_minutes
     res = _RESOURCE_LABEL[resource]
     clamped = ", clamped at 0" if result.clamped else ""
     click.echo(
@@ -403,7 +394,7 @@ def set_default_quotas_cmd(
     account_gpu: str | None,
     reason: str | None,
 ) -> None:
-    """Set default quotas (minutes, -1 = unlimited) for rows created from now on. Root only.
+    """Set default quotas (minutes, -1 = unlimited) for new rows. Admins and operators.
 
     Existing users and accounts keep their quotas.
 
@@ -412,23 +403,12 @@ def set_default_quotas_cmd(
       sudo slurm-quota set-default-quotas --user-cpu 50000 --account-cpu 200000
       sudo slurm-quota set-default-quotas --user-gpu -1 --account-gpu -1
     """
-    require_root("set-default-quotas")
-    from slurm_quota import admin, ledger, validate
+    from slurm_quota import ledger
 
-    values = {
-        "user_cpu": user_cpu,
-        "user_gpu": user_gpu,
-        "account_cpu": account_cpu,
-        "account_gpu": account_gpu,
-    }
-    if all(v is None for v in values.values()):
-        raise click.UsageError(
-            "Give at least one of --user-cpu, --user-gpu, --account-cpu, --account-gpu."
-        )
-    parsed = {k: (None if v is None else ledger.parse_quota(v)) for k, v in values.items()}
-    reason = validate.parse_reason(reason)
-    with _ledger(settings) as conn:
-        changes = admin.set_default_quotas(conn, reason=reason, **parsed)
+    changes = _write(
+        settings, "set-default-quotas", user_cpu=user_cpu, user_gpu=user_gpu,
+        account_cpu=account_cpu, account_gpu=account_gpu, reason=reason,
+    )
     for change in changes:
         click.echo(
             f"{change.key}: {ledger.format_quota(change.old_minutes)} -> "
@@ -472,7 +452,7 @@ def settings_cmd(settings: Settings, as_json: bool) -> None:
 def set_setting_cmd(
     settings: Settings, key: str, value: str | None, unset: bool, reason: str | None
 ) -> None:
-    """Set a plugin setting. Root only.
+    """Set a plugin setting. Admins and operators.
 
     \b
     KEY is one of:
@@ -489,13 +469,10 @@ def set_setting_cmd(
       sudo slurm-quota set-setting node_gpus.gpu gpu:a100:8 --reason "new nodes"
       sudo slurm-quota set-setting --unset default_time_minutes
     """
-    require_root("set-setting")
     if unset == (value is not None):
         raise click.UsageError("Give KEY VALUE, or --unset KEY.")
-    from slurm_quota import admin
-
-    with _ledger(settings) as conn:
-        change = admin.set_setting(conn, key, None if unset else value, reason=reason)
+    change = _write(settings, "set-setting", key=key, value=None if unset else value,
+                    reason=reason)
     shown = {None: "not set"}
     click.echo(f"{change.key}: {shown.get(change.old, change.old)} -> "
                f"{shown.get(change.new, change.new)}")
@@ -539,7 +516,7 @@ def gpu_factors_cmd(settings: Settings, as_json: bool) -> None:
 @_reason_option
 @pass_settings
 def set_gpu_factor_cmd(settings: Settings, gpu_type: str, factor: str, reason: str | None) -> None:
-    """Set the factor (finite, >= 0) that multiplies GPU minutes of GPU TYPE. Root only.
+    """Set the factor (finite, >= 0) that multiplies GPU minutes of GPU TYPE. Admins and operators.
 
     TYPE `default` applies to untyped GPUs and types without their own factor (1.0 when
     not set). A factor of 0.5 counts 10 GPU minutes as 5.
@@ -549,14 +526,7 @@ def set_gpu_factor_cmd(settings: Settings, gpu_type: str, factor: str, reason: s
       sudo slurm-quota set-gpu-factor h100 0.5
       sudo slurm-quota set-gpu-factor default 1.0
     """
-    require_root("set-gpu-factor")
-    from slurm_quota import admin, ledger, validate
-
-    gpu_type = validate.parse_gpu_type(gpu_type)
-    value = ledger.parse_factor(factor)
-    reason = validate.parse_reason(reason)
-    with _ledger(settings) as conn:
-        change = admin.set_gpu_factor(conn, gpu_type, value, reason=reason)
+    change = _write(settings, "set-gpu-factor", gpu_type=gpu_type, factor=factor, reason=reason)
     old = "not set" if change.old_factor is None else repr(change.old_factor)
     click.echo(f"GPU factor of {change.gpu_type}: {old} -> {change.new_factor!r}.")
 

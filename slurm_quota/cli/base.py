@@ -42,7 +42,9 @@ class Settings:
 def cli(ctx: click.Context, db_path: str) -> None:
     """CPU/GPU-minute quotas for Slurm users and accounts.
 
-    Admin commands (quotas, factors, defaults, adjust, prune, migrate) need root.
+    Changes of quotas, GPU factors, defaults, consumption (adjust) and settings run on the
+    ledger as root, and through the service (SLURM_QUOTA_URL, MUNGE) for Slurm
+    administrators and operators on any host; prune, migrate and check --repair need root.
     Exit status: 0 ok, 1 error, 2 usage, 75 temporary failure (DB locked, Slurm or the
     service not answering).
     """

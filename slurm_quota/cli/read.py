@@ -188,6 +188,28 @@ def stats_cmd(
     help="Send a whole-ledger answer (/stats, /metrics) built at most this long ago while a "
     "fresh one is built (0 = always wait for the ledger as it is).",
 )
+@click.option(
+    "--roles-ttl",
+    "roles_ttl_s",
+    type=Seconds(min=0, max=3600),
+    default=60,
+    show_default=True,
+    metavar="SECONDS",
+    help="Ask Slurm again for PrivateData, AdminLevels, coordinators and associations after "
+    "this long.",
+)
+@click.option(
+    "--no-slurm-roles",
+    is_flag=True,
+    help="Do not ask Slurm who is who: everyone sees everything (PrivateData is not "
+    "followed) and nobody writes through the service. For a host without Slurm.",
+)
+@click.option(
+    "--trust-remote-user",
+    is_flag=True,
+    help="Take REMOTE_USER (or a proxy's X-Remote-User header) as the caller: only behind a "
+    "web front end that authenticates, with this service reachable through it alone.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request to stderr.")
 @pass_settings
 def serve_cmd(
@@ -197,13 +219,20 @@ def serve_cmd(
     idle_timeout_s: float,
     threads: int,
     max_stale_s: float,
+    roles_ttl_s: float,
+    no_slurm_roles: bool,
+    trust_remote_user: bool,
     verbose: bool,
 ) -> None:
-    """Serve the API (/health, /stats, /metrics) and the dashboard (/) over HTTP, read-only.
+    """Serve the API (/health, /stats, /metrics), the dashboard (/) and admin writes
+    (POST /admin/COMMAND) over HTTP.
 
     With systemd socket activation (LISTEN_PID/LISTEN_FDS) the socket passed on fd 3 is
     used and --host/--port are ignored. The server is waitress: one event loop reads every
-    connection, and --threads workers answer complete requests.
+    connection, and --threads workers answer complete requests. A request carrying a MUNGE
+    credential is answered for that user: what they may see follows slurm.conf's
+    PrivateData, and Slurm administrators and operators may change quotas. Run it as the
+    ledger's owner (SlurmUser), with slurm.conf and munged available.
 
     \b
     Examples:
@@ -213,13 +242,17 @@ def serve_cmd(
     """
     import logging
 
-    from slurm_quota import app, serve
+    from slurm_quota import app, roles, serve
 
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     serve.run(
-        app.Settings(db_path=Path(settings.db_path), max_stale_s=max_stale_s),
+        app.Settings(
+            db_path=Path(settings.db_path), max_stale_s=max_stale_s,
+            roles=None if no_slurm_roles else roles.Roles(roles_ttl_s),
+            trust_remote_user=trust_remote_user,
+        ),
         host=host,
         port=port,
         idle_timeout_s=idle_timeout_s,

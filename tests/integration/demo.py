@@ -99,7 +99,9 @@ class Demo:
         """Run slurm-quota as a plain user, the way a login node has it: the system python3
         with Debian's click/tabulate/requests (root's venv is not readable by users)."""
         argv = ["slurm-quota", *args]
-        env = dict(env, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+        # A login node has no ledger: without emptying the lab's SLURM_QUOTA_DB, `stats`
+        # would read the file directly (readable in the lab) instead of asking the service.
+        env = dict(env, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", SLURM_QUOTA_DB="")
         proc = self.lab.run("env", *[f"{k}={v}" for k, v in env.items()],
                             "/usr/bin/python3", "-m", "slurm_quota", *args,
                             user=user, check=False)
@@ -145,6 +147,8 @@ def run_demo(lab: Lab) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # The lab's slurm.conf (roles, PrivateData) and munged (who asks).
+        env=lab._client_env(),
     )
     try:
         deadline = time.monotonic() + 15
@@ -181,8 +185,12 @@ def run_demo(lab: Lab) -> None:
         check_gpu_charge(lab, jobs[1])
         demo.admin("history", "--user", "alice", "--limit", "8")
 
-        say("Everyone's usage through the HTTP service (what `slurm-quota stats --all` prints)")
+        say("alice asks for everyone's usage through the HTTP service: the lab's slurm.conf "
+            "has PrivateData=usage, so MUNGE says who she is and she sees her row and her "
+            "accounts")
         demo.user_cmd("alice", {"SLURM_QUOTA_URL": url, "NO_COLOR": "1"}, "stats", "--all")
+        say("root on the controller reads the ledger itself: everyone")
+        demo.admin("stats", "--all")
     finally:
         serve.terminate()
         try:

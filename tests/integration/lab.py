@@ -299,6 +299,8 @@ class Lab:
         self.env = {
             "SLURM_CONF": str(self.slurm_conf),
             "SLURM_QUOTA_DB": str(self.db_path),
+            # The lab's own munged, for slurm-quota's credentials (CLI and service).
+            "SLURM_QUOTA_MUNGE_SOCKET": str(self.munge_socket),
             "PATH": f"{venv_bin}:{path}" if venv_bin not in path.split(":") else path,
         }
 
@@ -1273,6 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"export SLURM_CONF={lab.env['SLURM_CONF']}")
             print(f"export SLURM_QUOTA_DB={lab.env['SLURM_QUOTA_DB']}")
+            print(f"export SLURM_QUOTA_MUNGE_SOCKET={lab.env['SLURM_QUOTA_MUNGE_SOCKET']}")
             print(f'export PATH="{Path(lab.quota_bin).parent}:$PATH"')
     except LabError as err:
         print(f"lab: {err}", file=sys.stderr)

@@ -126,12 +126,15 @@ def test_read_service_may_hold_thousands_of_connections():
     assert int(_parse("slurm-quota.service")["Service"]["LimitNOFILE"]) >= 8192
 
 
-def test_read_service_cannot_write_the_ledger_file():
+def test_service_writes_only_the_ledger_directory():
     svc = _parse("slurm-quota.service")["Service"]
-    # The database file is read-only inside the service; its directory stays writable only so
-    # SQLite can create the WAL index files a reader needs (see the unit's header comment).
-    assert svc["ReadOnlyPaths"] == "-/var/lib/state/slurm-quota/slurm-quota.db"
+    # Admin writes of Slurm operators on other hosts go through the service (issue 17): the
+    # ledger's directory is the one writable path of an otherwise read-only system.
+    assert "ReadOnlyPaths" not in svc
+    assert svc["ProtectSystem"] == "strict"
     assert svc["ReadWritePaths"] == "/var/lib/state/slurm-quota"
+    # munged's socket and Slurm's daemons
+    assert svc["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
 
 
 def test_reconcile_timer_every_15_minutes_persistent():

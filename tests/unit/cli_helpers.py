@@ -99,13 +99,16 @@ def remove_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_as_nobody(db_path: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_as_nobody(
+    db_path: Path | str, *args: str, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the installed `slurm-quota` with real uid/gid 65534 (really non-root)."""
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": "/",
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
+        **(env_extra or {}),
     }
     return subprocess.run(
         [

@@ -538,7 +538,6 @@ def test_set_gpu_factor_refuses_bad_types(db_path, capsys, gpu_type):
 # ---------------------------------------------------------------------------------------
 
 ADMIN_COMMANDS = [
-    ["migrate"],
     ["user-quota", "alice", "5"],
     ["user-gpu-quota", "alice", "5"],
     ["account-quota", "projx", "5"],
@@ -573,16 +572,32 @@ def _file_bytes(path) -> dict[str, bytes | None]:
     return out
 
 
+def test_migrate_refuses_a_non_root_real_uid(world_writable_db):
+    before_bytes = _file_bytes(world_writable_db)
+    proc = run_as_nobody(world_writable_db, "migrate")
+    assert proc.returncode == 1, proc
+    assert "`slurm-quota migrate` changes the ledger and is restricted to root" in proc.stderr
+    assert "(you are uid 65534); nothing was changed." in proc.stderr
+    assert _file_bytes(world_writable_db) == before_bytes
+
+
 @pytest.mark.parametrize("args", ADMIN_COMMANDS, ids=lambda a: a[0])
-def test_admin_commands_refuse_a_non_root_real_uid(world_writable_db, args):
+def test_admin_writes_of_a_non_root_uid_never_open_the_ledger(world_writable_db, args):
+    # Not root: the write goes to the service as the user MUNGE vouches for, never to the
+    # file, even one this uid could write. Here munged is absent: exit 75, nothing written.
     before_rows = snapshot(world_writable_db)
     before_bytes = _file_bytes(world_writable_db)
 
-    proc = run_as_nobody(world_writable_db, *args)
+    proc = run_as_nobody(
+        world_writable_db, *args,
+        env_extra={"SLURM_QUOTA_MUNGE_SOCKET": "/nonexistent/munge.socket.2"},
+    )
 
-    assert proc.returncode == 1, proc
-    assert f"`slurm-quota {args[0]}` changes the ledger and is restricted to root" in proc.stderr
-    assert "(you are uid 65534); nothing was changed." in proc.stderr
+    assert proc.returncode == 75, proc
+    assert "slurm-quota: error: Cannot prove who you are to the service: " in proc.stderr
+    # libmunge says which socket it could not reach (or that it is not installed at all).
+    assert "/nonexistent/munge.socket.2" in proc.stderr or "libmunge is not installed" in (
+        proc.stderr)
     assert proc.stdout == ""
     assert _file_bytes(world_writable_db) == before_bytes
     assert snapshot(world_writable_db) == before_rows

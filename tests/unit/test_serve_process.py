@@ -45,7 +45,7 @@ def _activated(db_path, listener: socket.socket, listen_pid: str, *serve_args: s
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
     return subprocess.Popen(
         [sys.executable, "-c", _WRAPPER, str(n), listen_pid,
-         SLURM_QUOTA_BIN, "--db", str(db_path), "serve", *serve_args],
+         SLURM_QUOTA_BIN, "--db", str(db_path), "serve", "--no-slurm-roles", *serve_args],
         pass_fds=(n,),
         stderr=subprocess.PIPE,
         text=True,

@@ -82,10 +82,13 @@ def test_bad_settings_are_refused_with_exit_2_and_no_change(db_path: Path, argv,
     assert db_path.read_bytes() == before
 
 
-def test_set_setting_is_root_only(db_path: Path, monkeypatch, capsys) -> None:
+def test_set_setting_of_a_non_root_uid_goes_to_the_service(
+    db_path: Path, monkeypatch, capsys
+) -> None:
     monkeypatch.setattr(os, "getuid", lambda: 65534)
-    assert main(["--db", str(db_path), "set-setting", "node_gpus", "gpu:2"]) == 1
-    assert "restricted to root" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_QUOTA_MUNGE_SOCKET", "/nonexistent/munge.socket.2")
+    assert main(["--db", str(db_path), "set-setting", "node_gpus", "gpu:2"]) == 75
+    assert "Cannot prove who you are to the service" in capsys.readouterr().err
     assert _settings(db_path) == {}
 
 

@@ -140,7 +140,10 @@ def serve_process(db_path: Path, *extra: str) -> Iterator[tuple[subprocess.Popen
     """`slurm-quota --db DB serve --port 0 ...` as a real process; yields (process, base URL)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
     proc = subprocess.Popen(
-        [SLURM_QUOTA_BIN, "--db", str(db_path), "serve", "--port", "0", *extra],
+        # No Slurm here: the service shows everything and takes no writes (the lab's tests
+        # run it with Slurm's roles and PrivateData).
+        [SLURM_QUOTA_BIN, "--db", str(db_path), "serve", "--port", "0", "--no-slurm-roles",
+         *extra],
         stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
