@@ -35,8 +35,9 @@ def migrate_cmd(settings: Settings) -> None:
     require_root("migrate")
     from slurm_quota import db
 
-    applied = db.migrate(settings.db_path)
-    version = db.schema_version(settings.db_path)
+    ledger = settings.ledger()
+    applied = db.migrate(ledger)
+    version = db.schema_version(ledger)
     if applied:
         click.echo(f"Applied migrations {', '.join(map(str, applied))}; schema version {version}.")
     else:
