@@ -211,3 +211,70 @@ def test_sqlite_ledger_object_is_the_same_as_its_path(tmp_path) -> None:
     ledger = SQLiteLedger(str(tmp_path / "l.db"))
     assert db.migrate(ledger) == [1, 2, 3, 4, 5]
     assert db.schema_version(ledger) == db.schema_version(ledger.path) == 5
+
+
+def _prealloc(conn, uuid: str, user: str, account: str, cpu: int, size: int = 1) -> None:
+    conn.execute(
+        "INSERT INTO jobs_preallocations (job_uuid, username, account, "
+        "preallocated_cpu_minutes, preallocated_gpu_minutes, array_size) VALUES (?, ?, ?, ?, 1, ?)",
+        (uuid, user, account, cpu, size),
+    )
+
+
+@pytest.fixture
+def checked_ledger(mariadb_ledger):
+    db.migrate(mariadb_ledger)
+    conn = db.connect(mariadb_ledger)
+    conn.execute("INSERT INTO users (username) VALUES ('alice'), ('bob')")
+    conn.execute("INSERT INTO accounts (account) VALUES ('physics')")
+    _prealloc(conn, "u-1", "alice", "physics", 60)
+    _prealloc(conn, "u-2", "alice", "physics", 10, size=4)
+    _prealloc(conn, "u-3", "bob", "physics", 5)
+    yield conn
+    conn.close()
+
+
+def test_check_passes_on_a_consistent_mariadb_ledger(checked_ledger) -> None:
+    from slurm_quota import check
+
+    report = check.check(checked_ledger)
+    assert report.ok, report.as_dict()
+    assert report.integrity == []
+    assert db.stats_accounts(checked_ledger, "physics")[0][2] == 60 + 40 + 5
+
+
+def test_check_finds_and_repairs_a_hand_edited_total_on_mariadb(checked_ledger) -> None:
+    from slurm_quota import check
+
+    checked_ledger.execute("UPDATE users SET reserved_cpu_minutes = 3 WHERE username = 'alice'")
+    report = check.check(checked_ledger)
+    assert not report.ok
+    assert [(d.name, d.stored[0], d.actual[0]) for d in report.drift] == [("alice", 3, 100)]
+    fixed = check.check(checked_ledger, repair=True)
+    assert fixed.repaired
+    assert check.check(checked_ledger).ok
+    assert db.get_owner(checked_ledger, "user", "alice") is not None
+    assert db.reserved_of(checked_ledger, "user", "alice")[:3] == (100, 5, 5)
+
+
+def test_check_reports_a_dropped_trigger_on_mariadb(checked_ledger) -> None:
+    from slurm_quota import check
+
+    checked_ledger.execute("DROP TRIGGER jobs_preallocations_reserved_delete")
+    report = check.check(checked_ledger)
+    assert ("trigger", "jobs_preallocations_reserved_delete") in report.missing
+    assert not report.ok
+
+
+def test_triggers_keep_totals_on_update_delete_and_owner_rename(checked_ledger) -> None:
+    conn = checked_ledger
+    conn.execute("UPDATE jobs_preallocations SET array_size = 2 WHERE job_uuid = 'u-2'")
+    conn.execute("DELETE FROM jobs_preallocations WHERE job_uuid = 'u-1'")
+    assert db.reserved_of(conn, "user", "alice")[:3] == (20, 2, 2)
+    assert db.reserved_drift(conn, "user") == [] and db.reserved_drift(conn, "account") == []
+    # an owner row created while preallocations name it starts from its real totals
+    conn.execute("SET SESSION foreign_key_checks = 0")
+    _prealloc(conn, "u-9", "ghost", "physics", 7)
+    conn.execute("SET SESSION foreign_key_checks = 1")
+    conn.execute("INSERT INTO users (username) VALUES ('ghost')")
+    assert db.reserved_of(conn, "user", "ghost")[:3] == (7, 1, 1)
