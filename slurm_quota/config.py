@@ -344,3 +344,26 @@ def resolve(
         assert config.mariadb is not None
         return config.mariadb
     return SQLiteLedger(db_option or config.ledger_path or default_path)
+
+
+def ledger_argument(text: str) -> SQLiteLedger | MariaDBLedger:
+    """A ledger named on a command line (copy-ledger), never with a password in it.
+
+    `mariadb:` is the MariaDB ledger of the configuration file ($SLURM_QUOTA_CONF or the
+    default), `mariadb:FILE` the one of another configuration file; `sqlite:PATH` or a plain
+    PATH is a SQLite file.
+    """
+    if text.startswith("mariadb:"):
+        path = text[len("mariadb:") :] or None
+        conf = load(path)
+        if conf.mariadb is None:
+            raise ConfigError(
+                f"{conf.source or conf_path()} does not say LedgerType=mariadb, so {text!r} "
+                f"names no MariaDB ledger."
+            )
+        return conf.mariadb
+    if text.startswith("sqlite:"):
+        text = text[len("sqlite:") :]
+    if not text:
+        raise ConfigError("An empty ledger name: give a SQLite file, mariadb: or mariadb:FILE.")
+    return SQLiteLedger(text)

@@ -1466,3 +1466,90 @@ def set_reserved(
         (cpu, gpu, jobs, name),
     )
     return cur.rowcount == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Section: whole tables (copy-ledger, the digests of `check --digest`)
+# ---------------------------------------------------------------------------------------
+# Every table of the ledger with its key, in an order that satisfies the foreign keys. Not
+# MariaDB's schema_version: that is the schema's, stamped by migrate on each side.
+LEDGER_TABLES: tuple[tuple[str, str], ...] = (
+    ("users", "username"),
+    ("accounts", "account"),
+    ("gpu_factors", "gpu_type"),
+    ("settings", "`key`"),
+    ("jobs_preallocations", "job_uuid"),
+    ("charges", "id"),
+    ("journal", "id"),
+    ("consumption_adjustments", "id"),
+)
+_LEDGER_TABLE_NAMES = {name for name, _ in LEDGER_TABLES}
+
+
+def table_columns(conn, table: str) -> list[str]:
+    """The columns of a ledger table, in their order."""
+    if table not in _LEDGER_TABLE_NAMES:
+        raise ValueError(f"not a ledger table: {table!r}")
+    if is_mariadb(conn):
+        rows = _usage_rows(
+            conn,
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
+            "DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (table,),
+        )
+        return [str(r[0]) for r in rows]
+    return [str(r[1]) for r in _usage_rows(conn, f"PRAGMA table_info({table})")]
+
+
+def _quoted(columns: list[str]) -> str:
+    return ", ".join(f"`{c}`" for c in columns)
+
+
+def table_rows(conn, table: str, columns: list[str]) -> Iterator[tuple]:
+    """Every row of a ledger table as plain tuples, in key order (the same on both engines:
+    names compare byte for byte on both)."""
+    key = dict(LEDGER_TABLES)[table]
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    cursor.execute(f"SELECT {_quoted(columns)} FROM {table} ORDER BY {key}")
+    while True:
+        batch = cursor.fetchmany(1000)
+        if not batch:
+            return
+        yield from (tuple(r) for r in batch)
+
+
+def count_rows(conn, table: str) -> int:
+    """The number of rows of a ledger table."""
+    if table not in _LEDGER_TABLE_NAMES:
+        raise ValueError(f"not a ledger table: {table!r}")
+    return int(_usage_rows(conn, f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+def insert_rows(conn, table: str, columns: list[str], rows: list[tuple]) -> None:
+    """Insert rows verbatim (every column given, the ids too)."""
+    if table not in _LEDGER_TABLE_NAMES:
+        raise ValueError(f"not a ledger table: {table!r}")
+    marks = ", ".join("?" for _ in columns)
+    conn.executemany(f"INSERT INTO {table} ({_quoted(columns)}) VALUES ({marks})", rows)
+
+
+def delete_all_rows(conn, table: str) -> None:
+    """Empty a ledger table (copy-ledger --replace; the triggers keep the totals)."""
+    if table not in _LEDGER_TABLE_NAMES:
+        raise ValueError(f"not a ledger table: {table!r}")
+    conn.execute(f"DELETE FROM {table}")
+
+
+def restore_owner_columns(
+    conn, kind: str, columns: list[str], rows: list[tuple]
+) -> None:
+    """Overwrite columns of existing user/account rows with the given values (name first):
+    the totals the triggers recomputed while preallocations were copied go back to what the
+    source held, drift and all, so the copy is exact."""
+    table, key = _owner_table(kind)
+    assignments = ", ".join(f"`{c}` = ?" for c in columns)
+    conn.executemany(
+        f"UPDATE {table} SET {assignments} WHERE {key} = ?",
+        [(*values, name) for name, *values in rows],
+    )

@@ -217,6 +217,14 @@ class Cursor:
         """The next row, or None."""
         return self._row(self._cursor.fetchone())
 
+    def fetchmany(self, size: int = 1000) -> list[Any]:
+        """Up to size more rows."""
+        rows = self._cursor.fetchmany(size)
+        if self.row_factory is None:
+            return list(rows)
+        names = self._names()
+        return [Row(r, names) for r in rows]
+
     def fetchall(self) -> list[Any]:
         """Every remaining row."""
         rows = self._cursor.fetchall()
