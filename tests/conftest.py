@@ -1,4 +1,6 @@
-"""Shared fixtures: a real migrated SQLite file per test, a listening socket to pass to serve."""
+"""Shared fixtures: a real migrated SQLite file per test, a listening socket to pass to serve,
+and the same ledger on both engines (`any_ledger`, `any_conn`: SQLite and a private MariaDB
+server, tests/mariadb_server.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,37 @@ from pathlib import Path
 import pytest
 
 from slurm_quota import db
+from tests.mariadb_server import mariadb_ledger, mariadb_server  # noqa: F401 (fixtures)
+
+ENGINES = ("sqlite", "mariadb")
+
+
+@pytest.fixture(autouse=True)
+def _no_site_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests never read the machine's /etc/slurm-quota/slurm-quota.conf: an absent one."""
+    monkeypatch.setenv("SLURM_QUOTA_CONF", str(tmp_path / "absent-slurm-quota.conf"))
+
+
+@pytest.fixture(params=[ENGINES[0], pytest.param(ENGINES[1], marks=pytest.mark.mariadb)])
+def any_ledger(request: pytest.FixtureRequest, tmp_path: Path):
+    """A freshly migrated ledger on each engine: a config.SQLiteLedger, then a
+    config.MariaDBLedger (a new database on the private server)."""
+    from slurm_quota.config import SQLiteLedger
+
+    if request.param == "sqlite":
+        ledger = SQLiteLedger(str(tmp_path / "slurm-quota.db"))
+    else:
+        ledger = request.getfixturevalue("mariadb_ledger")
+    db.migrate(ledger)
+    return ledger
+
+
+@pytest.fixture
+def any_conn(any_ledger):
+    """A read-write connection to any_ledger, closed after the test."""
+    c = db.connect(any_ledger)
+    yield c
+    c.close()
 
 
 @pytest.fixture

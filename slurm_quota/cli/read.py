@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -36,6 +37,12 @@ def _calling_user() -> str:
         raise click.UsageError(
             f"Your uid {os.getuid()} has no user name; name a user: slurm-quota stats USER."
         ) from err
+
+
+def _served_ledger(settings: Any) -> Any:
+    """The ledger serve reads: a Path (SQLite) or the configuration's MariaDBLedger."""
+    ledger = settings.ledger()
+    return Path(ledger.path) if ledger.kind == "sqlite" else ledger
 
 
 def _local_mode(ctx: click.Context, local: bool) -> bool:
@@ -202,7 +209,7 @@ def serve_cmd(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     serve.run(
-        app.Settings(db_path=Path(settings.db_path), max_stale_s=max_stale_s),
+        app.Settings(db_path=_served_ledger(settings), max_stale_s=max_stale_s),
         host=host,
         port=port,
         idle_timeout_s=idle_timeout_s,
