@@ -1013,10 +1013,10 @@ local SQL_MARIADB = {
     isolation = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
     -- Every statement, a wait for a row lock included, ends within this (MariaDB's
     -- max_statement_time, seconds with a fraction); the 1 s lock wait is only a backstop.
-    statement_timeout = "SET SESSION max_statement_time = " .. string.format("%.3f",
-        STATEMENT_TIMEOUT_S),
-    lock_wait_timeout = "SET SESSION innodb_lock_wait_timeout = 1",
-    user_version = "SELECT MAX(version) FROM schema_version",
+    -- Times in UTC, as every connection of the Python side (migrations/mariadb/0001).
+    session = "SET SESSION max_statement_time = " .. string.format("%.3f", STATEMENT_TIMEOUT_S)
+        .. ", innodb_lock_wait_timeout = 1, time_zone = '+00:00'",
+    user_version = "SELECT version FROM schema_version",
     begin = "START TRANSACTION",
     commit = "COMMIT",
     rollback = "ROLLBACK",
@@ -1877,8 +1877,7 @@ function M.open_mariadb(ledger)
                 0)
         end
         s:exec_once("isolation")
-        s:exec_once("statement_timeout")
-        s:exec_once("lock_wait_timeout")
+        s:exec_once("session")
         check_schema(s)
     end)
     if not okv then

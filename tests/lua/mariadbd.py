@@ -23,9 +23,8 @@ PACKAGES = ["mariadb-server", "mariadb-client", "lua-dbi-mysql", "nftables", "ip
 MARIADBD = "/usr/sbin/mariadbd"
 DATABASE = "slurm_quota"
 USER, PASSWORD = "sq_plugin", "pw-not-secret"
-# Until migrations/mariadb lands (helper i15a), the tests create the tables and the triggers
-# that keep the reserved totals (migration 0003) from this stand-in.
-STANDIN_SCHEMA = Path(__file__).resolve().parent / "fixtures" / "mariadb_standin.sql"
+# The plugin's account: data only, as a site would grant it; migrations run as ADMIN.
+ADMIN, ADMIN_PASSWORD = "sq_admin", "admin-not-secret"
 
 
 def require() -> None:
@@ -127,15 +126,28 @@ class MariaDB:
         return [line.split("\t") for line in proc.stdout.splitlines()]
 
     def create_ledger(self) -> None:
-        """The ledger database, its tables (stand-in schema, version 5) and the plugin's user."""
+        """The ledger database migrated by `slurm_quota.db.migrate` (migrations/mariadb), an
+        administrator who migrates it and the plugin's user (data rights only)."""
+        from slurm_quota import db as sqdb
+        from slurm_quota.config import MariaDBLedger
+
         self.sql(
             f"DROP DATABASE IF EXISTS {DATABASE}; CREATE DATABASE {DATABASE}; "
             f"CREATE USER IF NOT EXISTS '{USER}'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}'; "
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON {DATABASE}.* "
-            f"TO '{USER}'@'127.0.0.1';",
+            f"TO '{USER}'@'127.0.0.1'; "
+            f"CREATE USER IF NOT EXISTS '{ADMIN}'@'localhost' IDENTIFIED BY '{ADMIN_PASSWORD}'; "
+            f"GRANT ALL ON {DATABASE}.* TO '{ADMIN}'@'localhost';",
             database=None,
         )
-        self.sql(STANDIN_SCHEMA.read_text())
+        sqdb.migrate(
+            MariaDBLedger(
+                database=DATABASE,
+                user=ADMIN,
+                password=ADMIN_PASSWORD,
+                unix_socket=str(self.socket),
+            )
+        )
 
     def write_conf(self, path: Path, **overrides: str) -> Path:
         """A 0600 configuration file pointing at this server (keys overridable)."""

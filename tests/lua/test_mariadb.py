@@ -236,6 +236,15 @@ def test_two_interpreters_never_both_get_the_last_minutes(ledger, tmp_path):
         "SELECT account, SUM(preallocated_cpu_minutes) FROM jobs_preallocations GROUP BY account"
     )
     assert sorted(per_account) == sorted([f"acct{r}", "30"] for r in range(1, rounds + 1))
+    # and the CLI, on the same configuration file, finds the ledger consistent
+    proc = subprocess.run(
+        [sys.executable, "-m", "slurm_quota", "check"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_without_the_row_locks_the_race_overbooks(ledger, tmp_path):
