@@ -2128,6 +2128,8 @@ local function guarded(kind, job_desc, job_rec, privileged, fn)
         1, true) then
         -- MariaDB chose this transaction as a deadlock victim (two first submissions of a new
         -- owner): it was rolled back whole, so it is run once more.
+        pcall(slurm.log_info, "%s", LOG_PREFIX .. kind .. ": deadlock victim, decided again: "
+            .. error_text(rc))
         env = make_env()
         env.db = lazy_db()
         ok, rc = pcall(fn, env)

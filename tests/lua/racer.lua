@@ -21,7 +21,8 @@ end
 
 local function logger(fmt, ...)
     local msg = string.format(fmt, ...)
-    if msg:find("ACCEPTED WITHOUT", 1, true) or msg:find("REFUSED", 1, true) then
+    if msg:find("ACCEPTED WITHOUT", 1, true) or msg:find("REFUSED", 1, true)
+        or msg:find("decided again", 1, true) then
         io.stderr:write(msg, "\n")
     end
 end
