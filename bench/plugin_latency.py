@@ -140,9 +140,10 @@ class MariaDBEngine:
     fresh (slurm_quota.copyledger) for every run; the plugin reaches it through a 0600
     configuration file, over TCP on 127.0.0.1, as on a controller with its database local."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, flush_at_commit: int = 1) -> None:
         from tests.lua.mariadbd import MariaDB
 
+        self.flush_at_commit = flush_at_commit
         with socket_free() as port:
             pass
         self.server = MariaDB(root / "mariadb", port)
@@ -151,6 +152,10 @@ class MariaDBEngine:
     def __enter__(self) -> MariaDBEngine:
         self.server.start()
         self.server.write_conf(self.conf)
+        # 1 (MariaDB's default): every commit is flushed to disk; 2: written, flushed once a
+        # second (what the plugin's SQLite connection does with synchronous = NORMAL)
+        self.server.sql(f"SET GLOBAL innodb_flush_log_at_trx_commit = {self.flush_at_commit}",
+                        database=None)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -390,6 +395,8 @@ def main() -> int:
     ap.add_argument("--engines", default="sqlite",
                     help="ledger engines to measure the latency on, side by side: "
                          "sqlite, mariadb or sqlite,mariadb (a private mariadbd)")
+    ap.add_argument("--mariadb-flush", type=int, default=1, choices=(0, 1, 2),
+                    help="innodb_flush_log_at_trx_commit of the benchmark's mariadbd")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result: dict = {
@@ -405,12 +412,14 @@ def main() -> int:
                 mariadb = None
                 if engine == "mariadb":
                     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                    mariadb = stack.enter_context(MariaDBEngine(tmp))
+                    mariadb = stack.enter_context(MariaDBEngine(tmp, args.mariadb_flush))
                 for key, size in (("small", 1_000), ("large", 100_000)):
                     result[prefix + key] = latency(
                         size, args.calls, args.runs, args.users, args.accounts, args.plugin,
                         args.checkpoint_every, mariadb)
-                    result[prefix + key]["engine"] = engine
+                    result[prefix + key]["engine"] = engine + (
+                        f" (innodb_flush_log_at_trx_commit={args.mariadb_flush})"
+                        if engine == "mariadb" else "")
             result[prefix + "ratio_p99"] = (result[prefix + "large"]["p99_us"]
                                             / result[prefix + "small"]["p99_us"])
             result[prefix + "ratio_p50"] = (result[prefix + "large"]["p50_us"]

@@ -3,7 +3,8 @@
 -- usage: lua5.1 racer.lua PLUGIN USER ROUNDS START_EPOCH STEP_MS ACCOUNT_PREFIX MINUTES
 -- Round r (1..ROUNDS) starts at START_EPOCH + (r - 1) x STEP_MS on the real-time clock, the
 -- same instant in every racer; each then submits one job of MINUTES CPU-minutes (1 CPU x
--- MINUTES) for account ACCOUNT_PREFIX<r>. Output per round: "R <r> rc=<rc> ms=<ms>".
+-- MINUTES) for account ACCOUNT_PREFIX<r> (a prefix ending in "=" names one account for
+-- every round). Output per round: "R <r> rc=<rc> ms=<ms> uuid=<reservation or ->".
 local plugin_path, user, rounds, start, step_ms, prefix, minutes =
     arg[1], arg[2], tonumber(arg[3]), tonumber(arg[4]), tonumber(arg[5]), arg[6], tonumber(arg[7])
 
@@ -46,9 +47,14 @@ package.loaded.slurm_quota.session()
 for r = 1, rounds do
     sleep_until(start + (r - 1) * step_ms / 1000)
     local t0 = now()
-    local rc = slurm_job_submit(proxy({
-        user_name = user, user_id = 1001, account = prefix .. r, name = "race" .. r,
+    local desc = {
+        user_name = user, user_id = 1001, name = "race" .. r,
+        account = prefix:sub(-1) == "=" and prefix:sub(1, -2) or prefix .. r,
         time_limit = minutes, min_cpus = 1, num_tasks = 1,
-    }), {}, 1001)
-    io.write(string.format("R %d rc=%s ms=%.3f\n", r, tostring(rc), (now() - t0) * 1000))
+    }
+    local rc = slurm_job_submit(proxy(desc), {}, 1001)
+    local ms = (now() - t0) * 1000
+    local uuid = desc.admin_comment and desc.admin_comment:match("slurm%-quota:(%S+)") or "-"
+    io.write(string.format("R %d rc=%s ms=%.3f uuid=%s\n", r, tostring(rc), ms, uuid))
+    io.flush()
 end
