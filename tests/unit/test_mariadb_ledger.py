@@ -278,3 +278,69 @@ def test_triggers_keep_totals_on_update_delete_and_owner_rename(checked_ledger) 
     conn.execute("SET SESSION foreign_key_checks = 1")
     conn.execute("INSERT INTO users (username) VALUES ('ghost')")
     assert db.reserved_of(conn, "user", "ghost")[:3] == (7, 1, 1)
+
+
+@pytest.fixture
+def mariadb_service(mariadb_ledger):
+    """The application `serve` runs, over a seeded MariaDB ledger (tests/web/readside.py)."""
+    from slurm_quota.app import Settings, create_app
+    from tests.web.readside import SEED_SQL
+
+    db.migrate(mariadb_ledger)
+    conn = db.connect(mariadb_ledger)
+    try:
+        mariadb.execute_script(conn, "START TRANSACTION;\n" + SEED_SQL + "\nCOMMIT;")
+    finally:
+        conn.close()
+    return create_app(Settings(db_path=mariadb_ledger))
+
+
+def _get(service, target: str):
+    import json
+
+    from tests.web.readside import wsgi_request
+
+    status, _headers, body = wsgi_request(service, "GET", target)
+    return status, json.loads(body)
+
+
+def test_serve_answers_from_a_mariadb_ledger(mariadb_service) -> None:
+    from tests.web.readside import ACCOUNTS_OF, EXPECTED_ACCOUNTS, EXPECTED_USERS, numbers
+
+    assert _get(mariadb_service, "/health") == (
+        200,
+        {"status": "ok", "schema_version": db.latest_version()},
+    )
+    _, body = _get(mariadb_service, "/stats")
+    assert {r["username"]: numbers(r) for r in body["users"]} == EXPECTED_USERS
+    assert {r["account"]: numbers(r) for r in body["accounts"]} == EXPECTED_ACCOUNTS
+    for user, accounts in ACCOUNTS_OF.items():
+        _, one = _get(mariadb_service, f"/stats?username={user}")
+        assert [r["account"] for r in one["accounts"]] == accounts
+
+
+def test_serve_sees_every_write_to_a_mariadb_ledger_at_once(mariadb_service, mariadb_ledger):
+    # the cached whole-ledger answer follows each commit, even several in one second
+    conn = db.connect(mariadb_ledger)
+    try:
+        for minutes in (4321, 4322, 4323):
+            _get(mariadb_service, "/stats")  # cache it
+            conn.execute(
+                "UPDATE users SET total_consumed_cpu_minutes = ? WHERE username = 'carol'",
+                (minutes,),
+            )
+            _, body = _get(mariadb_service, "/stats")
+            carol = next(r for r in body["users"] if r["username"] == "carol")
+            assert carol["total_consumed_cpu_minutes"] == minutes
+    finally:
+        conn.close()
+
+
+def test_serve_connections_are_read_only_on_mariadb(mariadb_ledger) -> None:
+    db.migrate(mariadb_ledger)
+    conn = db.connect(mariadb_ledger, readonly=True)
+    try:
+        with pytest.raises(Exception, match="READ ONLY"):
+            conn.execute("INSERT INTO settings (`key`, value) VALUES ('x', 'y')")
+    finally:
+        conn.close()
