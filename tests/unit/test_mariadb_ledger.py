@@ -344,3 +344,85 @@ def test_serve_connections_are_read_only_on_mariadb(mariadb_ledger) -> None:
             conn.execute("INSERT INTO settings (`key`, value) VALUES ('x', 'y')")
     finally:
         conn.close()
+
+
+def _use_conf(tmp_path, ledger, monkeypatch) -> None:
+    conf = tmp_path / "ledger.conf"
+    conf.write_text(
+        f"LedgerType=mariadb\nStorageHost={ledger.host}\nStoragePort={ledger.port}\n"
+        f"StorageLoc={ledger.database}\nStorageUser={ledger.user}\n"
+        f"StoragePass={ledger.password}\n"
+    )
+    os.chmod(conf, 0o600)
+    monkeypatch.setenv("SLURM_QUOTA_CONF", str(conf))
+    monkeypatch.delenv("SLURM_QUOTA_DB", raising=False)
+
+
+def test_every_admin_and_read_command_works_on_mariadb(
+    tmp_path, mariadb_ledger, monkeypatch, capsys
+) -> None:
+    _use_conf(tmp_path, mariadb_ledger, monkeypatch)
+    assert main(["migrate"]) == 0
+    commands = [
+        ["user-quota", "alice", "500"],
+        ["user-gpu-quota", "alice", "60"],
+        ["account-quota", "physics", "9000"],
+        ["account-gpu-quota", "physics", "600"],
+        ["adjust", "--user", "alice", "--cpu", "--minutes=+30", "--reason", "refund"],
+        ["set-default-quotas", "--user-cpu", "100"],
+        ["set-gpu-factor", "h100", "2.0"],
+        ["set-setting", "node_gpus", "gpu:h100:2"],
+        ["default-quotas"],
+        ["gpu-factors"],
+        ["settings"],
+        ["history", "--user", "alice"],
+        ["stats", "--local", "--all"],
+        ["prune", "--users", "--accounts"],
+        ["check"],
+    ]
+    for argv in commands:
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 0, (argv, out, err)
+        assert mariadb_ledger.password not in out + err
+    conn = db.connect(mariadb_ledger)
+    try:
+        alice = db.get_owner(conn, "user", "alice")
+        assert (alice["quota_cpu_minutes"], alice["total_consumed_cpu_minutes"]) == (500, 30)
+        assert db.get_gpu_factor(conn, "h100") == 2.0
+        assert len(db.read_journal(conn, limit=100)) >= 7
+    finally:
+        conn.close()
+
+
+def test_the_charge_command_and_its_fast_path_work_on_mariadb(
+    tmp_path, mariadb_ledger, monkeypatch, capsys
+) -> None:
+    from slurm_quota import slurm as S
+    from slurm_quota.entry import charge_main
+    from tests.unit.slurm_fixtures import case, runner_for
+
+    _use_conf(tmp_path, mariadb_ledger, monkeypatch)
+    db.migrate(mariadb_ledger)
+    for k, v in case("gpus2_split")["env"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(S, "run_command", runner_for("gpus2_split"))
+    assert charge_main([]) == 0
+    assert "charged alice/research" in capsys.readouterr().out
+    assert main(["charge"]) == 0
+    assert "already charged" in capsys.readouterr().out
+
+
+def test_a_writer_waiting_past_the_lock_timeout_exits_75(mariadb_ledger) -> None:
+    db.migrate(mariadb_ledger)
+    holder = db.connect(mariadb_ledger)
+    waiter = db.connect(mariadb_ledger, busy_timeout_ms=1000)
+    try:
+        with db.write_transaction(holder):
+            with pytest.raises(DatabaseUnavailable, match="locked") as info:
+                with db.write_transaction(waiter):
+                    pass
+            assert info.value.exit_code == 75
+    finally:
+        holder.close()
+        waiter.close()
