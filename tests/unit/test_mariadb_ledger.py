@@ -426,3 +426,12 @@ def test_a_writer_waiting_past_the_lock_timeout_exits_75(mariadb_ledger) -> None
     finally:
         holder.close()
         waiter.close()
+
+
+def test_tls_that_cannot_be_set_up_is_refused_not_skipped(mariadb_ledger) -> None:
+    from slurm_quota.config import ConfigError
+
+    db.migrate(mariadb_ledger)
+    # the test server has no TLS: the connection must fail, never fall back to plain text
+    with pytest.raises(ConfigError, match="nothing was sent unencrypted"):
+        db.connect(replace(mariadb_ledger, tls=True))
