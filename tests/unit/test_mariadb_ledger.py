@@ -435,3 +435,38 @@ def test_tls_that_cannot_be_set_up_is_refused_not_skipped(mariadb_ledger) -> Non
     # the test server has no TLS: the connection must fail, never fall back to plain text
     with pytest.raises(ConfigError, match="nothing was sent unencrypted"):
         db.connect(replace(mariadb_ledger, tls=True))
+
+
+def test_a_server_killed_with_9_keeps_what_was_committed_and_nothing_else() -> None:
+    from slurm_quota import charge as C
+    from slurm_quota import check
+    from tests.mariadb_server import _free_port, kill_server, require_mariadb, running_server
+
+    def run(job_id: int) -> C.Run:
+        start = 1_795_000_000
+        return C.Run(job_id, start, start + 60, 2, "alice", "physics", job_state="COMPLETED")
+
+    require_mariadb()
+    with running_server(port=_free_port()) as server:  # its own: this one is killed
+        ledger = server.new_database()
+        db.migrate(ledger)
+        conn = db.connect(ledger)
+        C.apply_charge(conn, run(1), C.Allocation(None), "test")  # committed: 120 CPU-s
+        conn.execute("START TRANSACTION")  # a second charge, in flight when the server dies
+        C.charge_in_transaction(conn, run(2), C.Allocation(None), "test", {})
+        kill_server(server)
+        with pytest.raises(DatabaseUnavailable, match="not reachable"):
+            conn.execute("COMMIT")
+        conn.close()
+        with pytest.raises(DatabaseUnavailable, match="not reachable"):
+            db.connect(ledger)
+        server.start()  # InnoDB's crash recovery
+        conn = db.connect(ledger)
+        try:
+            assert db.owner_consumed_exact(conn, "user", "alice") == (120, 0)
+            assert [r["job_id"] for r in db.read_charges(conn, limit=10)] == [1]
+            assert check.check(conn).ok
+            C.apply_charge(conn, run(2), C.Allocation(None), "test")  # charged again, once
+            assert db.owner_consumed_exact(conn, "user", "alice") == (240, 0)
+        finally:
+            conn.close()
