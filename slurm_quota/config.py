@@ -167,6 +167,8 @@ def _read_private_file(path: str, what: str) -> tuple[str, os.stat_result]:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
+    except ValueError:  # an embedded NUL
+        raise ConfigError(f"The {what} path {path!r} is not a usable file name.") from None
     except OSError as err:
         raise ConfigError(
             f"The {what} {path} cannot be read by uid {os.getuid()}: {err.strerror}. It is "

@@ -398,6 +398,9 @@ def connect(
             f"The database {db_path} cannot be accessed by uid {os.getuid()}: {err.strerror}. "
             f"Users read the ledger through the service (`slurm-quota stats`)."
         ) from err
+    except OSError as err:  # e.g. a name too long: no file can be there
+        shown = db_path if len(db_path) <= 200 else db_path[:200] + "..."
+        raise DatabaseMissing(f"The database {shown} cannot be opened: {err.strerror}.") from err
     if not present and not create:
         raise DatabaseMissing(
             f"The database {db_path} does not exist. Create it with `slurm-quota migrate`."

@@ -24,7 +24,7 @@ import pymysql
 import pymysql.converters
 from pymysql.constants import CLIENT, FIELD_TYPE
 
-from slurm_quota.config import MariaDBLedger
+from slurm_quota.config import ConfigError, MariaDBLedger
 from slurm_quota.errors import (
     DatabaseMissing,
     DatabaseUnavailable,
@@ -47,6 +47,7 @@ _UNREACHABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1927}
 _DENIED = {1044, 1045, 1142, 1143, 1227, 1370}
 _NO_DATABASE = 1049
 _NO_TABLE = 1146
+_TLS_FAILED = 2026  # CR_SSL_CONNECTION_ERROR: no TLS, or a certificate that does not verify
 _IN_TRANS = 1  # SERVER_STATUS_IN_TRANS
 
 
@@ -153,6 +154,12 @@ def map_error(err: pymysql.err.MySQLError, where: str) -> SlurmQuotaError | None
         return NotPermitted(
             f"The MariaDB server refused {where}: {text}. Check StorageUser/StoragePass in "
             f"the configuration file and the user's GRANTs (docs/install.md)."
+        )
+    if code == _TLS_FAILED:
+        return ConfigError(
+            f"TLS to the MariaDB ledger {where} failed ({text}); nothing was sent unencrypted. "
+            f"Check that the server has TLS on and StorageTLSCA/StorageTLSCert/StorageTLSKey "
+            f"in the configuration file."
         )
     if code == _NO_TABLE:
         return SchemaError(
@@ -335,9 +342,9 @@ def connect(
         mapped = map_error(err, ledger.describe())
         if mapped is not None:
             raise mapped from None
+        detail = err.args[1] if len(err.args) > 1 else err.__class__.__name__
         raise DatabaseUnavailable(
-            f"Cannot open the MariaDB ledger {ledger.describe()}: {err.__class__.__name__} "
-            f"{err.args[:1]}."
+            f"Cannot open the MariaDB ledger {ledger.describe()}: {detail} {err.args[:1]}."
         ) from None
     except OSError as err:  # TLS files
         raise DatabaseUnavailable(

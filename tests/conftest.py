@@ -15,10 +15,14 @@ from tests.mariadb_server import mariadb_ledger, mariadb_server  # noqa: F401 (f
 ENGINES = ("sqlite", "mariadb")
 
 
+ABSENT_CONF = "/nonexistent/slurm-quota-tests/slurm-quota.conf"
+
+
 @pytest.fixture(autouse=True)
-def _no_site_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Tests never read the machine's /etc/slurm-quota/slurm-quota.conf: an absent one."""
-    monkeypatch.setenv("SLURM_QUOTA_CONF", str(tmp_path / "absent-slurm-quota.conf"))
+def _no_site_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read the machine's /etc/slurm-quota/slurm-quota.conf: an absent one (a
+    test that wants a configuration file sets SLURM_QUOTA_CONF itself)."""
+    monkeypatch.setenv("SLURM_QUOTA_CONF", ABSENT_CONF)
 
 
 @pytest.fixture(params=[ENGINES[0], pytest.param(ENGINES[1], marks=pytest.mark.mariadb)])

@@ -47,9 +47,19 @@ def _free_port() -> int:
 class MariaDBServer:
     """One mariadbd of our own: data directory, socket and log under `root`."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        *,
+        bind_address: str = "127.0.0.1",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.root = root
         self.port = port or int(os.environ.get(PORT_ENV) or _free_port())
+        # Another address (e.g. one of a network namespace) for multi-host lab tests.
+        self.bind_address = bind_address
+        self.extra_args = extra_args
         self.datadir = root / "data"
         self.socket = root / "mysqld.sock"
         self.log = root / "mysqld.log"
@@ -87,7 +97,7 @@ class MariaDBServer:
                     f"--datadir={self.datadir}",
                     f"--socket={self.socket}",
                     f"--pid-file={self.root / 'mysqld.pid'}",
-                    "--bind-address=127.0.0.1",
+                    f"--bind-address={self.bind_address}",
                     f"--port={self.port}",
                     f"--log-error={self.log}",
                     "--skip-name-resolve",
@@ -96,6 +106,7 @@ class MariaDBServer:
                     # tests create and drop many small databases: no fsync per commit
                     "--innodb-flush-log-at-trx-commit=2",
                     "--skip-log-bin",
+                    *self.extra_args,
                 ],
                 cwd=str(self.root),
                 stdin=subprocess.DEVNULL,
@@ -144,30 +155,34 @@ class MariaDBServer:
             raise RuntimeError(f"mariadb: {proc.stderr.strip()}")
         return proc.stdout
 
-    def new_database(self, prefix: str = "sq"):
-        """A new empty database and a user with every right on it: a config.MariaDBLedger."""
+    def new_database(self, prefix: str = "sq", client_host: str = "127.0.0.1"):
+        """A new empty database and a user with every right on it: a config.MariaDBLedger
+        (connecting over TCP to bind_address; client_host: where that user may come from,
+        besides 127.0.0.1 and localhost)."""
         from slurm_quota.config import MariaDBLedger
 
         n = next(self._names)
         name = f"{prefix}_{os.getpid()}_{n}"
         password = secrets.token_urlsafe(12)
+        hosts = dict.fromkeys(("127.0.0.1", "localhost", client_host))
         self.sql(
             f"CREATE DATABASE {name}; "
-            f"CREATE USER '{name}'@'127.0.0.1' IDENTIFIED BY '{password}'; "
-            f"CREATE USER '{name}'@'localhost' IDENTIFIED BY '{password}'; "
-            f"GRANT ALL ON {name}.* TO '{name}'@'127.0.0.1'; "
-            f"GRANT ALL ON {name}.* TO '{name}'@'localhost';"
+            + "".join(
+                f"CREATE USER '{name}'@'{h}' IDENTIFIED BY '{password}'; "
+                f"GRANT ALL ON {name}.* TO '{name}'@'{h}'; "
+                for h in hosts
+            )
         )
-        return MariaDBLedger(
-            host="127.0.0.1", port=self.port, database=name, user=name, password=password
-        )
+        host = "127.0.0.1" if self.bind_address in ("127.0.0.1", "0.0.0.0") else self.bind_address
+        return MariaDBLedger(host=host, port=self.port, database=name, user=name, password=password)
 
     def drop_database(self, ledger) -> None:
         """Drop a database made by new_database, and its users."""
         name = ledger.database
+        users = self.sql(f"SELECT Host FROM mysql.user WHERE User = '{name}'").split()
         self.sql(
-            f"DROP DATABASE IF EXISTS {name}; DROP USER IF EXISTS '{name}'@'127.0.0.1'; "
-            f"DROP USER IF EXISTS '{name}'@'localhost';"
+            f"DROP DATABASE IF EXISTS {name}; "
+            + "".join(f"DROP USER IF EXISTS '{name}'@'{h}'; " for h in users)
         )
 
 
@@ -186,11 +201,12 @@ def require_mariadb() -> None:
 
 
 @contextlib.contextmanager
-def running_server() -> Iterator[MariaDBServer]:
-    """A MariaDBServer for the duration of the block, in a temp dir removed afterwards."""
+def running_server(**options) -> Iterator[MariaDBServer]:
+    """A MariaDBServer (options: port, bind_address, extra_args) for the duration of the
+    block, in a temp dir removed afterwards."""
     os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     root = Path(tempfile.mkdtemp(prefix="slurm-quota-mariadb-"))
-    server = MariaDBServer(root)
+    server = MariaDBServer(root, **options)
     try:
         server.start()
         yield server

@@ -556,6 +556,9 @@ def set_setting_cmd(
       node_gpus                GPUs of one node (e.g. gpu:h100:2,gpu:a100:2), taken by an
                                --exclusive job; slurmctld does not tell the plugin
       node_gpus.PARTITION      the same for one partition
+      cluster_keys             yes when several clusters share the ledger: each run's
+                               charge key names its cluster (set it before the second
+                               cluster charges; reconcile then skips the orphan sweep)
     Default quotas are set with `set-default-quotas`.
 
     \b

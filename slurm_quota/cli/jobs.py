@@ -209,6 +209,8 @@ def _print_reconcile(r) -> None:
         warn(f"spool file {name} kept: {reason}")
     if r.sweep_error:
         warn(r.sweep_error)
+    elif r.sweep_note:
+        warn(r.sweep_note)
     else:
         click.echo(
             f"Orphans: {len(r.orphans)} preallocation(s) {would}released "

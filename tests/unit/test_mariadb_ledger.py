@@ -278,3 +278,195 @@ def test_triggers_keep_totals_on_update_delete_and_owner_rename(checked_ledger) 
     conn.execute("SET SESSION foreign_key_checks = 1")
     conn.execute("INSERT INTO users (username) VALUES ('ghost')")
     assert db.reserved_of(conn, "user", "ghost")[:3] == (7, 1, 1)
+
+
+@pytest.fixture
+def mariadb_service(mariadb_ledger):
+    """The application `serve` runs, over a seeded MariaDB ledger (tests/web/readside.py)."""
+    from slurm_quota.app import Settings, create_app
+    from tests.web.readside import SEED_SQL
+
+    db.migrate(mariadb_ledger)
+    conn = db.connect(mariadb_ledger)
+    try:
+        mariadb.execute_script(conn, "START TRANSACTION;\n" + SEED_SQL + "\nCOMMIT;")
+    finally:
+        conn.close()
+    return create_app(Settings(db_path=mariadb_ledger))
+
+
+def _get(service, target: str):
+    import json
+
+    from tests.web.readside import wsgi_request
+
+    status, _headers, body = wsgi_request(service, "GET", target)
+    return status, json.loads(body)
+
+
+def test_serve_answers_from_a_mariadb_ledger(mariadb_service) -> None:
+    from tests.web.readside import ACCOUNTS_OF, EXPECTED_ACCOUNTS, EXPECTED_USERS, numbers
+
+    assert _get(mariadb_service, "/health") == (
+        200,
+        {"status": "ok", "schema_version": db.latest_version()},
+    )
+    _, body = _get(mariadb_service, "/stats")
+    assert {r["username"]: numbers(r) for r in body["users"]} == EXPECTED_USERS
+    assert {r["account"]: numbers(r) for r in body["accounts"]} == EXPECTED_ACCOUNTS
+    for user, accounts in ACCOUNTS_OF.items():
+        _, one = _get(mariadb_service, f"/stats?username={user}")
+        assert [r["account"] for r in one["accounts"]] == accounts
+
+
+def test_serve_sees_every_write_to_a_mariadb_ledger_at_once(mariadb_service, mariadb_ledger):
+    # the cached whole-ledger answer follows each commit, even several in one second
+    conn = db.connect(mariadb_ledger)
+    try:
+        for minutes in (4321, 4322, 4323):
+            _get(mariadb_service, "/stats")  # cache it
+            conn.execute(
+                "UPDATE users SET total_consumed_cpu_minutes = ? WHERE username = 'carol'",
+                (minutes,),
+            )
+            _, body = _get(mariadb_service, "/stats")
+            carol = next(r for r in body["users"] if r["username"] == "carol")
+            assert carol["total_consumed_cpu_minutes"] == minutes
+    finally:
+        conn.close()
+
+
+def test_serve_connections_are_read_only_on_mariadb(mariadb_ledger) -> None:
+    db.migrate(mariadb_ledger)
+    conn = db.connect(mariadb_ledger, readonly=True)
+    try:
+        with pytest.raises(Exception, match="READ ONLY"):
+            conn.execute("INSERT INTO settings (`key`, value) VALUES ('x', 'y')")
+    finally:
+        conn.close()
+
+
+def _use_conf(tmp_path, ledger, monkeypatch) -> None:
+    conf = tmp_path / "ledger.conf"
+    conf.write_text(
+        f"LedgerType=mariadb\nStorageHost={ledger.host}\nStoragePort={ledger.port}\n"
+        f"StorageLoc={ledger.database}\nStorageUser={ledger.user}\n"
+        f"StoragePass={ledger.password}\n"
+    )
+    os.chmod(conf, 0o600)
+    monkeypatch.setenv("SLURM_QUOTA_CONF", str(conf))
+    monkeypatch.delenv("SLURM_QUOTA_DB", raising=False)
+
+
+def test_every_admin_and_read_command_works_on_mariadb(
+    tmp_path, mariadb_ledger, monkeypatch, capsys
+) -> None:
+    _use_conf(tmp_path, mariadb_ledger, monkeypatch)
+    assert main(["migrate"]) == 0
+    commands = [
+        ["user-quota", "alice", "500"],
+        ["user-gpu-quota", "alice", "60"],
+        ["account-quota", "physics", "9000"],
+        ["account-gpu-quota", "physics", "600"],
+        ["adjust", "--user", "alice", "--cpu", "--minutes=+30", "--reason", "refund"],
+        ["set-default-quotas", "--user-cpu", "100"],
+        ["set-gpu-factor", "h100", "2.0"],
+        ["set-setting", "node_gpus", "gpu:h100:2"],
+        ["default-quotas"],
+        ["gpu-factors"],
+        ["settings"],
+        ["history", "--user", "alice"],
+        ["stats", "--local", "--all"],
+        ["prune", "--users", "--accounts"],
+        ["check"],
+    ]
+    for argv in commands:
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 0, (argv, out, err)
+        assert mariadb_ledger.password not in out + err
+    conn = db.connect(mariadb_ledger)
+    try:
+        alice = db.get_owner(conn, "user", "alice")
+        assert (alice["quota_cpu_minutes"], alice["total_consumed_cpu_minutes"]) == (500, 30)
+        assert db.get_gpu_factor(conn, "h100") == 2.0
+        assert len(db.read_journal(conn, limit=100)) >= 7
+    finally:
+        conn.close()
+
+
+def test_the_charge_command_and_its_fast_path_work_on_mariadb(
+    tmp_path, mariadb_ledger, monkeypatch, capsys
+) -> None:
+    from slurm_quota import slurm as S
+    from slurm_quota.entry import charge_main
+    from tests.unit.slurm_fixtures import case, runner_for
+
+    _use_conf(tmp_path, mariadb_ledger, monkeypatch)
+    db.migrate(mariadb_ledger)
+    for k, v in case("gpus2_split")["env"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(S, "run_command", runner_for("gpus2_split"))
+    assert charge_main([]) == 0
+    assert "charged alice/research" in capsys.readouterr().out
+    assert main(["charge"]) == 0
+    assert "already charged" in capsys.readouterr().out
+
+
+def test_a_writer_waiting_past_the_lock_timeout_exits_75(mariadb_ledger) -> None:
+    db.migrate(mariadb_ledger)
+    holder = db.connect(mariadb_ledger)
+    waiter = db.connect(mariadb_ledger, busy_timeout_ms=1000)
+    try:
+        with db.write_transaction(holder):
+            with pytest.raises(DatabaseUnavailable, match="locked") as info:
+                with db.write_transaction(waiter):
+                    pass
+            assert info.value.exit_code == 75
+    finally:
+        holder.close()
+        waiter.close()
+
+
+def test_tls_that_cannot_be_set_up_is_refused_not_skipped(mariadb_ledger) -> None:
+    from slurm_quota.config import ConfigError
+
+    db.migrate(mariadb_ledger)
+    # the test server has no TLS: the connection must fail, never fall back to plain text
+    with pytest.raises(ConfigError, match="nothing was sent unencrypted"):
+        db.connect(replace(mariadb_ledger, tls=True))
+
+
+def test_a_server_killed_with_9_keeps_what_was_committed_and_nothing_else() -> None:
+    from slurm_quota import charge as C
+    from slurm_quota import check
+    from tests.mariadb_server import _free_port, kill_server, require_mariadb, running_server
+
+    def run(job_id: int) -> C.Run:
+        start = 1_795_000_000
+        return C.Run(job_id, start, start + 60, 2, "alice", "physics", job_state="COMPLETED")
+
+    require_mariadb()
+    with running_server(port=_free_port()) as server:  # its own: this one is killed
+        ledger = server.new_database()
+        db.migrate(ledger)
+        conn = db.connect(ledger)
+        C.apply_charge(conn, run(1), C.Allocation(None), "test")  # committed: 120 CPU-s
+        conn.execute("START TRANSACTION")  # a second charge, in flight when the server dies
+        C.charge_in_transaction(conn, run(2), C.Allocation(None), "test", {})
+        kill_server(server)
+        with pytest.raises(DatabaseUnavailable, match="not reachable"):
+            conn.execute("COMMIT")
+        conn.close()
+        with pytest.raises(DatabaseUnavailable, match="not reachable"):
+            db.connect(ledger)
+        server.start()  # InnoDB's crash recovery
+        conn = db.connect(ledger)
+        try:
+            assert db.owner_consumed_exact(conn, "user", "alice") == (120, 0)
+            assert [r["job_id"] for r in db.read_charges(conn, limit=10)] == [1]
+            assert check.check(conn).ok
+            C.apply_charge(conn, run(2), C.Allocation(None), "test")  # charged again, once
+            assert db.owner_consumed_exact(conn, "user", "alice") == (240, 0)
+        finally:
+            conn.close()
