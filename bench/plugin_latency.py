@@ -135,13 +135,75 @@ class Checkpointer:
             self.thread.join()
 
 
+class MariaDBEngine:
+    """A private mariadbd (tests/lua/mariadbd.py) holding a copy of the SQLite ledger, copied
+    fresh (slurm_quota.copyledger) for every run; the plugin reaches it through a 0600
+    configuration file, over TCP on 127.0.0.1, as on a controller with its database local."""
+
+    def __init__(self, root: Path, flush_at_commit: int = 1) -> None:
+        from tests.lua.mariadbd import MariaDB
+
+        self.flush_at_commit = flush_at_commit
+        with socket_free() as port:
+            pass
+        self.server = MariaDB(root / "mariadb", port)
+        self.conf = root / "ledger.conf"
+
+    def __enter__(self) -> MariaDBEngine:
+        self.server.start()
+        self.server.write_conf(self.conf)
+        # 1 (MariaDB's default): every commit is flushed to disk; 2: written, flushed once a
+        # second (what the plugin's SQLite connection does with synchronous = NORMAL)
+        self.server.sql(f"SET GLOBAL innodb_flush_log_at_trx_commit = {self.flush_at_commit}",
+                        database=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+    def load(self, sqlite_path: Path) -> None:
+        """The ledger's rows, copied from the SQLite file into a freshly migrated database."""
+        from slurm_quota import copyledger
+        from slurm_quota.config import MariaDBLedger
+        from tests.lua.mariadbd import ADMIN, ADMIN_PASSWORD, DATABASE
+
+        self.server.create_ledger()
+        src = db.connect(sqlite_path, readonly=True)
+        dst = db.connect(MariaDBLedger(database=DATABASE, user=ADMIN, password=ADMIN_PASSWORD,
+                                       unix_socket=str(self.server.socket)))
+        try:
+            copyledger.copy(src, dst, replace=True)
+        finally:
+            dst.close()
+            src.close()
+
+    def count_preallocations(self) -> int:
+        return int(self.server.sql("SELECT COUNT(*) FROM jobs_preallocations")[0][0])
+
+
+@contextlib.contextmanager
+def socket_free():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port
+
+
 def latency_run(ledger: Path, users_file: Path, calls: int, plugin: Path = PLUGIN,
-                checkpoint_s: float = 1.0) -> dict:
-    """One driver run on a fresh copy of ledger; p50/p99/mean/max (µs), prepares, open cost."""
+                checkpoint_s: float = 1.0, mariadb: MariaDBEngine | None = None) -> dict:
+    """One driver run on a fresh copy of ledger (in SQLite, or copied into MariaDB);
+    p50/p99/mean/max (µs), prepares, open cost."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
         shutil.copyfile(ledger, path)
         env = dict(os.environ, SLURM_QUOTA_DB=str(path))
+        if mariadb is not None:
+            mariadb.load(path)
+            env.pop("SLURM_QUOTA_DB")
+            env["SLURM_QUOTA_CONF"] = str(mariadb.conf)
+            checkpoint_s = 0.0  # no WAL
         load_before = load()
         with Checkpointer(path, checkpoint_s) as ckpt:
             proc = subprocess.run(
@@ -160,9 +222,12 @@ def latency_run(ledger: Path, users_file: Path, calls: int, plugin: Path = PLUGI
                 us, rc = line.split()
                 times.append(float(us))
                 rcs.add(int(rc))
-        conn = sqlite3.connect(str(path))
-        final = conn.execute("SELECT COUNT(*) FROM jobs_preallocations").fetchone()[0]
-        conn.close()
+        if mariadb is not None:
+            final = mariadb.count_preallocations()
+        else:
+            conn = sqlite3.connect(str(path))
+            final = conn.execute("SELECT COUNT(*) FROM jobs_preallocations").fetchone()[0]
+            conn.close()
     return {
         "final_preallocations": final, "calls": len(times),
         "p50_us": statistics.median(times), "p99_us": pct(times, 99),
@@ -173,7 +238,8 @@ def latency_run(ledger: Path, users_file: Path, calls: int, plugin: Path = PLUGI
 
 
 def latency(preallocs: int, calls: int, runs: int, users: int, accounts: int,
-            plugin: Path = PLUGIN, checkpoint_s: float = 1.0) -> dict:
+            plugin: Path = PLUGIN, checkpoint_s: float = 1.0,
+            mariadb: MariaDBEngine | None = None) -> dict:
     """`runs` driver runs on one ledger (copied fresh for each); every run and the medians."""
     with tempfile.TemporaryDirectory() as tmp:
         ledger = build_ledger(Path(tmp) / "ledger.db", users, accounts, preallocs)
@@ -181,7 +247,7 @@ def latency(preallocs: int, calls: int, runs: int, users: int, accounts: int,
         rnd = random.Random(2)
         users_file.write_text("".join(
             f"user{u:05d} acct{rnd.randrange(accounts):04d}\n" for u in range(users)))
-        all_runs = [latency_run(ledger, users_file, calls, plugin, checkpoint_s)
+        all_runs = [latency_run(ledger, users_file, calls, plugin, checkpoint_s, mariadb)
                     for _ in range(runs)]
     out: dict = {"preallocations": preallocs, "users": users, "accounts": accounts,
                  "runs": all_runs}
@@ -326,6 +392,11 @@ def main() -> int:
     ap.add_argument("--ctld-rounds", type=int, default=4)
     ap.add_argument("--ctld-profile", action="store_true",
                     help="thread CPU of the plugin's parts inside slurmctld, on the lab")
+    ap.add_argument("--engines", default="sqlite",
+                    help="ledger engines to measure the latency on, side by side: "
+                         "sqlite, mariadb or sqlite,mariadb (a private mariadbd)")
+    ap.add_argument("--mariadb-flush", type=int, default=1, choices=(0, 1, 2),
+                    help="innodb_flush_log_at_trx_commit of the benchmark's mariadbd")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result: dict = {
@@ -333,12 +404,26 @@ def main() -> int:
                    f"{platform.platform()}, SQLite {sqlite3.sqlite_version}",
         "load_start": load(),
     }
+    engines = [e for e in args.engines.split(",") if e]
     if not args.no_latency:
-        for key, size in (("small", 1_000), ("large", 100_000)):
-            result[key] = latency(size, args.calls, args.runs, args.users, args.accounts,
-                                  args.plugin, args.checkpoint_every)
-        result["ratio_p99"] = result["large"]["p99_us"] / result["small"]["p99_us"]
-        result["ratio_p50"] = result["large"]["p50_us"] / result["small"]["p50_us"]
+        for engine in engines:
+            prefix = "" if engine == "sqlite" else f"{engine}_"
+            with contextlib.ExitStack() as stack:
+                mariadb = None
+                if engine == "mariadb":
+                    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                    mariadb = stack.enter_context(MariaDBEngine(tmp, args.mariadb_flush))
+                for key, size in (("small", 1_000), ("large", 100_000)):
+                    result[prefix + key] = latency(
+                        size, args.calls, args.runs, args.users, args.accounts, args.plugin,
+                        args.checkpoint_every, mariadb)
+                    result[prefix + key]["engine"] = engine + (
+                        f" (innodb_flush_log_at_trx_commit={args.mariadb_flush})"
+                        if engine == "mariadb" else "")
+            result[prefix + "ratio_p99"] = (result[prefix + "large"]["p99_us"]
+                                            / result[prefix + "small"]["p99_us"])
+            result[prefix + "ratio_p50"] = (result[prefix + "large"]["p50_us"]
+                                            / result[prefix + "small"]["p50_us"])
     if args.lab:
         result["lab"] = lab_throughput(args.lab_jobs, args.lab_rounds, args.plugin)
     if args.ctld_cpu:
@@ -350,12 +435,12 @@ def main() -> int:
         print(json.dumps(result, indent=1))
         return 0
     print(f"machine: {result['machine']}; load average at start {result['load_start']}")
-    for key in ("small", "large"):
+    for key in ("small", "large", "mariadb_small", "mariadb_large"):
         if key not in result:
             continue
         r = result[key]
-        print(f"{r['preallocations']:>7} open preallocations, {r['users']} users, "
-              f"{r['accounts']} accounts:")
+        print(f"{r['engine']}: {r['preallocations']:>7} open preallocations, {r['users']} "
+              f"users, {r['accounts']} accounts:")
         for i, run in enumerate(r["runs"], 1):
             print(f"  run {i}: p50 {run['p50_us'] / 1000:.3f} ms, p99 {run['p99_us'] / 1000:.3f} "
                   f"ms, mean {run['mean_us'] / 1000:.3f} ms, max {run['max_us'] / 1000:.3f} ms "
@@ -366,9 +451,10 @@ def main() -> int:
         lo99, hi99 = r["p99_spread_us"]
         print(f"  median: p50 {r['p50_us'] / 1000:.3f} ms ({lo50 / 1000:.3f}-{hi50 / 1000:.3f}), "
               f"p99 {r['p99_us'] / 1000:.3f} ms ({lo99 / 1000:.3f}-{hi99 / 1000:.3f})")
-    if "ratio_p99" in result:
-        print(f"100k/1k ratio of the medians: p99 {result['ratio_p99']:.2f}, "
-              f"p50 {result['ratio_p50']:.2f}")
+    for prefix in ("", "mariadb_"):
+        if prefix + "ratio_p99" in result:
+            print(f"{prefix or 'sqlite_'}100k/1k ratio of the medians: p99 "
+                  f"{result[prefix + 'ratio_p99']:.2f}, p50 {result[prefix + 'ratio_p50']:.2f}")
     if "lab" in result:
         lab = result["lab"]
         print("lab sbatch/s per round: ours " + ", ".join(f"{x:.1f}" for x in lab["all"]["ours"])

@@ -4,7 +4,8 @@
 -- prints one line per measured call: "<microseconds> <rc>", then "PREPARES <per call>" (the
 -- statements the plugin prepared per call over 100 further calls, counted outside the timed
 -- loop), then "OPEN <microseconds>" lines (open + schema check + close of a lone connection:
--- what an uncached call would pay).
+-- what an uncached call would pay; MariaDB: the greeting probe, connect, session settings).
+-- The ledger is the plugin's: SLURM_QUOTA_DB (SQLite) or SLURM_QUOTA_CONF (MariaDB).
 local plugin_path, users_file, n, warmup = arg[1], arg[2], tonumber(arg[3]), tonumber(arg[4])
 local ptime = require "posix.time"
 local function now()
@@ -52,12 +53,10 @@ for i = 1, n do
     out[#out + 1] = string.format("%.1f %d", now() - t0, rc)
 end
 
--- Count prepares (not timed): wrap the shared method table of LuaDBI's SQLite3 connections,
--- found through a throw-away in-memory connection (never a second handle on the ledger).
+-- Count prepares (not timed): wrap the method table shared by LuaDBI's connections of the
+-- ledger's driver, found through the plugin's own cached connection (never a second handle).
 do
-    local DBI = require "DBI"
-    local probe = assert(DBI.Connect("SQLite3", ":memory:"))
-    local methods = getmetatable(probe).__index
+    local methods = getmetatable(slurm_quota.session().conn).__index
     local real_prepare, prepares = methods.prepare, 0
     methods.prepare = function(...)
         prepares = prepares + 1
@@ -67,16 +66,19 @@ do
         slurm_job_submit(proxy(job(warmup + n + i)), { main = part }, 0)
     end
     methods.prepare = real_prepare
-    probe:close()
     out[#out + 1] = string.format("PREPARES %.2f", prepares / 100)
 end
 
-local path = slurm_quota.db_path()
+local ledger = slurm_quota.ledger()
+local function open()
+    if ledger.kind == "mariadb" then return slurm_quota.open_mariadb(ledger) end
+    return slurm_quota.open_db(ledger.path)
+end
 -- never open a second descriptor of the file while the cached connection holds its locks
 slurm_quota.drop_connection()
 for _ = 1, 200 do
     local t0 = now()
-    local s = slurm_quota.open_db(path)
+    local s = open()
     s:close()
     out[#out + 1] = string.format("OPEN %.1f", now() - t0)
 end

@@ -32,7 +32,27 @@ M.job_submit(...) and M.job_modify(...) from its entry points instead (docs/plug
 local FAIL_OPEN = true
 local DEFAULT_DB_PATH = "/var/lib/state/slurm-quota/slurm-quota.db"
 local DB_PATH_ENV = "SLURM_QUOTA_DB"
--- The only schema this plugin knows (PRAGMA user_version after migrations 0001..0006).
+-- The configuration file the CLI reads too (slurm_quota/config.py, same rules): absent = a
+-- SQLite ledger as above; LedgerType=mariadb = the Storage* keys name a MariaDB database.
+local DEFAULT_CONF_PATH = "/etc/slurm-quota/slurm-quota.conf"
+local CONF_ENV = "SLURM_QUOTA_CONF"
+-- MariaDB: LuaDBI's MySQL driver calls mysql_real_connect() with no option set, so
+-- libmariadb waits without limit for a connection, a greeting or a reply (docs/design.md,
+-- "MariaDB ledger: bounded stall"). Around it, with luaposix: a non-blocking probe that must
+-- see the server's greeting within PROBE_MS before each connect; a cached connection idle for
+-- IDLE_REOPEN_S or more is reopened (so probed) rather than reused; TCP_USER_TIMEOUT on the
+-- connection's socket (a query whose packets are not acknowledged fails at the kernel's
+-- retransmission timer after TCP_USER_TIMEOUT_MS: ~0.47 s measured on loopback); a
+-- server-side limit on every statement (row-lock waits included); and a circuit breaker:
+-- after the server could not be reached, the next calls within RETRY_S are decided at once by
+-- the failure policy, without touching the network.
+local PROBE_MS = 100
+local IDLE_REOPEN_S = 1
+local TCP_USER_TIMEOUT_MS = 50
+local STATEMENT_TIMEOUT_S = 0.15
+local RETRY_S = 5
+-- The only schema this plugin knows (after migrations 0001..0006: PRAGMA user_version on
+-- SQLite, schema_version on MariaDB).
 local SCHEMA_VERSION = 6
 -- Longest wait for the write lock; slurmctld is stalled meanwhile (budget: 250 ms).
 local BUSY_TIMEOUT_MS = 200
@@ -84,6 +104,8 @@ M.SCHEMA_VERSION = SCHEMA_VERSION
 M.config = {
     fail_open = FAIL_OPEN,
     db_path = nil, -- nil: os.getenv(DB_PATH_ENV) or DEFAULT_DB_PATH, read on every call
+    conf_path = nil, -- nil: os.getenv(CONF_ENV) or DEFAULT_CONF_PATH, read on every call
+    retry_s = RETRY_S,
     busy_timeout_ms = BUSY_TIMEOUT_MS,
     admin_uids = ADMIN_UIDS,
     cache_connection = CACHE_CONNECTION,
@@ -972,6 +994,51 @@ local SQL = {
 }
 M.SQL = SQL
 
+-- The same statements for a MariaDB ledger (migrations/mariadb). Numbers are read as DOUBLE
+-- (LuaDBI's MySQL driver reads INT as a C int and BIGINT as a double; a DOUBLE is exact up to
+-- 2^53 either way). The owner rows are read FOR UPDATE: the check and the reservation are one
+-- step across controllers because a second slurmctld's transaction for the same user or
+-- account waits on these row locks (always user, then account) until the first one commits,
+-- then reads the totals the first one left (docs/design.md, "MariaDB ledger: one decision
+-- at a time per owner"). READ COMMITTED: no gap locks, and a locking read sees the latest
+-- committed row.
+local function cast_double(columns)
+    local out = {}
+    for i, c in ipairs(columns) do out[i] = "CAST(" .. c .. " AS DOUBLE)" end
+    return table.concat(out, ", ")
+end
+local double_columns = cast_double({ "quota_cpu_minutes", "consumed_cpu_s",
+    "quota_gpu_minutes", "consumed_gpu_ms", "reserved_jobs", "reserved_cpu_minutes",
+    "reserved_gpu_minutes" })
+local SQL_MARIADB = {
+    isolation = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+    -- Every statement, a wait for a row lock included, ends within this (MariaDB's
+    -- max_statement_time, seconds with a fraction); the 1 s lock wait is only a backstop.
+    -- Times in UTC, as every connection of the Python side (migrations/mariadb/0001).
+    session = "SET SESSION max_statement_time = " .. string.format("%.3f", STATEMENT_TIMEOUT_S)
+        .. ", innodb_lock_wait_timeout = 1, time_zone = '+00:00'",
+    user_version = "SELECT version FROM schema_version",
+    begin = "START TRANSACTION",
+    commit = "COMMIT",
+    rollback = "ROLLBACK",
+    settings = "SELECT `key`, value FROM settings",
+    gpu_factors = "SELECT gpu_type, CAST(factor AS DOUBLE) FROM gpu_factors",
+    user = "SELECT " .. double_columns .. " FROM users WHERE username = ? FOR UPDATE",
+    account = "SELECT " .. double_columns .. " FROM accounts WHERE account = ? FOR UPDATE",
+    -- Only run when the locking read found no row: a concurrent first submission of the same
+    -- new owner makes this wait for that transaction, then the row is read FOR UPDATE again.
+    insert_user = "INSERT IGNORE INTO users (username, quota_cpu_minutes, quota_gpu_minutes) "
+        .. "VALUES (?, ?, ?)",
+    insert_account = "INSERT IGNORE INTO accounts (account, quota_cpu_minutes, "
+        .. "quota_gpu_minutes) VALUES (?, ?, ?)",
+    insert_prealloc = SQL.insert_prealloc,
+    prealloc = "SELECT username, account, CAST(preallocated_cpu_minutes AS DOUBLE), "
+        .. "CAST(preallocated_gpu_minutes AS DOUBLE), CAST(array_size AS DOUBLE) "
+        .. "FROM jobs_preallocations WHERE job_uuid = ? FOR UPDATE",
+    update_prealloc = SQL.update_prealloc,
+}
+M.SQL_MARIADB = SQL_MARIADB
+
 local function log(env, level, line)
     local fn = env.slurm[level] or env.slurm.log_info
     if fn then fn("%s", line) end
@@ -1016,6 +1083,14 @@ end
 
 local function load_ledger(db, owner, name, settings)
     local rows = db:query(owner, name)
+    if not rows[1] and db.locks_rows and db:locks_rows() then
+        -- MariaDB: a missing owner row cannot be locked, so it is created first (rolled back
+        -- with the transaction if the job is refused) and read again under its lock.
+        local prefix = "default_" .. owner .. "_quota_"
+        db:exec("insert_" .. owner, name, toint(settings[prefix .. "cpu_minutes"] or -1),
+            toint(settings[prefix .. "gpu_minutes"] or -1))
+        rows = db:query(owner, name)
+    end
     local l = { owner = owner, name = name }
     local prefix = "default_" .. owner .. "_quota_"
     local r = rows[1]
@@ -1311,8 +1386,10 @@ end
 -- 4. wiring: LuaDBI session, failure policy, entry points
 ----------------------------------------------------------------------------------------------
 
-local function db_error(message)
-    return setmetatable({ db = true, message = message }, {
+-- unreachable = the ledger's server could not be reached (probe, connect, lost
+-- connection): the circuit breaker opens on it.
+local function db_error(message, unreachable)
+    return setmetatable({ db = true, message = message, unreachable = unreachable or false }, {
         __tostring = function(e) return e.message end,
     })
 end
@@ -1325,15 +1402,25 @@ end
 local Session = {}
 Session.__index = Session
 
+-- libmariadb's messages when the connection is gone (CR_SERVER_LOST, CR_SERVER_GONE_ERROR,
+-- CR_CONNECTION_ERROR, CR_CONN_HOST_ERROR): the server is unreachable, not merely busy.
+local UNREACHABLE_PATTERNS = { "Lost connection", "server has gone away", "Can't connect",
+    "Server has gone away", "Connection refused", "timed out" }
+
 local function statement_error(name, err)
-    return db_error(string.format("%s: %s", name, tostring(err)))
+    local text = tostring(err)
+    local unreachable = false
+    for _, pat in ipairs(UNREACHABLE_PATTERNS) do
+        if text:find(pat, 1, true) then unreachable = true end
+    end
+    return db_error(string.format("%s: %s", name, text), unreachable)
 end
 
 local function run(self, name, ...)
     local stmt = self.stmts[name]
     if not stmt then
         local err
-        stmt, err = self.conn:prepare(SQL[name])
+        stmt, err = self.conn:prepare(self.sql[name])
         if not stmt then error(statement_error(name, err), 0) end
         self.stmts[name] = stmt
     end
@@ -1365,7 +1452,10 @@ end
 function Session:exec(name, ...)
     local stmt = run(self, name, ...)
     -- A statement that returned a row (PRAGMA busy_timeout = N does) is stepped to its end.
-    while stmt:fetch(false) do end
+    -- (LuaDBI's MySQL driver raises on fetch() from a statement without a result set.)
+    if self.kind == "sqlite" then
+        while stmt:fetch(false) do end
+    end
     if name == "begin" then
         self.in_txn = true
     elseif name == "commit" or name == "rollback" then
@@ -1390,8 +1480,154 @@ function Session:close()
     self.conn = nil
 end
 
---- The DB path: M.config.db_path, else $SLURM_QUOTA_DB, else the default.
+-- The configuration file's keys, by their canonical spelling (matched case-insensitively).
+local CONF_KEYS = { "LedgerType", "LedgerPath", "StorageHost", "StoragePort", "StorageLoc",
+    "StorageUser", "StoragePass", "StoragePassFile", "StorageTLS", "StorageTLSCA",
+    "StorageTLSCert", "StorageTLSKey" }
+local CONF_KEY_OF = {}
+for _, k in ipairs(CONF_KEYS) do CONF_KEY_OF[k:lower()] = k end
+local MAX_CONF_BYTES = 64 * 1024
+
+--- The configuration file's path: M.config.conf_path, else $SLURM_QUOTA_CONF, else the default.
+function M.conf_path()
+    return M.config.conf_path or os.getenv(CONF_ENV) or DEFAULT_CONF_PATH
+end
+
+--- The keys of a configuration text (slurm.conf rules: Key=Value, case-insensitive keys,
+--- `#` comments, `\#` a literal `#`), or nil and a message. A message never quotes a value
+--- (a line may hold a password).
+function M.parse_conf(text, source)
+    local values = {}
+    local number = 0
+    for raw in (text .. "\n"):gmatch("([^\n]*)\n") do
+        number = number + 1
+        raw = raw:gsub("\r$", "")
+        local line = raw:gsub("\\#", "\1"):gsub("#.*$", ""):gsub("\1", "#")
+        line = trim(line)
+        if line ~= "" then
+            local key, value = line:match("^([^=]*)=(.*)$")
+            key = key and trim(key)
+            if not key or key == "" then
+                return nil, string.format("%s, line %d: expected Key=Value", source, number)
+            end
+            local canonical = CONF_KEY_OF[key:lower()]
+            if not canonical then
+                return nil, string.format("%s, line %d: unknown key %s", source, number,
+                    key:match("^[%w_]+$") and #key <= 40 and key or "(a key not shown)")
+            end
+            if values[canonical] then
+                return nil, string.format("%s, line %d: %s is given twice", source, number,
+                    canonical)
+            end
+            value = trim(value)
+            if value == "" then
+                return nil, string.format("%s, line %d: %s has no value", source, number,
+                    canonical)
+            end
+            values[canonical] = value
+        end
+    end
+    return values
+end
+
+local function read_small_file(path, what)
+    local f = io.open(path, "rb")
+    if not f then return nil end
+    local text = f:read(MAX_CONF_BYTES + 1) or ""
+    f:close()
+    if #text > MAX_CONF_BYTES then
+        error(db_error(string.format("the %s %s is larger than %s bytes", what, path,
+            int_str(MAX_CONF_BYTES))), 0)
+    end
+    return text
+end
+
+local function conf_exists(path)
+    local f = io.open(path, "rb")
+    if f then
+        f:close()
+        return true
+    end
+    -- exists but unreadable (mode 0600, another owner) is an error, not "absent"
+    local ok, posix_unistd = pcall(require, "posix.unistd")
+    if ok and type(posix_unistd) == "table" and posix_unistd.access then
+        return posix_unistd.access(path, "f") == 0
+    end
+    return os.rename(path, path) ~= nil
+end
+
+local function yes(value)
+    local v = value:lower()
+    if v == "yes" or v == "true" or v == "1" or v == "on" then return true end
+    if v == "no" or v == "false" or v == "0" or v == "off" then return false end
+    return nil
+end
+
+--- Where the ledger is, as the CLI decides it (slurm_quota.config.resolve): {kind = "sqlite",
+--- path = ...} or {kind = "mariadb", host, port, database, user, password_file/password,
+--- key}. M.config.db_path or $SLURM_QUOTA_DB name a SQLite file and override LedgerPath;
+--- with LedgerType=mariadb they are an error. Raises a db error on a bad file.
+function M.ledger()
+    local db_option = M.config.db_path or os.getenv(DB_PATH_ENV)
+    local source = M.conf_path()
+    local text = read_small_file(source, "configuration file")
+    if not text then
+        if conf_exists(source) then
+            error(db_error(string.format("the configuration file %s cannot be read by uid "
+                .. "%s (it is meant to be owned by SlurmUser, mode 0600)", source,
+                tostring(M.slurm_user_uid))), 0)
+        end
+        return { kind = "sqlite", path = db_option or DEFAULT_DB_PATH }
+    end
+    local v, err = M.parse_conf(text, source)
+    if not v then error(db_error(err .. "; the file was not used"), 0) end
+    local kind = (v.LedgerType or "sqlite"):lower()
+    if kind == "sqlite" then
+        for _, k in ipairs(CONF_KEYS) do
+            if v[k] and k:sub(1, 7) == "Storage" then
+                error(db_error(string.format("%s: %s only applies to LedgerType=mariadb",
+                    source, k)), 0)
+            end
+        end
+        return { kind = "sqlite", path = db_option or v.LedgerPath or DEFAULT_DB_PATH }
+    end
+    if kind ~= "mariadb" then
+        error(db_error(source .. ": LedgerType must be sqlite or mariadb"), 0)
+    end
+    if db_option then
+        error(db_error(string.format("%s says LedgerType=mariadb, but a SQLite file was also "
+            .. "named (SLURM_QUOTA_DB: %s); remove the one that is wrong", source,
+            db_option)), 0)
+    end
+    if not v.StorageUser then error(db_error(source .. ": LedgerType=mariadb needs StorageUser"), 0) end
+    if v.StoragePass and v.StoragePassFile then
+        error(db_error(source .. ": give StoragePass or StoragePassFile, not both"), 0)
+    end
+    if v.StorageTLS and yes(v.StorageTLS) ~= false then
+        -- LuaDBI's MySQL driver sets no TLS option before mysql_real_connect().
+        error(db_error(source .. ": StorageTLS=yes cannot be honoured by the plugin (LuaDBI's "
+            .. "MySQL driver has no TLS settings); the plugin does not connect without it"), 0)
+    end
+    local port = tonumber(v.StoragePort or "3306")
+    if not port or port ~= floor(port) or port < 1 or port > 65535 then
+        error(db_error(source .. ": StoragePort must be a TCP port number from 1 to 65535"), 0)
+    end
+    local host = v.StorageHost or "localhost"
+    local database = v.StorageLoc or "slurm_quota"
+    return {
+        kind = "mariadb", host = host, port = port, database = database,
+        user = v.StorageUser, password = v.StoragePass, password_file = v.StoragePassFile,
+        source = source,
+        key = string.format("mariadb://%s@%s:%s/%s", v.StorageUser, host, int_str(port),
+            database),
+    }
+end
+
+--- The DB path of a SQLite ledger: M.config.db_path, else $SLURM_QUOTA_DB, else LedgerPath
+--- of the configuration file, else the default.
 function M.db_path()
+    local ok, l = pcall(M.ledger)
+    if ok and l.kind == "sqlite" then return l.path end
     return M.config.db_path or os.getenv(DB_PATH_ENV) or DEFAULT_DB_PATH
 end
 
@@ -1449,12 +1685,202 @@ function M.open_db(path)
     local conn, err = DBI.Connect("SQLite3", path)
     if not conn then error(db_error("cannot open " .. path .. ": " .. tostring(err)), 0) end
     pcall(conn.autocommit, conn, true)
-    local s = setmetatable({ conn = conn, path = path, in_txn = false, stmts = {} }, Session)
+    local s = setmetatable({ conn = conn, path = path, in_txn = false, stmts = {}, sql = SQL,
+        kind = "sqlite" }, Session)
     local okv, verr = pcall(function()
         s:exec_once("busy_timeout")
         s:exec_once("foreign_keys")
         s:exec_once("synchronous")
         s:exec_once("wal_autocheckpoint")
+        check_schema(s)
+    end)
+    if not okv then
+        s:close()
+        error(verr, 0)
+    end
+    return s
+end
+
+----------------------------------------------------------------------------------------------
+-- MariaDB: connection with a bounded stall (luaposix) and a circuit breaker
+----------------------------------------------------------------------------------------------
+
+local posix_net
+do
+    local ok1, sock = pcall(require, "posix.sys.socket")
+    local ok2, fcntl = pcall(require, "posix.fcntl")
+    local ok3, poll = pcall(require, "posix.poll")
+    local ok4, unistd = pcall(require, "posix.unistd")
+    local ok5, dirent = pcall(require, "posix.dirent")
+    local ok6, ptime = pcall(require, "posix.time")
+    if ok1 and ok2 and ok3 and ok4 and ok5 and ok6 and type(sock) == "table" and sock.connect
+        and type(poll) == "table" and poll.poll then
+        posix_net = { sock = sock, fcntl = fcntl, poll = poll, unistd = unistd,
+            dirent = dirent, time = ptime }
+    end
+end
+-- Linux's TCP_USER_TIMEOUT (netinet/tcp.h; luaposix has no name for it).
+local TCP_USER_TIMEOUT = 18
+
+--- Seconds on a monotonic clock (luaposix), else os.time().
+function M.clock()
+    if posix_net and posix_net.time.clock_gettime then
+        local t = posix_net.time.clock_gettime(posix_net.time.CLOCK_MONOTONIC)
+        if t then return t.tv_sec + t.tv_nsec / 1e9 end
+    end
+    return os.time()
+end
+
+-- The circuit breaker: after the server could not be reached, calls until down_until are
+-- decided by the failure policy at once.
+local breaker = { down_until = nil, reason = nil }
+M.breaker = breaker
+
+-- The numeric address of a host: "localhost" is 127.0.0.1 (as PyMySQL, and unlike
+-- libmariadb, for which it means the local socket); a name is resolved once per connection
+-- (getaddrinfo is not bounded: use an address or a name in /etc/hosts).
+local function resolve_host(host, port)
+    if host == "localhost" then return "127.0.0.1", posix_net.sock.AF_INET end
+    if host:match("^%d+%.%d+%.%d+%.%d+$") then return host, posix_net.sock.AF_INET end
+    local S = posix_net.sock
+    local res, err = S.getaddrinfo(host, tostring(port), { family = S.AF_UNSPEC,
+        socktype = S.SOCK_STREAM })
+    if not res or not res[1] then
+        error(db_error(string.format("cannot resolve the ledger's host %s: %s", host,
+            tostring(err)), true), 0)
+    end
+    return res[1].addr, res[1].family
+end
+
+--- Is the MariaDB server at addr:port answering? Connects without blocking and waits at most
+--- timeout_ms for its greeting (a server that accepts but hangs sends none). Raises a db
+--- error saying why not.
+function M.probe(addr, family, port, timeout_ms)
+    local S, P, U, F = posix_net.sock, posix_net.poll, posix_net.unistd, posix_net.fcntl
+    local fd, err = S.socket(family, S.SOCK_STREAM, 0)
+    if not fd then error(db_error("socket(): " .. tostring(err), true), 0) end
+    local ok, res = pcall(function()
+        local flags = F.fcntl(fd, F.F_GETFL)
+        F.fcntl(fd, F.F_SETFL, flags + F.O_NONBLOCK)
+        local c, cerr, cerrno = S.connect(fd, { family = family, addr = addr, port = port })
+        if not c and cerrno ~= require("posix.errno").EINPROGRESS then
+            return "connect(): " .. tostring(cerr)
+        end
+        local fds = { [fd] = { events = { IN = true } } }
+        local n = P.poll(fds, timeout_ms)
+        if not n or n == 0 then
+            return string.format("no greeting within %s ms", int_str(timeout_ms))
+        end
+        local data, rerr = S.recv(fd, 256)
+        if not data or #data == 0 then
+            return "no greeting: " .. tostring(rerr or "connection closed")
+        end
+        return nil
+    end)
+    U.close(fd)
+    if not ok then error(db_error("probe: " .. tostring(res), true), 0) end
+    if res then
+        error(db_error(string.format("the ledger's server %s:%s is not answering (%s)", addr,
+            int_str(port), res), true), 0)
+    end
+end
+
+-- The descriptors of this process, as a set fd -> true (without the one that listed them).
+local function open_fds()
+    local out = {}
+    local ok, names = pcall(posix_net.dirent.dir, "/proc/self/fd")
+    if not ok or type(names) ~= "table" then return out end
+    for _, name in ipairs(names) do
+        local fd = tonumber(name)
+        if fd and posix_net.fcntl.fcntl(fd, posix_net.fcntl.F_GETFD) then out[fd] = true end
+    end
+    return out
+end
+
+-- Socket inodes of this network namespace's established TCP connections (st 01) to remote
+-- port `port`, as a set (/proc/net/tcp or tcp6: "sl local rem st ... uid timeout inode").
+local function inodes_to(port, family)
+    local out = {}
+    -- one file only: reading one costs ~5 ms (the kernel walks its whole connection table)
+    for _, path in ipairs({ family == posix_net.sock.AF_INET6 and "/proc/net/tcp6"
+        or "/proc/net/tcp" }) do
+        local f = io.open(path, "r")
+        if f then
+            for line in f:lines() do
+                local rport, st, inode = line:match(
+                    "^%s*%d+: %x+:%x+ %x+:(%x+) (%x+) %x+:%x+ %x+:%x+ %x+%s+%d+%s+%d+ (%d+)")
+                if rport and tonumber(rport, 16) == port and st == "01" then
+                    out[tonumber(inode)] = true
+                end
+            end
+            f:close()
+        end
+    end
+    return out
+end
+
+-- Set TCP_USER_TIMEOUT on the socket libmariadb opened in DBI.Connect: a descriptor not open
+-- `before` (a set of fds) whose socket inode (stat through /proc/self/fd) is an established
+-- connection to the server's port. LuaDBI does not expose the socket, and luaposix 33.4 can
+-- not name it otherwise: it has no getpeername nor fstat, its getsockname passes an
+-- uninitialised length (its answer changes from run to run), and its readlink fails on
+-- /proc/self/fd links. Another thread's socket never matches both tests.
+local function set_user_timeout(before, port, family)
+    local S = posix_net.sock
+    local inodes = inodes_to(port, family)
+    local n = 0
+    for fd in pairs(open_fds()) do
+        local st = not before[fd] and posix_stat and posix_stat.stat("/proc/self/fd/" .. fd)
+        if st and inodes[st.st_ino] then
+            if S.setsockopt(fd, S.IPPROTO_TCP, TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS) then
+                n = n + 1
+            end
+        end
+    end
+    return n
+end
+
+local function read_password(ledger)
+    if not ledger.password_file then return ledger.password end
+    local text = read_small_file(ledger.password_file, "password file")
+    if not text then
+        error(db_error(string.format("%s: StoragePassFile %s cannot be read", ledger.source,
+            ledger.password_file)), 0)
+    end
+    text = text:gsub("\r?\n$", "")
+    return text
+end
+
+--- Open a MariaDB ledger: probe, connect, bound the socket and every statement, check the
+--- schema version. Raises a db error (unreachable = true when the server could not be reached).
+function M.open_mariadb(ledger)
+    if not posix_net then
+        error(db_error("a MariaDB ledger needs luaposix (lua-posix), without which the plugin "
+            .. "cannot bound how long slurmctld waits for the server"), 0)
+    end
+    local ok, DBI = pcall(require, "DBI")
+    if not ok then error(db_error("LuaDBI is not installed (require \"DBI\" failed)"), 0) end
+    local addr, family = resolve_host(ledger.host, ledger.port)
+    M.probe(addr, family, ledger.port, PROBE_MS)
+    local before = open_fds()
+    local conn, err = DBI.Connect("MySQL", ledger.database, ledger.user, read_password(ledger),
+        addr, ledger.port)
+    if not conn then
+        error(db_error(string.format("cannot connect to %s: %s", ledger.key, tostring(err)),
+            true), 0)
+    end
+    pcall(conn.autocommit, conn, true)
+    local s = setmetatable({ conn = conn, path = ledger.key, in_txn = false, stmts = {},
+        sql = SQL_MARIADB, kind = "mariadb" }, Session)
+    local okv, verr = pcall(function()
+        if set_user_timeout(before, ledger.port, family) ~= 1 then
+            -- without it, a query on a connection whose packets are dropped waits forever
+            error(db_error("cannot find the connection's socket to set TCP_USER_TIMEOUT on it "
+                .. "(/proc/self/fd, /proc/net/tcp): not used, as its wait would be unbounded"),
+                0)
+        end
+        s:exec_once("isolation")
+        s:exec_once("session")
         check_schema(s)
     end)
     if not okv then
@@ -1501,14 +1927,29 @@ end
 --- checked (a reused connection: the caller checks it once, inside its write transaction;
 --- a new one was checked by open_db).
 function M.session()
-    local path = M.db_path()
-    if not M.config.cache_connection then return M.open_db(path), false, false end
+    local ledger = M.ledger()
+    local path = ledger.kind == "sqlite" and ledger.path or ledger.key
+    local open = M.open_db
+    if ledger.kind == "mariadb" then
+        local now = M.clock()
+        if breaker.down_until and now < breaker.down_until then
+            -- not `unreachable`: answering from the breaker must not re-arm it
+            error(db_error(string.format("the ledger %s was unreachable %.1f s ago (%s); not "
+                .. "tried again for another %.1f s", ledger.key, now - breaker.since,
+                breaker.reason, breaker.down_until - now)), 0)
+        end
+        open = function() return M.open_mariadb(ledger) end
+    end
+    if not M.config.cache_connection then return open(path), false, false end
     local c = cached.session
     if c then
         local now = os.time()
-        local gone = posix_stat and file_id(path) ~= cached.id
+        local gone = ledger.kind == "sqlite" and posix_stat and file_id(path) ~= cached.id
+        -- MariaDB: an idle connection is probed again (a dropped network is then found in
+        -- PROBE_MS instead of at the kernel's retransmission timer)
+        local idle = ledger.kind == "mariadb" and M.clock() - cached.used_at >= IDLE_REOPEN_S
         if cached.path ~= path or now - cached.opened_at >= REOPEN_S or now < cached.opened_at
-            or gone then
+            or gone or idle then
             M.drop_connection()
         else
             -- Never io.open() the file here: closing any other descriptor of the database
@@ -1516,12 +1957,26 @@ function M.session()
             -- another process may then reset the WAL under the cached connection (seen on the
             -- lab as stale reads, then "database disk image is malformed"). Identity and
             -- existence come from stat() (luaposix) above; without it, from REOPEN_S.
+            cached.used_at = M.clock()
             return c, true, true
         end
     end
-    local s = M.open_db(path)
-    cached.session, cached.path, cached.opened_at, cached.id = s, path, os.time(), file_id(path)
+    local s = open(path)
+    cached.session, cached.path, cached.opened_at, cached.used_at = s, path, os.time(),
+        M.clock()
+    cached.id = ledger.kind == "sqlite" and file_id(path) or nil
     return s, true, false
+end
+
+--- Open the circuit breaker after err, when err says the ledger's server was unreachable.
+function M.note_failure(err)
+    if type(err) == "table" and err.unreachable then
+        local now = M.clock()
+        breaker.since, breaker.down_until, breaker.reason = now, now + M.config.retry_s,
+            tostring(err.message)
+        return true
+    end
+    return false
 end
 
 local urandom
@@ -1622,6 +2077,11 @@ function Lazy:get()
     return s
 end
 
+--- Does this ledger lock owner rows (MariaDB) rather than the whole file (SQLite)?
+function Lazy:locks_rows()
+    return self:get().kind == "mariadb"
+end
+
 function Lazy:query(name, ...)
     local s = self:get()
     if self.unchecked then
@@ -1668,7 +2128,19 @@ local function guarded(kind, job_desc, job_rec, privileged, fn)
     env.db = lazy_db()
     local ok, rc = pcall(fn, env)
     pcall(env.db.close, env.db, ok and type(rc) == "number")
+    if not ok and type(rc) == "table" and rc.db and tostring(rc.message):find("Deadlock found",
+        1, true) then
+        -- MariaDB chose this transaction as a deadlock victim (two first submissions of a new
+        -- owner): it was rolled back whole, so it is run once more.
+        pcall(slurm.log_info, "%s", LOG_PREFIX .. kind .. ": deadlock victim, decided again: "
+            .. error_text(rc))
+        env = make_env()
+        env.db = lazy_db()
+        ok, rc = pcall(fn, env)
+        pcall(env.db.close, env.db, ok and type(rc) == "number")
+    end
     if ok and type(rc) == "number" then return rc end
+    if not ok then M.note_failure(rc) end
     if ok then rc = "the plugin returned no decision" end
     local ident, uid = safe_ident(job_desc, job_rec)
     local reason = error_text(rc)

@@ -16,8 +16,17 @@ from slurm_quota.errors import NotPermitted
 SUDO_USER_MAX_LEN = 128  # as long as a user name may be (validate.NAME_MAX_LEN)
 
 
-def require_ledger_writer(db_path: str, command: str) -> None:
-    """Refuse unless the real uid is root or owns db_path (a missing file is left to open)."""
+def require_ledger_writer(db_path: object, command: str) -> None:
+    """Refuse unless the real uid is root or owns db_path (a missing file is left to open).
+
+    db_path may be a config.SQLiteLedger, or a config.MariaDBLedger: then whoever could read
+    its credentials (the configuration file, mode 0600, SlurmUser's) may write.
+    """
+    kind = getattr(db_path, "kind", None)
+    if kind == "mariadb":
+        return
+    if kind == "sqlite":
+        db_path = db_path.path  # type: ignore[attr-defined]
     uid = os.getuid()
     if uid == 0:
         return

@@ -44,6 +44,7 @@ MAX_SLURM_EPOCH = 2**34
 SACCT_RETRY_DELAYS_S = (0.1, 0.2, 0.3, 0.4)
 
 RELEASE_NONE = "none"
+SETTING_CLUSTER_KEYS = "cluster_keys"  # validate.SETTING_CLUSTER_KEYS
 RELEASE_ONE = "one"
 RELEASE_ALL = "all"
 
@@ -88,8 +89,9 @@ _RunFields = namedtuple(
         "het_job_id",  # int | None = None
         "het_job_offset",  # int | None = None
         "array_meta",  # bool = False: a pending, never-split array record (all elements end)
+        "cluster",  # str = "": in the key only when clusters share the ledger (cluster_keys)
     ),
-    defaults=("", "", None, None, None, None, False),
+    defaults=("", "", None, None, None, None, False, ""),
 )
 
 
@@ -100,8 +102,17 @@ class Run(_RunFields):
 
     @property
     def charge_key(self) -> str:
-        """The idempotency key of this run: "<JOBID>:<START>"."""
-        return f"{self.job_id}:{self.start_time}"
+        """The idempotency key of this run: "<JOBID>:<START>", and "@<cluster>" after it when
+        several clusters share the ledger (each has its own job ids)."""
+        key = f"{self.job_id}:{self.start_time}"
+        return f"{key}@{self.cluster}" if self.cluster else key
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key under which this run may already be charged: its own, and for a
+        cluster-qualified run the unqualified one it had before the ledger was shared."""
+        plain = f"{self.job_id}:{self.start_time}"
+        return (self.charge_key, plain) if self.cluster else (plain,)
 
     @property
     def elapsed_s(self) -> int:
@@ -461,6 +472,39 @@ def compute_charge(
     return charge
 
 
+def clusters_share(conn) -> bool:
+    """True when the ledger's setting cluster_keys is yes (several clusters share it)."""
+    from slurm_quota import db
+
+    return db.get_setting(conn, SETTING_CLUSTER_KEYS) == "yes"
+
+
+def with_cluster(conn, run: Run, cluster: str | None) -> Run:
+    """The run with its cluster in the key when the ledger's setting cluster_keys is yes.
+
+    cluster: CLUSTER of the jobcomp environment (slurmctld sets it) or the ClusterName of
+    reconcile's Slurm. Missing while the setting is on: InvalidInput, nothing charged.
+    """
+    if not clusters_share(conn):
+        return run
+    name = (cluster or "").strip()
+    if not name:
+        raise InvalidInput(
+            f"Job {run.job_id}: the ledger is shared by several clusters (setting "
+            f"{SETTING_CLUSTER_KEYS}) but the run's cluster is not known (no CLUSTER in the "
+            f"jobcomp environment); nothing was charged."
+        )
+    return run._replace(cluster=name)
+
+
+def charge_exists(conn, run: Run) -> bool:
+    """True when the run is charged, under its key or the key it had before clusters shared
+    the ledger."""
+    from slurm_quota import db
+
+    return any(db.charge_exists(conn, key) for key in run.keys)
+
+
 def factors_of(conn) -> dict[str, float]:
     """The GPU factors table as {gpu_type: factor}."""
     from slurm_quota import db
@@ -478,14 +522,13 @@ def charge_in_transaction(
     from slurm_quota import db
 
     charge = compute_charge(run, allocation, factors, source)
+    if run.cluster and db.charge_exists(conn, f"{run.job_id}:{run.start_time}"):
+        return ChargeResult(charge, charged=False, released=0)  # charged before the sharing
     if not db.insert_charge(conn, charge.row(released=0)):
         return ChargeResult(charge, charged=False, released=0)
-    owners = [("user", run.username)] + ([("account", run.account)] if run.account else [])
-    if db.periods_in_use(conn):
-        _charge_with_periods(conn, run, charge, owners)
-    else:
-        for kind, name in owners:
-            db.add_owner_consumption(conn, kind, name, charge.cpu_s, charge.gpu_ms)
+    # The reservation is released before the owners' totals are written: the plugin's
+    # job_modify locks a preallocation, then (its triggers) the owners; the same order here
+    # means a MariaDB ledger never deadlocks the two.
     released = 0
     if charge.token and run.release != RELEASE_NONE:
         released = db.release_preallocation(
@@ -493,6 +536,12 @@ def charge_in_transaction(
         )
         if released:
             db.set_charge_released(conn, run.charge_key, released)
+    owners = [("user", run.username)] + ([("account", run.account)] if run.account else [])
+    if db.periods_in_use(conn):
+        _charge_with_periods(conn, run, charge, owners)
+    else:
+        for kind, name in owners:
+            db.add_owner_consumption(conn, kind, name, charge.cpu_s, charge.gpu_ms)
     return ChargeResult(charge, charged=True, released=released)
 
 
@@ -545,10 +594,9 @@ def notify_thresholds(conn, owners: list | None) -> None:
 
 def preview_charge(conn, run: Run, allocation: Allocation, source: str) -> ChargeResult:
     """What apply_charge would do, without writing (for --dry-run)."""
-    from slurm_quota import db
 
     charge = compute_charge(run, allocation, factors_of(conn), source)
-    done = db.charge_exists(conn, run.charge_key)
+    done = charge_exists(conn, run)
     return ChargeResult(charge, charged=not done, released=0, dry_run=True)
 
 
@@ -562,10 +610,9 @@ def charge_env(
     sleep=time.sleep,
 ) -> ChargeResult:
     """Charge the run described by a jobcomp environment (the `slurm-quota charge` command)."""
-    from slurm_quota import db
 
-    run = run_from_env(env)
-    if db.charge_exists(conn, run.charge_key):
+    run = with_cluster(conn, run_from_env(env), env.get("CLUSTER"))
+    if charge_exists(conn, run):
         # Already charged (a replay): no need to ask Slurm anything.
         charge = compute_charge(run, Allocation(None), {}, source)
         return ChargeResult(charge, charged=False, released=0, dry_run=dry_run)

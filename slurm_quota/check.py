@@ -136,7 +136,7 @@ def _totals(values: Any) -> tuple:
 def _find(conn: Any, report: Report) -> None:
     report.checked = True
     present = db.schema_objects(conn)
-    report.missing = [obj for obj in db.expected_schema_objects() if obj not in present]
+    report.missing = [obj for obj in db.expected_schema_objects(conn) if obj not in present]
     report.drift = [
         Drift(
             kind, str(row[0]),

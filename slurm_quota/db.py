@@ -7,12 +7,17 @@ imports sqlite3.
 
 The file is shared with the job_submit plugin inside slurmctld: writers take the lock with
 BEGIN IMMEDIATE and keep transactions short.
+
+The ledger may also be a MariaDB database (configuration file, slurm_quota.config): the same
+statements run there through slurm_quota.mariadb's connection, and the few differences
+between the two dialects are all in the section "Dialect" below.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import pwd
 import re
@@ -134,6 +139,78 @@ def _where(*filters: tuple[str, object]) -> tuple[str, list[object]]:
     return (" WHERE " + " AND ".join(parts) if parts else ""), params
 
 
+# ---------------------------------------------------------------------------------------
+# Section: Dialect -- every difference between SQLite and MariaDB SQL of the Python side.
+# ---------------------------------------------------------------------------------------
+# Placeholders (`?`, `:name`) are written once, SQLite's way; the MariaDB connection
+# translates them (slurm_quota.mariadb.translate). Column names that are reserved words in
+# MariaDB (`key`, `partition`) are quoted with backticks, which SQLite accepts too.
+
+
+def is_mariadb(conn: object) -> bool:
+    """True when conn is a connection to a MariaDB ledger."""
+    return getattr(conn, "engine", "sqlite") == "mariadb"
+
+
+def _idiv(conn: object, a: str, b: int) -> str:
+    """Integer division truncating toward zero: SQLite's `/` on integers, MariaDB's DIV."""
+    return f"({a}) DIV {b}" if is_mariadb(conn) else f"({a}) / {b}"
+
+
+def _differs(conn: object, a: str, b: str) -> str:
+    """a and b differ, NULL counting as a value: SQLite's IS NOT, MariaDB's NOT <=>."""
+    return f"NOT ({a} <=> {b})" if is_mariadb(conn) else f"{a} IS NOT {b}"
+
+
+def _total(conn: object, expr: str) -> str:
+    """Sum that is 0 over no rows and never overflows: SQLite's TOTAL(), MariaDB's exact
+    DECIMAL SUM()."""
+    return f"COALESCE(SUM({expr}), 0)" if is_mariadb(conn) else f"TOTAL({expr})"
+
+
+def _as_integer(conn: object, expr: str) -> str:
+    return f"CAST({expr} AS SIGNED)" if is_mariadb(conn) else f"CAST({expr} AS INTEGER)"
+
+
+def _upsert(conn: object, table: str, key: str, value: str) -> str:
+    """INSERT (key, value) or overwrite the value of an existing key."""
+    if is_mariadb(conn):
+        return (
+            f"INSERT INTO {table} ({key}, {value}) VALUES (?, ?) "
+            f"ON DUPLICATE KEY UPDATE {value} = VALUES({value})"
+        )
+    return (
+        f"INSERT INTO {table} ({key}, {value}) VALUES (?, ?) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {value} = excluded.{value}"
+    )
+
+
+def _insert_if_absent(conn, sql: str, conflict_key: str, params) -> bool:
+    """Run an INSERT; False (and no change) when the unique conflict_key already holds it.
+
+    SQLite: ON CONFLICT DO NOTHING. MariaDB: the plain INSERT, whose duplicate-key error
+    InnoDB rolls back alone (the transaction goes on); INSERT IGNORE would also turn other
+    errors into warnings, and ON DUPLICATE KEY would fire the row's update triggers.
+    """
+    if not is_mariadb(conn):
+        return conn.execute(f"{sql} ON CONFLICT ({conflict_key}) DO NOTHING", params).rowcount == 1
+    from slurm_quota import mariadb
+
+    try:
+        conn.execute(sql, params)
+    except Exception as err:
+        if mariadb.is_duplicate_key(err):
+            return False
+        raise
+    return True
+
+
+def _for_update(conn: object) -> str:
+    """Suffix of a read whose row the transaction then writes: SQLite's writer holds the
+    whole file already (BEGIN IMMEDIATE); InnoDB locks the row."""
+    return " FOR UPDATE" if is_mariadb(conn) else ""
+
+
 def _is_locked(err: sqlite3.Error) -> bool:
     text = str(err).lower()
     return "locked" in text or "busy" in text
@@ -229,6 +306,7 @@ class _Ledger(sqlite3.Connection):
     sqlite3 error (ledger_path is set once connect() has set the connection up)."""
 
     ledger_path: str | None = None
+    engine = "sqlite"
 
     def cursor(self, factory=_LedgerCursor):  # type: ignore[override]
         return super().cursor(factory)
@@ -267,7 +345,13 @@ def _require_regular_files(db_path: str) -> None:
 
 
 def require_intact(conn: sqlite3.Connection, db_path: str) -> None:
-    """Refuse (DatabaseDamaged) a ledger that fails SQLite's quick_check: no admin write then."""
+    """Refuse (DatabaseDamaged) a ledger that fails SQLite's quick_check: no admin write then.
+
+    Not on MariaDB: InnoDB verifies each page's checksum as it reads it, and CHECK TABLE of
+    the whole ledger before every admin change would cost seconds; `check` runs it.
+    """
+    if is_mariadb(conn):
+        return
     problems = quick_check(conn)
     if problems:
         raise DatabaseDamaged(
@@ -289,6 +373,9 @@ def connect(
 ) -> sqlite3.Connection:
     """Open the ledger; refuse a missing file unless create=True, and an unknown schema.
 
+    path is a SQLite file, or a config.SQLiteLedger / config.MariaDBLedger (the
+    configuration file's choice, slurm_quota.config.resolve).
+
     durable=False sets `PRAGMA synchronous = NORMAL` on this connection (WAL: a commit is not
     fsynced until the next checkpoint; a power loss may drop the last commits, never corrupts
     the file). Only for writers whose rows `reconcile` rebuilds from Slurm (the jobcomp charge),
@@ -296,6 +383,13 @@ def connect(
     SQLite's quick_check (admin writes). Only regular files are opened: a FIFO at the path
     would block the open or the first read forever.
     """
+    kind = getattr(path, "kind", None)
+    if kind == "mariadb":
+        return _connect_mariadb(
+            path, readonly=readonly, check_schema=check_schema, busy_timeout_ms=busy_timeout_ms
+        )
+    if kind == "sqlite":
+        path = path.path  # type: ignore[union-attr]
     db_path = _pathlib_form(path)
     try:
         present = _exists(db_path)
@@ -304,6 +398,9 @@ def connect(
             f"The database {db_path} cannot be accessed by uid {os.getuid()}: {err.strerror}. "
             f"Users read the ledger through the service (`slurm-quota stats`)."
         ) from err
+    except OSError as err:  # e.g. a name too long: no file can be there
+        shown = db_path if len(db_path) <= 200 else db_path[:200] + "..."
+        raise DatabaseMissing(f"The database {shown} cannot be opened: {err.strerror}.") from err
     if not present and not create:
         raise DatabaseMissing(
             f"The database {db_path} does not exist. Create it with `slurm-quota migrate`."
@@ -368,6 +465,38 @@ def connect(
 
 
 
+def _schema_mismatch(where: str, version: int, latest: int) -> SchemaError:
+    if version > latest:
+        return SchemaError(
+            f"The database {where} has schema version {version}, newer than this "
+            f"slurm-quota understands ({latest}). Upgrade slurm-quota."
+        )
+    return SchemaError(
+        f"The database {where} has schema version {version}, this slurm-quota needs "
+        f"{latest}. Run `slurm-quota migrate`."
+    )
+
+
+def _connect_mariadb(ledger, *, readonly: bool, check_schema: bool, busy_timeout_ms: int):
+    """A connection to a MariaDB ledger (mariadb.Connection), its schema checked."""
+    from slurm_quota import mariadb
+
+    conn = mariadb.connect(ledger, lock_timeout_s=max(1, -(-int(busy_timeout_ms) // 1000)))
+    if readonly:
+        conn.execute("SET SESSION TRANSACTION READ ONLY")
+    if check_schema:
+        try:
+            version = mariadb.schema_version(conn)
+        except BaseException:
+            conn.close()
+            raise
+        latest = _code_schema_version()
+        if version != latest:
+            conn.close()
+            raise _schema_mismatch(ledger.describe(), version, latest)
+    return conn
+
+
 def checkpoint(conn: sqlite3.Connection) -> None:
     """A PASSIVE WAL checkpoint (copies what no reader still needs; never waits for locks).
 
@@ -375,13 +504,26 @@ def checkpoint(conn: sqlite3.Connection) -> None:
     path), so the Python side does: every commit here past SQLite's 1000-page threshold, and
     this at the end of each reconcile (the timer), which bounds the WAL on a cluster where
     nothing completes. A busy or failing checkpoint is harmless: the next one catches up.
+    MariaDB (InnoDB) checkpoints by itself: nothing to do.
     """
+    if is_mariadb(conn):
+        return
     with contextlib.suppress(sqlite3.Error):
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 @contextlib.contextmanager
 def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """Run the block in one BEGIN IMMEDIATE transaction: all of it or none of it."""
+    """Run the block in one BEGIN IMMEDIATE transaction: all of it or none of it.
+
+    MariaDB: one InnoDB transaction that first locks the schema_version row, so the Python
+    writers (charge, reconcile, admin, check --repair) follow one another as they do on
+    SQLite; the plugin never takes that lock (it reads schema_version without locking) and
+    meets them only on the rows both write.
+    """
+    if is_mariadb(conn):
+        with _mariadb_write_transaction(conn):
+            yield conn
+        return
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as err:
@@ -408,13 +550,85 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             raise
 
 
+@contextlib.contextmanager
+def _mariadb_write_transaction(conn) -> Iterator[None]:
+    conn.execute("START TRANSACTION")
+    try:
+        conn.execute("SELECT version FROM schema_version WHERE id = 1 FOR UPDATE").fetchall()
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
+        raise
+    else:
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+
+
+def mariadb_migration_files() -> list[tuple[int, Path]]:
+    """(version, path) of migrations/mariadb/NNNN_name.sql, the same versions as SQLite's."""
+    directory = migrations_dir() / "mariadb"
+    found = sorted(
+        (int(m.group(1)), directory / name)
+        for name in os.listdir(directory)
+        if (m := re.match(_MIGRATION_NAME, name))
+    )
+    expected = [(v, n) for v, n in _migration_names()]
+    if [(v, p.name) for v, p in found] != expected:
+        raise SchemaError(
+            f"The MariaDB migrations in {directory} do not match the SQLite ones "
+            f"({[p.name for _, p in found]} vs {[n for _, n in expected]})."
+        )
+    return found
+
+
+def _migrate_mariadb(ledger) -> list[int]:
+    from slurm_quota import mariadb
+
+    conn = mariadb.connect(ledger, lock_timeout_s=BUSY_TIMEOUT_MS // 1000)
+    applied: list[int] = []
+    try:
+        current = mariadb.schema_version(conn)
+        files = mariadb_migration_files()
+        latest = files[-1][0] if files else 0
+        if current > latest:
+            raise _schema_mismatch(ledger.describe(), current, latest)
+        for version, sql_path in files:
+            if version <= current:
+                continue
+            mariadb.execute_script(conn, sql_path.read_text(encoding="utf-8"))
+            if mariadb.schema_version(conn) != version:
+                raise SchemaError(
+                    f"Migration mariadb/{sql_path.name} ran but did not stamp version "
+                    f"{version} on {ledger.describe()}."
+                )
+            applied.append(version)
+    finally:
+        conn.close()
+    return applied
+
+
 def migrate(path: str | os.PathLike[str]) -> list[int]:
     """Bring the database at path to the latest schema; return the versions applied.
 
     Each step runs atomically with its version stamp (the BEGIN/COMMIT are in the SQL file,
     because executescript() commits any open transaction first). Idempotent.
+
+    path may be a config.MariaDBLedger: migrations/mariadb/ are applied in order; DDL commits
+    at once there, so each file is written to be re-run after a stop half-way, and its data
+    changes and version stamp commit together.
     """
     from pathlib import Path
+
+    kind = getattr(path, "kind", None)
+    if kind == "mariadb":
+        return _migrate_mariadb(path)
+    if kind == "sqlite":
+        path = path.path  # type: ignore[union-attr]
 
     db_path = Path(path)
     conn = connect(db_path, create=True, check_schema=False)
@@ -490,7 +704,17 @@ def _check_adopted_tables(conn: sqlite3.Connection, db_path: Path, first: Path) 
 
 
 def schema_version(path: str | os.PathLike[str]) -> int:
-    """Return PRAGMA user_version of the database at path."""
+    """Return PRAGMA user_version of the database at path (MariaDB: its schema_version row)."""
+    if getattr(path, "kind", None) == "mariadb":
+        from slurm_quota import mariadb
+
+        conn = mariadb.connect(path)
+        try:
+            return mariadb.schema_version(conn)
+        finally:
+            conn.close()
+    if getattr(path, "kind", None) == "sqlite":
+        path = path.path  # type: ignore[union-attr]
     conn = connect(path, readonly=True, check_schema=False)
     try:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -588,27 +812,23 @@ def set_owner_quota(
 
 def get_setting(conn: sqlite3.Connection, key: str) -> str | None:
     """The text value of a settings key, or None when absent."""
-    row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    row = conn.execute("SELECT value FROM settings WHERE `key` = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
 
 
 def set_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
     """Insert or replace a settings key (the upsert form SQLite and PostgreSQL share)."""
-    conn.execute(
-        "INSERT INTO settings (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (key, value),
-    )
+    conn.execute(_upsert(conn, "settings", "`key`", "value"), (key, value))
 
 
 def delete_setting(conn: sqlite3.Connection, key: str) -> bool:
     """Remove a settings key; False when it was not set."""
-    return conn.execute("DELETE FROM settings WHERE key = ?", (key,)).rowcount == 1
+    return conn.execute("DELETE FROM settings WHERE `key` = ?", (key,)).rowcount == 1
 
 
 def list_settings(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Every stored (key, value) row, by key."""
-    return conn.execute("SELECT key, value FROM settings ORDER BY key").fetchall()
+    return conn.execute("SELECT `key`, value FROM settings ORDER BY `key`").fetchall()
 
 
 def list_gpu_factors(conn: sqlite3.Connection) -> list[sqlite3.Row]:
@@ -626,11 +846,7 @@ def get_gpu_factor(conn: sqlite3.Connection, gpu_type: str) -> float | None:
 
 def set_gpu_factor(conn: sqlite3.Connection, gpu_type: str, factor: float) -> None:
     """Insert or replace the factor of a GPU type."""
-    conn.execute(
-        "INSERT INTO gpu_factors (gpu_type, factor) VALUES (?, ?) "
-        "ON CONFLICT (gpu_type) DO UPDATE SET factor = excluded.factor",
-        (gpu_type, factor),
-    )
+    conn.execute(_upsert(conn, "gpu_factors", "gpu_type", "factor"), (gpu_type, factor))
 
 
 def insert_journal(
@@ -686,7 +902,7 @@ def read_charges(
     """Charge rows, newest first, filtered by user, account and/or job (array/het parent too)."""
     sql = (
         "SELECT id, charge_key, job_id, array_job_id, array_task_id, het_job_id, "
-        "het_job_offset, username, account, job_uuid, partition, job_state, start_time, "
+        "het_job_offset, username, account, job_uuid, `partition`, job_state, start_time, "
         "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
         "released_prealloc, source, charged_at, cpu_s, gpu_ms FROM charges"
     )
@@ -745,11 +961,11 @@ UNION ALL SELECT 'charges', COUNT(*) FROM charges
 UNION ALL SELECT 'journal', COUNT(*) FROM journal
 """
 # Charged minutes = the one rule (ledger.minutes_from_exact, ceil) on the exact sums.
-SQL_CHARGE_TOTALS = """
-SELECT COUNT(*),
-    (COALESCE(SUM(cpu_s), 0) + 59) / 60, (COALESCE(SUM(gpu_ms), 0) + 59999) / 60000
-FROM charges
-"""
+def _sql_charge_totals(conn: object) -> str:
+    return (
+        f"SELECT COUNT(*), {_idiv(conn, 'COALESCE(SUM(cpu_s), 0) + 59', 60)}, "
+        f"{_idiv(conn, 'COALESCE(SUM(gpu_ms), 0) + 59999', 60000)} FROM charges"
+    )
 
 UsageTuple = tuple  # (name, cpu consumed, cpu prealloc, cpu quota, gpu ..., last_updated, jobs)
 
@@ -757,6 +973,15 @@ UsageTuple = tuple  # (name, cpu consumed, cpu prealloc, cpu quota, gpu ..., las
 @contextlib.contextmanager
 def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """Run several reads in one read transaction, so they see one consistent state."""
+    if is_mariadb(conn):
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        return
     try:
         conn.execute("BEGIN")
     except sqlite3.Error as err:
@@ -809,18 +1034,41 @@ def ledger_row_counts(conn: sqlite3.Connection) -> dict[str, int]:
 def charge_totals(conn: sqlite3.Connection) -> tuple[int, int, int]:
     """(number of charged runs, CPU minutes, GPU minutes) over the whole charges table
     (minutes of the exact sums, by the one rule)."""
-    count, cpu, gpu = _usage_rows(conn, SQL_CHARGE_TOTALS)[0]
+    count, cpu, gpu = _usage_rows(conn, _sql_charge_totals(conn))[0]
     return int(count), int(cpu), int(gpu)
 
 
 def ping(conn: sqlite3.Connection) -> int:
     """Read the schema version: proves the file is readable; returns PRAGMA user_version."""
+    if is_mariadb(conn):
+        return int(_usage_rows(conn, "SELECT version FROM schema_version WHERE id = 1")[0][0])
     return int(_usage_rows(conn, "PRAGMA user_version")[0][0])
 
 
 def data_version(conn: sqlite3.Connection) -> int:
-    """PRAGMA data_version: changes when any other connection has committed (change probe)."""
+    """PRAGMA data_version: changes when any other connection has committed (change probe).
+
+    MariaDB has no such counter: this is a number that changes whenever a ledger table was
+    written (InnoDB's UPDATE_TIME of the tables, kept by the server at each commit, to the
+    second), and that is new at every call while the last write is under 2 s old, since a
+    second commit within the same second would not move UPDATE_TIME. A change is never
+    missed; a busy ledger is only cached less.
+    """
+    if is_mariadb(conn):
+        row = _usage_rows(
+            conn,
+            "SELECT UNIX_TIMESTAMP(MAX(UPDATE_TIME)), UNIX_TIMESTAMP(NOW()), COUNT(*) "
+            "FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()",
+        )[0]
+        newest = int(row[0] or 0)
+        now = int(row[1])
+        if now - newest < 2:
+            return -next(_RECENT_WRITE)
+        return newest
     return int(_usage_rows(conn, "PRAGMA data_version")[0][0])
+
+
+_RECENT_WRITE = itertools.count(1)
 
 
 
@@ -832,15 +1080,14 @@ _DEFAULT_QUOTA_KEY = "default_{kind}_quota_{resource}_minutes"
 
 _CHARGE_COLUMNS = (
     "charge_key", "job_id", "array_job_id", "array_task_id", "het_job_id", "het_job_offset",
-    "username", "account", "job_uuid", "partition", "job_state", "start_time", "end_time",
+    "username", "account", "job_uuid", "`partition`", "job_state", "start_time", "end_time",
     "elapsed_s", "cpus", "gpus", "gpu_factors", "cpu_minutes", "gpu_minutes",
     "released_prealloc", "source", "cpu_s", "gpu_ms",
 )  # fmt: skip
 SQL_INSERT_CHARGE = (
     f"INSERT INTO charges ({', '.join(_CHARGE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _CHARGE_COLUMNS)}) "
-    "ON CONFLICT (charge_key) DO NOTHING"
-)
+    f"VALUES ({', '.join('?' for _ in _CHARGE_COLUMNS)})"
+)  # + the dialect's "if absent" (_insert_if_absent)
 
 
 def charge_exists(conn: sqlite3.Connection, charge_key: str) -> bool:
@@ -865,8 +1112,8 @@ def newest_charge_end(conn: sqlite3.Connection) -> int | None:
 
 def insert_charge(conn: sqlite3.Connection, values: dict[str, object]) -> bool:
     """Insert one charged run; False (and no change) when its charge_key already exists."""
-    cur = conn.execute(SQL_INSERT_CHARGE, tuple(values.get(c) for c in _CHARGE_COLUMNS))
-    return cur.rowcount == 1
+    params = tuple(values.get(c.strip("`")) for c in _CHARGE_COLUMNS)
+    return _insert_if_absent(conn, SQL_INSERT_CHARGE, "charge_key", params)
 
 
 def set_charge_released(conn: sqlite3.Connection, charge_key: str, elements: int) -> None:
@@ -876,17 +1123,14 @@ def set_charge_released(conn: sqlite3.Connection, charge_key: str, elements: int
     )
 
 
-def _minutes_sql(exact: str, per_minute: int) -> str:
+def _minutes_sql(exact: str, per_minute: int, conn: object = None) -> str:
     """SQL of ledger.minutes_from_exact (ceil) on an integer expression, for any sign:
-    SQLite's integer division truncates toward zero, which is the ceiling below 0."""
+    integer division truncates toward zero (SQLite's / and MariaDB's DIV), which is the
+    ceiling below 0."""
     return (
-        f"(CASE WHEN {exact} > 0 THEN ({exact} + {per_minute - 1}) / {per_minute} "
-        f"ELSE {exact} / {per_minute} END)"
+        f"(CASE WHEN {exact} > 0 THEN {_idiv(conn, f'{exact} + {per_minute - 1}', per_minute)} "
+        f"ELSE {_idiv(conn, exact, per_minute)} END)"
     )
-
-
-_CPU_MIN = _minutes_sql("consumed_cpu_s", 60)
-_GPU_MIN = _minutes_sql("consumed_gpu_ms", 60000)
 
 
 def add_owner_consumption(
@@ -899,20 +1143,29 @@ def add_owner_consumption(
     table, key = _owner_table(kind)
     cpu_key = _DEFAULT_QUOTA_KEY.format(kind=kind, resource="cpu")
     gpu_key = _DEFAULT_QUOTA_KEY.format(kind=kind, resource="gpu")
+    if not is_mariadb(conn) or conn.execute(
+        f"SELECT 1 FROM {table} WHERE {key} = ?", (name,)
+    ).fetchone() is None:
+        _insert_if_absent(
+            conn,
+            f"INSERT INTO {table} ({key}, total_consumed_cpu_minutes, quota_cpu_minutes, "
+            f"total_consumed_gpu_minutes, quota_gpu_minutes, last_updated) VALUES (?, 0, "
+            f"COALESCE((SELECT {_as_integer(conn, 'value')} FROM settings WHERE `key` = ?), "
+            f"-1), 0, COALESCE((SELECT {_as_integer(conn, 'value')} FROM settings "
+            f"WHERE `key` = ?), -1), CURRENT_TIMESTAMP)",
+            key,
+            (name, cpu_key, gpu_key),
+        )
+    # The right-hand sides all read the old row: the minutes come from old + delta. (The
+    # minutes are assigned first so that this holds even where assignments run left to right,
+    # as in MariaDB without SIMULTANEOUS_ASSIGNMENT.)
     conn.execute(
-        f"INSERT INTO {table} ({key}, total_consumed_cpu_minutes, quota_cpu_minutes, "
-        f"total_consumed_gpu_minutes, quota_gpu_minutes, last_updated) VALUES (?, 0, "
-        f"COALESCE((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?), -1), 0, "
-        f"COALESCE((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?), -1), "
-        f"CURRENT_TIMESTAMP) ON CONFLICT ({key}) DO NOTHING",
-        (name, cpu_key, gpu_key),
-    )
-    # The right-hand sides all read the old row: the minutes come from old + delta.
-    conn.execute(
-        f"UPDATE {table} SET consumed_cpu_s = consumed_cpu_s + :cpu, "
+        f"UPDATE {table} SET "
+        f"total_consumed_cpu_minutes = {_minutes_sql('(consumed_cpu_s + :cpu)', 60, conn)}, "
+        f"total_consumed_gpu_minutes = "
+        f"{_minutes_sql('(consumed_gpu_ms + :gpu)', 60000, conn)}, "
+        f"consumed_cpu_s = consumed_cpu_s + :cpu, "
         f"consumed_gpu_ms = consumed_gpu_ms + :gpu, "
-        f"total_consumed_cpu_minutes = {_minutes_sql('(consumed_cpu_s + :cpu)', 60)}, "
-        f"total_consumed_gpu_minutes = {_minutes_sql('(consumed_gpu_ms + :gpu)', 60000)}, "
         f"last_updated = CURRENT_TIMESTAMP WHERE {key} = :name",
         {"cpu": int(cpu_s), "gpu": int(gpu_ms), "name": name},
     )
@@ -932,8 +1185,8 @@ def set_consumed(conn: sqlite3.Connection, kind: str, name: str, cpu_s: int, gpu
     table, key = _owner_table(kind)
     cur = conn.execute(
         f"UPDATE {table} SET consumed_cpu_s = :cpu, consumed_gpu_ms = :gpu, "
-        f"total_consumed_cpu_minutes = {_minutes_sql(':cpu', 60)}, "
-        f"total_consumed_gpu_minutes = {_minutes_sql(':gpu', 60000)}, "
+        f"total_consumed_cpu_minutes = {_minutes_sql(':cpu', 60, conn)}, "
+        f"total_consumed_gpu_minutes = {_minutes_sql(':gpu', 60000, conn)}, "
         f"last_updated = CURRENT_TIMESTAMP WHERE {key} = :name",
         {"cpu": int(cpu_s), "gpu": int(gpu_ms), "name": name},
     )
@@ -976,12 +1229,14 @@ def consumed_drift(conn: sqlite3.Connection, kind: str) -> list[tuple]:
     actual gpu_ms), by name.
     """
     _, key = _owner_table(kind)
+    cpu_min = _minutes_sql("consumed_cpu_s", 60, conn)
+    gpu_min = _minutes_sql("consumed_gpu_ms", 60000, conn)
     sql = (
         _consumed_sums(kind)
-        + "WHERE t.consumed_cpu_s IS NOT COALESCE(c.cpu, 0) + COALESCE(a.cpu, 0) "
-        "OR t.consumed_gpu_ms IS NOT COALESCE(c.gpu, 0) + COALESCE(a.gpu, 0) "
-        f"OR t.total_consumed_cpu_minutes IS NOT {_CPU_MIN} "
-        f"OR t.total_consumed_gpu_minutes IS NOT {_GPU_MIN} "
+        + f"WHERE {_differs(conn, 't.consumed_cpu_s', 'COALESCE(c.cpu, 0) + COALESCE(a.cpu, 0)')} "
+        f"OR {_differs(conn, 't.consumed_gpu_ms', 'COALESCE(c.gpu, 0) + COALESCE(a.gpu, 0)')} "
+        f"OR {_differs(conn, 't.total_consumed_cpu_minutes', cpu_min)} "
+        f"OR {_differs(conn, 't.total_consumed_gpu_minutes', gpu_min)} "
         f"ORDER BY t.{key}"
     )
     return _usage_rows(conn, sql)
@@ -1002,7 +1257,8 @@ def release_preallocation(
     array_size counts elements not yet charged: decrement it, delete the row at 0.
     """
     row = conn.execute(
-        "SELECT array_size FROM jobs_preallocations WHERE job_uuid = ?", (job_uuid,)
+        "SELECT array_size FROM jobs_preallocations WHERE job_uuid = ?" + _for_update(conn),
+        (job_uuid,),
     ).fetchone()
     if row is None:
         return 0
@@ -1084,10 +1340,12 @@ _SCHEMA_OBJECT = re.compile(
 )
 
 
-def expected_schema_objects() -> list[tuple[str, str]]:
-    """(type, name) of every trigger and index the migrations leave, in creation order."""
+def expected_schema_objects(conn: object = None) -> list[tuple[str, str]]:
+    """(type, name) of every trigger and index the migrations leave, in creation order
+    (those of migrations/mariadb/ for a MariaDB connection)."""
     found: dict[tuple[str, str], None] = {}
-    for _version, path in migration_files():
+    files = mariadb_migration_files() if is_mariadb(conn) else migration_files()
+    for _version, path in files:
         for verb, kind, name in _SCHEMA_OBJECT.findall(path.read_text(encoding="utf-8")):
             if verb.upper() == "CREATE":
                 found[(kind.lower(), name)] = None
@@ -1098,6 +1356,15 @@ def expected_schema_objects() -> list[tuple[str, str]]:
 
 def schema_objects(conn: sqlite3.Connection) -> set[tuple[str, str]]:
     """(type, name) of the triggers and indexes in the database."""
+    if is_mariadb(conn):
+        rows = _usage_rows(
+            conn,
+            "SELECT 'trigger', TRIGGER_NAME FROM information_schema.TRIGGERS "
+            "WHERE TRIGGER_SCHEMA = DATABASE() UNION "
+            "SELECT 'index', INDEX_NAME FROM information_schema.STATISTICS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND INDEX_NAME <> 'PRIMARY'",
+        )
+        return {(str(kind), str(name)) for kind, name in rows}
     rows = _usage_rows(
         conn, "SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'index')"
     )
@@ -1105,7 +1372,23 @@ def schema_objects(conn: sqlite3.Connection) -> set[tuple[str, str]]:
 
 
 def quick_check(conn: sqlite3.Connection) -> list[str]:
-    """PRAGMA quick_check: [] when SQLite finds the file sound, else its messages."""
+    """PRAGMA quick_check: [] when SQLite finds the file sound, else its messages.
+
+    MariaDB: CHECK TABLE of every ledger table ([] when each is OK).
+    """
+    if is_mariadb(conn):
+        sql = "SHOW FULL TABLES WHERE Table_type = 'BASE TABLE'"
+        tables = [r[0] for r in _usage_rows(conn, sql)]
+        if not tables:
+            return []
+        rows = _usage_rows(conn, "CHECK TABLE " + ", ".join(f"`{t}`" for t in tables))
+        return [
+            f"{table}: {text}"
+            for table, _op, msg_type, text in rows
+            if str(msg_type).lower() in ("error", "warning") or (
+                str(msg_type).lower() == "status" and str(text).upper() != "OK"
+            )
+        ]
     try:
         messages = [str(row[0]) for row in conn.execute("PRAGMA quick_check").fetchall()]
     except DatabaseDamaged as err:  # damaged past what quick_check can list
@@ -1121,11 +1404,12 @@ def quick_check(conn: sqlite3.Connection) -> list[str]:
 
 # Migration 0003's definition of the reserved totals over a set of preallocations: NULL
 # array_size counts as one element, a NULL GPU amount as 0; TOTAL() cannot overflow.
-_RESERVED_SUMS = (
-    "TOTAL(preallocated_cpu_minutes * COALESCE(array_size, 1)) AS cpu, "
-    "TOTAL(COALESCE(preallocated_gpu_minutes, 0) * COALESCE(array_size, 1)) AS gpu, "
-    "TOTAL(COALESCE(array_size, 1)) AS jobs"
-)
+def _reserved_sums(conn: object) -> str:
+    return (
+        f"{_total(conn, 'preallocated_cpu_minutes * COALESCE(array_size, 1)')} AS cpu, "
+        f"{_total(conn, 'COALESCE(preallocated_gpu_minutes, 0) * COALESCE(array_size, 1)')} "
+        f"AS gpu, {_total(conn, 'COALESCE(array_size, 1)')} AS jobs"
+    )
 
 
 def reserved_drift(conn: sqlite3.Connection, kind: str) -> list[tuple]:
@@ -1139,11 +1423,11 @@ def reserved_drift(conn: sqlite3.Connection, kind: str) -> list[tuple]:
         f"SELECT t.{key}, t.reserved_cpu_minutes, t.reserved_gpu_minutes, t.reserved_jobs, "
         f"COALESCE(p.cpu, 0), COALESCE(p.gpu, 0), COALESCE(p.jobs, 0) "
         f"FROM {table} AS t LEFT JOIN ("
-        f"SELECT {key} AS name, {_RESERVED_SUMS} FROM jobs_preallocations GROUP BY {key}"
-        f") AS p ON p.name = t.{key} "
-        f"WHERE t.reserved_cpu_minutes IS NOT COALESCE(p.cpu, 0) "
-        f"OR t.reserved_gpu_minutes IS NOT COALESCE(p.gpu, 0) "
-        f"OR t.reserved_jobs IS NOT COALESCE(p.jobs, 0) "
+        f"SELECT {key} AS name, {_reserved_sums(conn)} FROM jobs_preallocations "
+        f"GROUP BY {key}) AS p ON p.name = t.{key} "
+        f"WHERE {_differs(conn, 't.reserved_cpu_minutes', 'COALESCE(p.cpu, 0)')} "
+        f"OR {_differs(conn, 't.reserved_gpu_minutes', 'COALESCE(p.gpu, 0)')} "
+        f"OR {_differs(conn, 't.reserved_jobs', 'COALESCE(p.jobs, 0)')} "
         f"ORDER BY t.{key}"
     )
     return _usage_rows(conn, sql)
@@ -1156,7 +1440,7 @@ def reserved_of(conn: sqlite3.Connection, kind: str, name: str) -> tuple | None:
     rows = _usage_rows(
         conn,
         f"SELECT t.reserved_cpu_minutes, t.reserved_gpu_minutes, t.reserved_jobs, p.* "
-        f"FROM {table} AS t, (SELECT {_RESERVED_SUMS} FROM jobs_preallocations "
+        f"FROM {table} AS t, (SELECT {_reserved_sums(conn)} FROM jobs_preallocations "
         f"WHERE {key} = :name) AS p WHERE t.{key} = :name",
         {"name": name},
     )
@@ -1214,10 +1498,9 @@ def set_period_rule(
 ) -> None:
     """Insert or replace the period rule of an owner (or of the site)."""
     conn.execute(
-        "INSERT INTO period_rules (owner_kind, owner, spec, carry_over_percent, time_zone) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner_kind, owner) DO UPDATE SET "
-        "spec = excluded.spec, carry_over_percent = excluded.carry_over_percent, "
-        "time_zone = excluded.time_zone",
+        # REPLACE: both engines (no trigger or foreign key involves this table)
+        "REPLACE INTO period_rules (owner_kind, owner, spec, carry_over_percent, time_zone) "
+        "VALUES (?, ?, ?, ?, ?)",
         (kind, name, spec, int(percent), tz),
     )
 
@@ -1261,12 +1544,9 @@ def set_period_state(
 ) -> None:
     """Insert or replace the current period of an owner."""
     conn.execute(
-        "INSERT INTO period_state (owner_kind, owner, spec, period_start, period_end, "
-        "window_aged_until, carry_in_cpu_s, carry_in_gpu_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (owner_kind, owner) DO UPDATE SET spec = excluded.spec, "
-        "period_start = excluded.period_start, period_end = excluded.period_end, "
-        "window_aged_until = excluded.window_aged_until, "
-        "carry_in_cpu_s = excluded.carry_in_cpu_s, carry_in_gpu_ms = excluded.carry_in_gpu_ms",
+        # REPLACE: both engines (no trigger or foreign key involves this table)
+        "REPLACE INTO period_state (owner_kind, owner, spec, period_start, period_end, "
+        "window_aged_until, carry_in_cpu_s, carry_in_gpu_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (kind, name, spec, int(start), end, aged_until, int(carry_in_cpu_s), int(carry_in_gpu_ms)),
     )
 
@@ -1497,15 +1777,15 @@ def insert_threshold_event(
     crossed_at: int,
 ) -> int:
     """Record a threshold crossed; 1 when new, 0 when already recorded for this period."""
-    cur = conn.execute(
+    return int(_insert_if_absent(
+        conn,
         "INSERT INTO threshold_events (owner_kind, owner, period_start, resource, "
         "threshold_percent, usage_percent, quota_minutes, consumed_minutes, reserved_minutes, "
-        "crossed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner_kind, owner, "
-        "period_start, resource, threshold_percent) DO NOTHING",
+        "crossed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "owner_kind, owner, period_start, resource, threshold_percent",
         (kind, name, int(period_start), resource, int(threshold_percent), float(usage_percent),
          int(quota_minutes), int(consumed_minutes), int(reserved_minutes), int(crossed_at)),
-    )  # fmt: skip
-    return cur.rowcount
+    ))  # fmt: skip
 
 
 def pending_threshold_events(conn: sqlite3.Connection, max_attempts: int) -> list[sqlite3.Row]:
@@ -1593,3 +1873,90 @@ def threshold_candidates(
             )
     params = {"p": int(min_percent), "name": name}
     return [tuple(r) for r in conn.execute(" UNION ALL ".join(parts), params)]
+
+
+# ---------------------------------------------------------------------------------------
+# Section: whole tables (copy-ledger, the digests of `check --digest`)
+# ---------------------------------------------------------------------------------------
+# Every table of the ledger with its key, in an order that satisfies the foreign keys. Not
+# MariaDB's schema_version: that is the schema's, stamped by migrate on each side.
+LEDGER_TABLES: tuple[tuple[str, str], ...] = (
+    ("users", "username"),
+    ("accounts", "account"),
+    ("gpu_factors", "gpu_type"),
+    ("settings", "`key`"),
+    ("jobs_preallocations", "job_uuid"),
+    ("charges", "id"),
+    ("journal", "id"),
+    ("consumption_adjustments", "id"),
+)
+_LEDGER_TABLE_NAMES = {name for name, _ in LEDGER_TABLES}
+
+
+def table_columns(conn, table: str) -> list[str]:
+    """The columns of a ledger table, in their order."""
+    if table not in _LEDGER_TABLE_NAMES:
+        raise ValueError(f"not a ledger table: {table!r}")
+    if is_mariadb(conn):
+        rows = _usage_rows(
+            conn,
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
+            "DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (table,),
+        )
+        return [str(r[0]) for r in rows]
+    return [str(r[1]) for r in _usage_rows(conn, f"PRAGMA table_info({table})")]
+
+
+def _quoted(columns: list[str]) -> str:
+    return ", ".join(f"`{c}`" for c in columns)
+
+
+def table_rows(conn, table: str, columns: list[str]) -> Iterator[tuple]:
+    """Every row of a ledger table as plain tuples, in key order (the same on both engines:
+    names compare byte for byte on both)."""
+    key = dict(LEDGER_TABLES)[table]
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    cursor.execute(f"SELECT {_quoted(columns)} FROM {table} ORDER BY {key}")
+    while True:
+        batch = cursor.fetchmany(1000)
+        if not batch:
+            return
+        yield from (tuple(r) for r in batch)
+
+
+def count_rows(conn, table: str) -> int:
+    """The number of rows of a ledger table."""
+    if table not in _LEDGER_TABLE_NAMES:
+        raise ValueError(f"not a ledger table: {table!r}")
+    return int(_usage_rows(conn, f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+def insert_rows(conn, table: str, columns: list[str], rows: list[tuple]) -> None:
+    """Insert rows verbatim (every column given, the ids too)."""
+    if table not in _LEDGER_TABLE_NAMES:
+        raise ValueError(f"not a ledger table: {table!r}")
+    marks = ", ".join("?" for _ in columns)
+    conn.executemany(f"INSERT INTO {table} ({_quoted(columns)}) VALUES ({marks})", rows)
+
+
+def delete_all_rows(conn, table: str) -> None:
+    """Empty a ledger table (copy-ledger --replace; the triggers keep the totals)."""
+    if table not in _LEDGER_TABLE_NAMES:
+        raise ValueError(f"not a ledger table: {table!r}")
+    conn.execute(f"DELETE FROM {table}")
+
+
+def restore_owner_columns(
+    conn, kind: str, columns: list[str], rows: list[tuple]
+) -> None:
+    """Overwrite columns of existing user/account rows with the given values (name first):
+    the totals the triggers recomputed while preallocations were copied go back to what the
+    source held, drift and all, so the copy is exact."""
+    table, key = _owner_table(kind)
+    assignments = ", ".join(f"`{c}` = ?" for c in columns)
+    conn.executemany(
+        f"UPDATE {table} SET {assignments} WHERE {key} = ?",
+        [(*values, name) for name, *values in rows],
+    )

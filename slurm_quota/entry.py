@@ -25,7 +25,7 @@ def charge_main(argv: list[str] | None = None) -> int:
     """`python -m slurm_quota.charge`: `slurm-quota charge` without loading the click CLI.
 
     Same behaviour, output and exit codes (each error's class carries its code); the
-    database comes from SLURM_QUOTA_DB. Exists because slurmctld runs one
+    database comes from SLURM_QUOTA_DB or the configuration file. Exists because slurmctld runs one
     charge after another and click's import is most of the start-up time.
     """
     import os
@@ -38,15 +38,15 @@ def charge_main(argv: list[str] | None = None) -> int:
     if args:
         sys.stderr.write("usage: python -m slurm_quota.charge (reads the jobcomp environment)\n")
         return 2
-    db_path = os.environ.get("SLURM_QUOTA_DB") or DEFAULT_DB_PATH
     try:
-        from slurm_quota import db
+        from slurm_quota import config, db
         from slurm_quota.access import require_ledger_writer
 
-        require_ledger_writer(db_path, "charge")
+        ledger = config.resolve(os.environ.get("SLURM_QUOTA_DB") or None, DEFAULT_DB_PATH)
+        require_ledger_writer(ledger, "charge")
         # Not fsynced at COMMIT (WAL, synchronous=NORMAL): a power loss can only drop the last
         # charges, which `reconcile` charges again from accounting (DESIGN §6).
-        conn = db.connect(db_path, durable=False)
+        conn = db.connect(ledger, durable=False)
         try:
             result = charge_env(conn, os.environ)
         finally:

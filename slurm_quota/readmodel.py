@@ -86,7 +86,9 @@ class ReadModel:
         self, db_path: str | os.PathLike[str], pool_size: int = POOL_SIZE,
         max_stale_s: float = 0.0,
     ) -> None:
-        self.db_path = Path(db_path)
+        # A MariaDB ledger (config.MariaDBLedger) has no file: no inode to watch.
+        self._mariadb = db_path if getattr(db_path, "kind", None) == "mariadb" else None
+        self.db_path = None if self._mariadb is not None else Path(db_path)
         self.max_stale_s = max_stale_s
         self._pool: queue.LifoQueue[Any] = queue.LifoQueue(maxsize=pool_size)
         self._generation = 0  # bumped when the file is replaced: older connections are dropped
@@ -102,9 +104,13 @@ class ReadModel:
         self._gzip = {key: PieceGzip(PIECE_DELIMITERS[key]) for key in WHOLE_LEDGER_KEYS}
 
     def _open(self) -> Any:
-        return db.connect(self.db_path, readonly=True, busy_timeout_ms=READ_BUSY_TIMEOUT_MS)
+        return db.connect(
+            self._mariadb or self.db_path, readonly=True, busy_timeout_ms=READ_BUSY_TIMEOUT_MS
+        )
 
     def _check_file(self) -> int:
+        if self._mariadb is not None:
+            return 0
         try:
             inode = os.stat(self.db_path).st_ino
         except OSError as err:

@@ -161,6 +161,7 @@ class ReconcileReport:
     cpu_s: int = 0  # exact sums of the runs charged; the minutes above follow the one rule
     gpu_ms: int = 0
     periods: tuple[str, ...] = field(default=())  # allocation period changes (periods.py)
+    sweep_note: str | None = None  # why the orphan sweep did not run, when that is expected
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly form."""
@@ -168,6 +169,14 @@ class ReconcileReport:
         d["spool_kept"] = [{"file": f, "reason": r} for f, r in self.spool_kept]
         d["orphans"] = list(self.orphans)
         return d
+
+
+def _queue_or_error(runner):
+    """squeue's tokens, or the reason the orphan sweep cannot run."""
+    try:
+        return slurm_mod.queue_tokens(runner=runner)
+    except SlurmUnavailable as err:
+        return f"orphan sweep skipped, the queue could not be read: {err}"
 
 
 def default_since(conn, now: int) -> int:
@@ -212,7 +221,11 @@ def reconcile(
             for e in periods.maintain_all(conn, now, _actor())
         ]
 
-    # 1. One batched sacct query (SlurmUnavailable propagates: nothing else changed yet).
+    # 1. One batched sacct query (SlurmUnavailable propagates: nothing was changed yet).
+    # On a ledger shared by several clusters (setting cluster_keys), the runs are this
+    # cluster's (sacct's default) and their keys name it: ClusterName, from scontrol.
+    shared = charge_mod.clusters_share(conn)
+    cluster = slurm_mod.cluster_name(runner=runner) if shared else None
     rows = slurm_mod.sacct_window(since, now, runner=runner)
     runs: dict[str, charge_mod.Run] = {}
     tokens: dict[str, str | None] = {}
@@ -221,11 +234,13 @@ def reconcile(
         run = charge_mod.run_from_sacct(row)
         if run is None:
             continue
+        if cluster:
+            run = run._replace(cluster=cluster)
         runs[run.charge_key] = run
         tokens[run.charge_key] = row.token
         gpus[run.charge_key] = row.gpus_by_type
     known = db.charged_keys_since(conn, since - DEFAULT_EMPTY_WINDOW_S)
-    todo = [run for key, run in runs.items() if key not in known]
+    todo = [run for run in runs.values() if not any(k in known for k in run.keys)]
     todo.sort(key=lambda r: (r.end_time, r.job_id))
     charged_keys: list[str] = []
     cpu_total = gpu_total = released_total = 0
@@ -236,7 +251,7 @@ def reconcile(
             factors = charge_mod.factors_of(conn)
             for run in chunk:
                 alloc = charge_mod.Allocation(tokens[run.charge_key], gpus[run.charge_key])
-                if db.charge_exists(conn, run.charge_key):
+                if charge_mod.charge_exists(conn, run):
                     already += 1
                     continue
                 try:
@@ -275,11 +290,11 @@ def reconcile(
     for path in spool_files(spool_dir):
         try:
             env = read_spool_file(path)
-            run = charge_mod.run_from_env(env)
+            run = charge_mod.with_cluster(conn, charge_mod.run_from_env(env), env.get("CLUSTER"))
         except (OSError, InvalidInput, ImplausibleSlurmData) as err:
             kept.append((path.name, f"unreadable: {err}"))
             continue
-        if run.charge_key in done_keys or db.charge_exists(conn, run.charge_key):
+        if run.charge_key in done_keys or charge_mod.charge_exists(conn, run):
             if not dry_run:
                 _unlink(path)
             removed += 1
@@ -303,13 +318,22 @@ def reconcile(
 
     # 3. Orphan sweep: needs squeue too; sacct already answered above.
     orphans: list[str] = []
-    sweep_error = None
+    sweep_error = sweep_note = None
     queue_jobs = None
-    try:
-        queue = slurm_mod.queue_tokens(runner=runner)
-    except SlurmUnavailable as err:
-        sweep_error = f"orphan sweep skipped, the queue could not be read: {err}"
+    if shared:
+        # A preallocation does not say which cluster's job holds it, and this cluster's
+        # squeue and sacct do not list the others' jobs: releasing would take their
+        # reservations away. Charges still release them; prune --orphans likewise skips.
+        sweep_note = (
+            "orphan sweep skipped: several clusters share this ledger (setting cluster_keys) "
+            "and a preallocation does not say which cluster's job holds it"
+        )
+        queue = None
     else:
+        queue = _queue_or_error(runner)
+    if isinstance(queue, str):
+        sweep_error = queue
+    elif queue is not None:
         queue_jobs = queue.job_count
         alive = set(queue.tokens) | slurm_mod.tokens_of(rows)
         candidates = orphan_rows(
@@ -351,6 +375,7 @@ def reconcile(
         queue_jobs=queue_jobs,
         orphans=tuple(orphans),
         sweep_error=sweep_error,
+        sweep_note=sweep_note,
         seconds=time.monotonic() - t0,
         charged_keys=tuple(charged_keys),
         periods=tuple(period_events),
@@ -411,6 +436,14 @@ def prune(
 
     now = int(time.time()) if now is None else int(now)
     orphan_candidates: list[dict] = []
+    if preallocs and charge_mod.clusters_share(conn):
+        raise InvalidInput(
+            "Several clusters share this ledger (setting cluster_keys): a preallocation does "
+            "not say which cluster's job holds it, and this cluster's Slurm does not list the "
+            "others' jobs, so none is pruned as an orphan (--preallocs, part of --all). Prune "
+            "users or accounts only "
+            "(--users, --accounts), or delete a preallocation you know is gone by hand."
+        )
     if preallocs:
         queue = slurm_mod.queue_tokens(runner=runner)
         recent = slurm_mod.sacct_window(now - PRUNE_RECENT_S, now, runner=runner)

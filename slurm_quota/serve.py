@@ -201,7 +201,7 @@ def run(
         if settings.max_stale_s:
             log.info("whole-ledger answers may be sent up to %g s old while fresh ones are "
                      "built (--max-stale)", settings.max_stale_s)
-        if settings.db_path is not None and not Path(settings.db_path).exists():
+        if isinstance(settings.db_path, Path) and not settings.db_path.exists():
             log.warning("the database %s does not exist yet: answering 503", settings.db_path)
         why: list[str] = []
 

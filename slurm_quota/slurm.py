@@ -330,6 +330,20 @@ def parse_scontrol_jobs(text: str) -> list[ControllerJob]:
     return jobs
 
 
+def cluster_name(*, runner: Runner | None = None) -> str:
+    """ClusterName of slurm.conf, as `scontrol show config` reports it (SlurmUnavailable when
+    it cannot be read: nothing may be charged under a guessed name)."""
+    argv = ["scontrol", "show", "config"]
+    res = (runner or run_command)(argv, SCONTROL_TIMEOUT_S)
+    if res.returncode != 0:
+        raise _fail(argv, res)
+    for line in res.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "ClusterName" and value.strip():
+            return value.strip()
+    raise SlurmUnavailable(f"`{' '.join(argv)}` printed no ClusterName.")
+
+
 def controller_job(job_id: int, *, runner: Runner | None = None) -> ControllerJob | None:
     """The controller's record of one job (raw id), None when slurmctld no longer has it.
 

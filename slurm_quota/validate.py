@@ -28,6 +28,8 @@ KIND_LABEL = {"user": "User", "account": "Account"}
 # The plugin's settings besides the default quotas (job_submit.lua reads them).
 SETTING_DEFAULT_TIME = "default_time_minutes"
 SETTING_NODE_GPUS = "node_gpus"
+# yes: several clusters share the ledger, and each run's charge key names its cluster.
+SETTING_CLUSTER_KEYS = "cluster_keys"
 _NODE_GPUS_KEY_RE = re.compile(r"node_gpus(?:\.([A-Za-z0-9_.-]{1,64}))?")
 _NODE_GPU_ENTRY_RE = re.compile(r"gpu(?::([A-Za-z0-9_.-]{1,64}))?:([0-9]{1,4})")
 
@@ -142,7 +144,8 @@ def parse_setting(key: str, value: str | None) -> tuple[str, str | None]:
     default_time_minutes: the time limit of a job that has none and whose partition has
     neither DefaultTime nor MaxTime (whole minutes, 1 or more). node_gpus and
     node_gpus.<partition>: the GPUs of one node (`gpu:h100:2,gpu:a100:2`), which an
-    --exclusive job takes; slurmctld does not tell the plugin.
+    --exclusive job takes; slurmctld does not tell the plugin. cluster_keys: yes when
+    several clusters share the ledger (each run's charge key then names its cluster).
     """
     if key.startswith("default_") and key.endswith("_minutes") and key != SETTING_DEFAULT_TIME:
         raise InvalidInput(
@@ -157,6 +160,12 @@ def parse_setting(key: str, value: str | None) -> tuple[str, str | None]:
                 f"{key} must be a whole number of minutes from 1 to 10000000, not {_shown(value)}."
             )
         return key, str(minutes)
+    if key == SETTING_CLUSTER_KEYS:
+        if value is None:
+            return key, None
+        if value.strip().lower() not in ("yes", "no"):
+            raise InvalidInput(f"{key} must be yes or no, not {_shown(value)}.")
+        return key, value.strip().lower()
     if _NODE_GPUS_KEY_RE.fullmatch(key):
         if value is None:
             return key, None
@@ -165,7 +174,7 @@ def parse_setting(key: str, value: str | None) -> tuple[str, str | None]:
         return key, ",".join(entries)
     raise InvalidInput(
         f"Unknown setting {_shown(key)}: the settings are {SETTING_DEFAULT_TIME}, "
-        f"{SETTING_NODE_GPUS} and {SETTING_NODE_GPUS}.<partition>."
+        f"{SETTING_NODE_GPUS}, {SETTING_NODE_GPUS}.<partition> and {SETTING_CLUSTER_KEYS}."
     )
 
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: a real migrated SQLite file per test, a listening socket to pass to serve."""
+"""Shared fixtures: a real migrated SQLite file per test, a listening socket to pass to serve,
+and the same ledger on both engines (`any_ledger`, `any_conn`: SQLite and a private MariaDB
+server, tests/mariadb_server.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,41 @@ from pathlib import Path
 import pytest
 
 from slurm_quota import db
+from tests.mariadb_server import mariadb_ledger, mariadb_server  # noqa: F401 (fixtures)
+
+ENGINES = ("sqlite", "mariadb")
+
+
+ABSENT_CONF = "/nonexistent/slurm-quota-tests/slurm-quota.conf"
+
+
+@pytest.fixture(autouse=True)
+def _no_site_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read the machine's /etc/slurm-quota/slurm-quota.conf: an absent one (a
+    test that wants a configuration file sets SLURM_QUOTA_CONF itself)."""
+    monkeypatch.setenv("SLURM_QUOTA_CONF", ABSENT_CONF)
+
+
+@pytest.fixture(params=[ENGINES[0], pytest.param(ENGINES[1], marks=pytest.mark.mariadb)])
+def any_ledger(request: pytest.FixtureRequest, tmp_path: Path):
+    """A freshly migrated ledger on each engine: a config.SQLiteLedger, then a
+    config.MariaDBLedger (a new database on the private server)."""
+    from slurm_quota.config import SQLiteLedger
+
+    if request.param == "sqlite":
+        ledger = SQLiteLedger(str(tmp_path / "slurm-quota.db"))
+    else:
+        ledger = request.getfixturevalue("mariadb_ledger")
+    db.migrate(ledger)
+    return ledger
+
+
+@pytest.fixture
+def any_conn(any_ledger):
+    """A read-write connection to any_ledger, closed after the test."""
+    c = db.connect(any_ledger)
+    yield c
+    c.close()
 
 
 @pytest.fixture

@@ -38,8 +38,9 @@ def migrate_cmd(settings: Settings) -> None:
     require_root("migrate")
     from slurm_quota import db
 
-    applied = db.migrate(settings.db_path)
-    version = db.schema_version(settings.db_path)
+    ledger = settings.ledger()
+    applied = db.migrate(ledger)
+    version = db.schema_version(ledger)
     if applied:
         click.echo(f"Applied migrations {', '.join(map(str, applied))}; schema version {version}.")
     else:
@@ -51,9 +52,13 @@ def migrate_cmd(settings: Settings) -> None:
     "--repair", is_flag=True,
     help="Recompute the reserved and consumed totals that drifted (root; journaled).",
 )  # fmt: skip
+@click.option(
+    "--digest", is_flag=True,
+    help="Print the rows and a SHA-256 of each ledger table instead (compare two ledgers).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_settings
-def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
+def check_cmd(settings: Settings, repair: bool, digest: bool, as_json: bool) -> None:
     """Check the ledger: SQLite integrity, the schema's triggers and indexes, that every
     user's and account's reserved minutes and jobs equal the sum of its preallocations, and
     that its exact consumption (CPU-seconds, GPU-ms) equals its charged runs plus its
@@ -69,9 +74,15 @@ def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
     Examples:
       slurm-quota check
       slurm-quota check --repair
+      slurm-quota check --digest    # per-table rows and SHA-256: compare two ledgers
     """
     if repair:
         require_root("check --repair")
+    if digest:
+        if repair:
+            raise click.UsageError("--digest reads only; it excludes --repair.")
+        _print_digests(settings, as_json)
+        return
     from slurm_quota import access, check
     from slurm_quota.errors import Inconsistent
 
@@ -83,6 +94,70 @@ def check_cmd(settings: Settings, repair: bool, as_json: bool) -> None:
         _print_check(report)
     if not report.ok:
         raise Inconsistent(" ".join(_check_advice(report, repair)))
+
+
+def _print_digests(settings: Settings, as_json: bool) -> None:
+    from slurm_quota import copyledger
+
+    with _ledger(settings, readonly=True) as conn:
+        found = copyledger.digests(conn)
+    if as_json:
+        echo_json([d.__dict__ for d in found])
+        return
+    for d in found:
+        click.echo(f"{d.table:<24} {d.rows:>9} rows  sha256 {d.sha256}")
+
+
+@cli.command("copy-ledger")
+@click.argument("source", metavar="FROM")
+@click.argument("target", metavar="TO")
+@click.option(
+    "--replace", is_flag=True, help="Overwrite a target that already holds rows (all of them)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def copy_ledger_cmd(source: str, target: str, replace: bool, as_json: bool) -> None:
+    """Copy a whole ledger from SQLite to MariaDB or back, exactly, and prove it.
+
+    FROM and TO are a SQLite file (PATH or sqlite:PATH), `mariadb:` (the MariaDB ledger of
+    the configuration file, SLURM_QUOTA_CONF) or `mariadb:FILE` (that of another
+    configuration file): the password stays in the configuration file. TO is created or
+    migrated to the latest schema first; FROM must be at it. A TO that holds any row is
+    refused unless --replace. Every table is copied (users, accounts, preallocations,
+    factors, settings, charges, journal, adjustments) in one transaction, then the
+    per-table digests of both sides are compared (exit 1 when they differ). Stop slurmctld
+    (or its plugin) and the timers first: docs/upgrading.md.
+
+    \b
+    Examples:
+      slurm-quota copy-ledger /var/lib/state/slurm-quota/slurm-quota.db mariadb:
+      slurm-quota copy-ledger mariadb: /root/ledger-backup.db
+      slurm-quota check --digest          # on each side: the same lines
+    """
+    require_root("copy-ledger")
+    from slurm_quota import config, copyledger, db
+
+    source_ledger = config.ledger_argument(source)
+    target_ledger = config.ledger_argument(target)
+    if source_ledger == target_ledger:
+        raise click.UsageError("FROM and TO are the same ledger.")
+    from_conn = db.connect(source_ledger, readonly=True)
+    try:
+        db.migrate(target_ledger)
+        to_conn = db.connect(target_ledger)
+        try:
+            report = copyledger.copy(from_conn, to_conn, replace=replace)
+        finally:
+            to_conn.close()
+    finally:
+        from_conn.close()
+    if as_json:
+        echo_json(report.as_dict())
+        return
+    total = sum(report.rows.values())
+    click.echo(f"Copied {total} rows from {report.source} to {report.target}:")
+    for digest in report.target_digests:
+        click.echo(f"  {digest.table:<24} {digest.rows:>9} rows  sha256 {digest.sha256[:16]}")
+    click.echo("Both ledgers hold the same rows (per-table digests equal).")
 
 
 def _print_check(report) -> None:
@@ -461,6 +536,9 @@ def set_setting_cmd(
       node_gpus                GPUs of one node (e.g. gpu:h100:2,gpu:a100:2), taken by an
                                --exclusive job; slurmctld does not tell the plugin
       node_gpus.PARTITION      the same for one partition
+      cluster_keys             yes when several clusters share the ledger: each run's
+                               charge key names its cluster (set it before the second
+                               cluster charges; reconcile then skips the orphan sweep)
     Default quotas are set with `set-default-quotas`.
 
     \b

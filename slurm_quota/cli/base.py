@@ -25,6 +25,14 @@ class Settings:
     """Global settings given to the group; commands open the DB only when they need it."""
 
     db_path: str
+    db_given: bool = False  # --db or SLURM_QUOTA_DB was given (it overrides LedgerPath)
+
+    def ledger(self):  # -> config.SQLiteLedger | config.MariaDBLedger
+        """The ledger to open: --db / SLURM_QUOTA_DB, else the configuration file's choice
+        (SLURM_QUOTA_CONF, /etc/slurm-quota/slurm-quota.conf), else the default file."""
+        from slurm_quota import config
+
+        return config.resolve(self.db_path if self.db_given else None, DEFAULT_DB_PATH)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,7 +43,9 @@ class Settings:
     default=DEFAULT_DB_PATH,
     show_default=True,
     metavar="PATH",
-    help="SQLite ledger file (env SLURM_QUOTA_DB).",
+    help="SQLite ledger file (env SLURM_QUOTA_DB); overrides LedgerPath of the configuration "
+    "file (env SLURM_QUOTA_CONF, default /etc/slurm-quota/slurm-quota.conf), which may name a "
+    "MariaDB ledger instead.",
 )
 @click.version_option(__version__, "--version", prog_name="slurm-quota")
 @click.pass_context
@@ -48,7 +58,13 @@ def cli(ctx: click.Context, db_path: str) -> None:
     Exit status: 0 ok, 1 error, 2 usage, 75 temporary failure (DB locked, Slurm or the
     service not answering).
     """
-    ctx.obj = Settings(db_path=db_path)
+    from click.core import ParameterSource
+
+    given = ctx.get_parameter_source("db_path") in (
+        ParameterSource.COMMANDLINE,
+        ParameterSource.ENVIRONMENT,
+    )
+    ctx.obj = Settings(db_path=db_path, db_given=given)
 
 
 pass_settings = click.make_pass_decorator(Settings)
@@ -110,7 +126,7 @@ def open_db(
     """
     from slurm_quota import db
 
-    return db.connect(settings.db_path, readonly=readonly, intact=intact)
+    return db.connect(settings.ledger(), readonly=readonly, intact=intact)
 
 
 def echo_json(data: Any) -> None:

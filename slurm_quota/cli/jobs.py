@@ -50,7 +50,7 @@ def charge_cmd(settings: Settings, dry_run: bool, as_json: bool) -> None:
     from slurm_quota.access import require_ledger_writer
 
     if not dry_run:
-        require_ledger_writer(settings.db_path, "charge")
+        require_ledger_writer(settings.ledger(), "charge")
 
     conn = open_db(settings, readonly=dry_run)
     try:
@@ -160,7 +160,7 @@ def reconcile_cmd(
     if not dry_run:
         from slurm_quota.access import require_ledger_writer
 
-        require_ledger_writer(settings.db_path, "reconcile")
+        require_ledger_writer(settings.ledger(), "reconcile")
     from pathlib import Path
 
     from slurm_quota import reconcile
@@ -209,6 +209,8 @@ def _print_reconcile(r) -> None:
         warn(f"spool file {name} kept: {reason}")
     if r.sweep_error:
         warn(r.sweep_error)
+    elif r.sweep_note:
+        warn(r.sweep_note)
     else:
         click.echo(
             f"Orphans: {len(r.orphans)} preallocation(s) {would}released "

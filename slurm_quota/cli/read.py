@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -37,6 +38,12 @@ def _calling_user() -> str:
         raise click.UsageError(
             f"Your uid {os.getuid()} has no user name; name a user: slurm-quota stats USER."
         ) from err
+
+
+def _served_ledger(settings: Any) -> Any:
+    """The ledger serve reads: a Path (SQLite) or the configuration's MariaDBLedger."""
+    ledger = settings.ledger()
+    return Path(ledger.path) if ledger.kind == "sqlite" else ledger
 
 
 def _local_mode(ctx: click.Context, local: bool) -> bool:
@@ -249,7 +256,7 @@ def serve_cmd(
     )
     serve.run(
         app.Settings(
-            db_path=Path(settings.db_path), max_stale_s=max_stale_s,
+            db_path=_served_ledger(settings), max_stale_s=max_stale_s,
             roles=None if no_slurm_roles else roles.Roles(roles_ttl_s),
             trust_remote_user=trust_remote_user,
         ),

@@ -6,6 +6,11 @@ running at the end. Otherwise the fixture brings a lab up from nothing and takes
 session end, on failures and Ctrl-C too, then checks that none of its processes is left.
 Without root or apt-get the tests skip loudly (fail when SLURM_QUOTA_REQUIRE_SYSTEM=1).
 
+The session's lab is parametrised on the ledger's engine: every test runs on a lab whose
+ledger is a SQLite file, then on one whose ledger is in the lab's MariaDB (`Lab(ledger=...)`;
+SLURM_QUOTA_LAB_LEDGER=sqlite or mariadb runs one of them only). A running lab is reused only
+for its own engine.
+
 `clean_ledger` (function): no job left active, empty ledger tables; yields the lab.
 
 Every test in this folder is marked `integration`.
@@ -22,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests import syspkgs
-from tests.integration.lab import PACKAGES, Lab, LabError, alive
+from tests.integration.lab import LEDGER_ENV, LEDGERS, PACKAGES, Lab, LabError, alive
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,7 +53,12 @@ def _say(config, text: str) -> None:
         sys.stderr.write(f"\n[lab] {text}\n")
 
 
-@pytest.fixture(scope="session")
+def _engines() -> list[str]:
+    chosen = os.environ.get(LEDGER_ENV)
+    return [chosen] if chosen else list(LEDGERS)
+
+
+@pytest.fixture(scope="session", params=_engines())
 def lab(request):
     """The session's Slurm lab (reused when ours is already up, else up now and down at end)."""
     if os.geteuid() != 0:
@@ -56,8 +66,13 @@ def lab(request):
     reason = syspkgs.ensure(PACKAGES)
     if reason:
         syspkgs.skip_or_fail(reason)
-    the_lab = Lab()
+    the_lab = Lab(ledger=request.param)
     if the_lab.is_up():
+        if the_lab.running_ledger() != request.param:
+            pytest.skip(
+                f"the lab running in {the_lab.root} has a {the_lab.running_ledger()} ledger, "
+                f"not {request.param} (bring it down, or set {LEDGER_ENV})"
+            )
         _say(
             request.config,
             f"reusing the lab already running in {the_lab.root} (left running at the end)",
@@ -84,7 +99,10 @@ def lab(request):
         stop()
         pytest.fail(f"the Slurm lab did not come up:\n{err}", pytrace=False)
     stages = ", ".join(f"{name} {at:.1f}" for name, at in the_lab.timings)
-    _say(request.config, f"up in {took:.1f} s in {the_lab.root} (cumulative s: {stages})")
+    _say(
+        request.config,
+        f"up in {took:.1f} s in {the_lab.root}, {request.param} ledger (cumulative s: {stages})",
+    )
     try:
         yield the_lab
     finally:
@@ -101,5 +119,6 @@ def clean_ledger(lab):
     cancelled = lab.cancel_all()
     for job_id in cancelled:
         lab.wait_jobcomp(job_id)
+    lab.wait_jobcomp_idle()
     lab.reset_ledger()
     yield lab

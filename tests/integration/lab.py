@@ -72,6 +72,11 @@ USERS = {
 }
 UNIX_USERS = ("alice", "bob")
 MYSQL_PASSWORD = "slurmpw"
+# The ledger: a SQLite file (default) or a database in the lab's own MariaDB (the one slurmdbd
+# uses), named by a 0600 configuration file that the plugin, the charge wrapper and the CLI read.
+LEDGER_ENV = "SLURM_QUOTA_LAB_LEDGER"
+LEDGERS = ("sqlite", "mariadb")
+LEDGER_DATABASE, LEDGER_USER, LEDGER_PASSWORD = "slurm_quota", "slurm_quota", "quotapw"
 
 # Start order; stop runs in reverse, in the waves of STOP_WAVES.
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
@@ -253,8 +258,15 @@ class Lab:
         root: str | os.PathLike[str] | None = None,
         port_base: int | None = None,
         release: str | None = None,
+        ledger: str | None = None,
     ):
         self.release = release or os.environ.get(RELEASE_ENV) or rootfs.host_release()
+        self.ledger_type = ledger or os.environ.get(LEDGER_ENV) or "sqlite"
+        if self.ledger_type not in LEDGERS:
+            raise LabError(
+                f"unknown lab ledger {self.ledger_type!r} ({LEDGER_ENV}); known: "
+                f"{', '.join(LEDGERS)}"
+            )
         if self.release not in rootfs.SLURM_OF:
             raise LabError(
                 f"unknown Slurm lab release {self.release!r}; known: {', '.join(rootfs.RELEASES)}"
@@ -279,6 +291,8 @@ class Lab:
         self.jobs_dir = self.root / "jobs"
         self.spool_dir = self.root / "spool" / "charge"
         self.db_path = self.root / "quota" / "slurm-quota.db"
+        # LedgerType=mariadb: the configuration file (slurm_quota.config's format)
+        self.ledger_conf = self.etc / "ledger.conf"
         self.slurm_conf = self.etc / "slurm.conf"
         self.plugin_path = self.etc / "job_submit.lua"
         self.wrapper_path = self.etc / "slurm-quota-charge-wrapper"
@@ -298,11 +312,30 @@ class Lab:
         venv_bin = str(Path(self.quota_bin).parent)
         self.env = {
             "SLURM_CONF": str(self.slurm_conf),
-            "SLURM_QUOTA_DB": str(self.db_path),
+            **self._ledger_env(),
             # The lab's own munged, for slurm-quota's credentials (CLI and service).
             "SLURM_QUOTA_MUNGE_SOCKET": str(self.munge_socket),
             "PATH": f"{venv_bin}:{path}" if venv_bin not in path.split(":") else path,
         }
+
+    def _ledger_env(self) -> dict[str, str]:
+        """Where the plugin, the wrapper and the CLI find the ledger."""
+        if self.ledger_type == "mariadb":
+            return {"SLURM_QUOTA_CONF": str(self.ledger_conf)}
+        return {"SLURM_QUOTA_DB": str(self.db_path)}
+
+    def running_ledger(self) -> str:
+        """The engine of the ledger of the lab in this directory (as last brought up)."""
+        return "mariadb" if self.ledger_conf.exists() else "sqlite"
+
+    @property
+    def ledger(self):
+        """The ledger, as slurm_quota.db.connect() takes it (SQLiteLedger / MariaDBLedger)."""
+        from slurm_quota import config
+
+        if self.ledger_type == "mariadb":
+            return config.resolve(None, str(self.db_path), conf=config.load(str(self.ledger_conf)))
+        return config.SQLiteLedger(str(self.db_path))
 
     # ------------------------------------------------------------------ paths and records
 
@@ -368,7 +401,7 @@ class Lab:
             "LANG": "C.UTF-8",
             "HOME": "/root",
             "SLURM_CONF": str(self.slurm_conf),
-            "SLURM_QUOTA_DB": str(self.db_path),
+            **self._ledger_env(),
             MARKER: str(self.root),
         }
 
@@ -541,6 +574,19 @@ class Lab:
                     return True
         return False
 
+    def wait_jobcomp_idle(self, quiet_s: float = 0.5, timeout: float = 60) -> None:
+        """Wait until no jobcomp wrapper has run for quiet_s (e.g. the charge of a job that a
+        test cancelled itself, which would otherwise land after the next reset_ledger)."""
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if self._wrapper_running():
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return
+            time.sleep(POLL_S)
+        raise LabError(f"a jobcomp wrapper was still running after {timeout} s")
+
     def wait_jobcomp(self, job_id: int, timeout: float = 60) -> str:
         """Wait until the jobcomp wrapper has processed job_id; return its log lines for it.
 
@@ -643,6 +689,22 @@ class Lab:
         """Delete every row of every ledger table in one transaction; keep the schema."""
         from slurm_quota import db
 
+        if self.ledger_type == "mariadb":
+            tables = [
+                t
+                for t in self._mysql_rows(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = "
+                    f"'{LEDGER_DATABASE}' AND table_type = 'BASE TABLE' ORDER BY table_name"
+                )
+                if t != "schema_version"
+            ]
+            tables.sort(key=lambda t: t != "jobs_preallocations")
+            self._mysql(
+                "START TRANSACTION; "
+                + "".join(f"DELETE FROM {LEDGER_DATABASE}.`{t}`; " for t in tables)
+                + "COMMIT;"
+            )
+            return
         conn = db.connect(self.db_path)
         try:
             tables = [
@@ -675,6 +737,7 @@ class Lab:
             "COMMPARAMS": commparams,
             "QUOTA_BIN": self.quota_bin,
             "MARKER": MARKER,
+            "LEDGER_LINE": "".join(f"{k}={v}" for k, v in self._ledger_env().items()),
         }
 
     def _looks_like_lab(self) -> bool:
@@ -974,6 +1037,51 @@ class Lab:
             f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{MYSQL_PASSWORD}'; "
             "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
         )
+        if self.ledger_type == "mariadb":
+            self._create_mariadb_ledger()
+
+    def _mysql_rows(self, sql: str) -> list[str]:
+        proc = subprocess.run(
+            [
+                "mariadb",
+                "--no-defaults",
+                "-S",
+                str(self.mysql_socket),
+                "-u",
+                "root",
+                "-N",
+                "-B",
+                "-e",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if proc.returncode != 0:
+            raise LabError(f"mariadb: {proc.stderr.strip()}")
+        return proc.stdout.splitlines()
+
+    def _create_mariadb_ledger(self) -> None:
+        """LedgerType=mariadb: the ledger's database and user in the lab's MariaDB, the 0600
+        configuration file naming them, and `migrate` through it."""
+        from slurm_quota import db
+
+        self._mysql(
+            f"CREATE DATABASE IF NOT EXISTS {LEDGER_DATABASE}; "
+            f"CREATE USER IF NOT EXISTS '{LEDGER_USER}'@'127.0.0.1' "
+            f"IDENTIFIED BY '{LEDGER_PASSWORD}'; "
+            f"GRANT ALL ON {LEDGER_DATABASE}.* TO '{LEDGER_USER}'@'127.0.0.1';"
+        )
+        _write(
+            self.ledger_conf,
+            "# The lab's ledger in its MariaDB (SLURM_QUOTA_LAB_LEDGER=mariadb)\n"
+            "LedgerType=mariadb\nStorageHost=127.0.0.1\n"
+            f"StoragePort={self.mysql_port}\nStorageLoc={LEDGER_DATABASE}\n"
+            f"StorageUser={LEDGER_USER}\nStoragePass={LEDGER_PASSWORD}\n",
+            mode=0o600,
+        )
+        db.migrate(self.ledger)
 
     def _start_slurmdbd(self) -> None:
         self._launch("slurmdbd", ["slurmdbd"])
@@ -1090,7 +1198,8 @@ class Lab:
         self._ensure_users()
         self._make_devices()
         self._write_configs()
-        db.migrate(self.db_path)
+        if self.ledger_type == "sqlite":
+            db.migrate(self.db_path)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -1207,6 +1316,11 @@ def main(argv: list[str] | None = None) -> int:
         "--port-base", type=int, help=f"first port (env {PORT_ENV}, default {DEFAULT_PORT_BASE})"
     )
     parser.add_argument(
+        "--ledger",
+        choices=LEDGERS,
+        help=f"where the ledger is (env {LEDGER_ENV}, default sqlite)",
+    )
+    parser.add_argument(
         "--release",
         choices=rootfs.RELEASES,
         help=f"Debian release whose Slurm runs (env {RELEASE_ENV}, default: this machine's)",
@@ -1222,7 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     args = parser.parse_args(argv)
     try:
-        lab = Lab(args.dir, args.port_base, args.release)
+        lab = Lab(args.dir, args.port_base, args.release, args.ledger)
     except LabError as err:
         print(f"lab: {err}", file=sys.stderr)
         return 2
@@ -1274,7 +1388,8 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
             print(f"export SLURM_CONF={lab.env['SLURM_CONF']}")
-            print(f"export SLURM_QUOTA_DB={lab.env['SLURM_QUOTA_DB']}")
+            for key, value in lab._ledger_env().items():
+                print(f"export {key}={value}")
             print(f"export SLURM_QUOTA_MUNGE_SOCKET={lab.env['SLURM_QUOTA_MUNGE_SOCKET']}")
             print(f'export PATH="{Path(lab.quota_bin).parent}:$PATH"')
     except LabError as err:

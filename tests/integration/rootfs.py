@@ -32,8 +32,8 @@ RELEASES = tuple(SLURM_OF)
 
 # What a lab runs, on the host (its own release) and in a tree: the daemons, the clients, the
 # plugins (job_submit_lua and jobcomp_script are in slurm-wlm-basic-plugins), munge (only
-# Recommended by sid's slurm: named explicitly), MariaDB for slurmdbd, and the Lua that
-# slurmctld links with LuaDBI and luaposix.
+# Recommended by sid's slurm: named explicitly), MariaDB for slurmdbd (and a MariaDB ledger),
+# and the Lua that slurmctld links with LuaDBI (SQLite3 and MySQL drivers) and luaposix.
 SLURM_LAB_PACKAGES = (
     "slurmctld",
     "slurmd",
@@ -45,6 +45,7 @@ SLURM_LAB_PACKAGES = (
     "mariadb-client",
     "lua5.1",
     "lua-dbi-sqlite3",
+    "lua-dbi-mysql",
     "lua-posix",
     "sqlite3",
 )

@@ -74,7 +74,7 @@ def _ceil_div(value, per: int) -> int:
 
 
 def ledger_rows(lab, sql: str, *args):
-    conn = db.connect(lab.db_path, readonly=True)
+    conn = db.connect(lab.ledger, readonly=True)
     try:
         return [tuple(r) for r in conn.execute(sql, args).fetchall()]
     finally:
@@ -253,10 +253,10 @@ def assert_ledger_consistent(lab) -> None:
 
 
 def set_factors(lab) -> None:
-    conn = db.connect(lab.db_path)
+    conn = db.connect(lab.ledger)
     with db.write_transaction(conn):
         for gpu_type, factor in FACTORS.items():
-            conn.execute("INSERT OR REPLACE INTO gpu_factors (gpu_type, factor) VALUES (?, ?)",
+            conn.execute("REPLACE INTO gpu_factors (gpu_type, factor) VALUES (?, ?)",
                          (gpu_type, float(factor)))  # fmt: skip
     conn.close()
 
@@ -351,7 +351,7 @@ def test_orphan_release_and_prune_keep_queued_jobs(clab):
     t0 = window_start()
     held = lab.sbatch("--hold", script="#!/bin/sh\ntrue\n")
     assert held.rc == 0
-    conn = db.connect(lab.db_path)
+    conn = db.connect(lab.ledger)
     with db.write_transaction(conn):
         conn.execute(
             "INSERT INTO jobs_preallocations (job_uuid, username, account, "

@@ -119,20 +119,20 @@ def test_install_plugin_bumps_mtime_past_the_loaded_one(lab, tmp_path):
 def test_reset_ledger_empties_every_table(lab, clean_ledger):
     from slurm_quota import db
 
-    conn = db.connect(lab.db_path)
+    conn = db.connect(lab.ledger)
     try:
         with db.write_transaction(conn):
             conn.execute(
                 "INSERT INTO users (username, quota_cpu_minutes) VALUES ('reset-probe', 10)"
             )
-            conn.execute("INSERT INTO settings (key, value) VALUES ('reset-probe', 'v')")
+            conn.execute("INSERT INTO settings (`key`, value) VALUES ('reset-probe', 'v')")
     finally:
         conn.close()
     lab.reset_ledger()
-    conn = db.connect(lab.db_path)
+    conn = db.connect(lab.ledger)
     try:
         assert conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0
         assert conn.execute("SELECT COUNT(*) FROM settings").fetchone()[0] == 0
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == db.latest_version()
     finally:
         conn.close()
+    assert db.schema_version(lab.ledger) == db.latest_version()

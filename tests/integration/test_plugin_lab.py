@@ -9,26 +9,30 @@ this one-node lab (SLURM-FACTS gotcha 9): they are only submitted, held, and can
 from __future__ import annotations
 
 import re
-import sqlite3
 
 import pytest
+
+from slurm_quota import db
 
 TOKEN = re.compile(r"slurm-quota:([0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12})")
 SCRIPT = "#!/bin/sh\ntrue\n"
 
 
 def ledger(lab, sql, *args):
-    conn = sqlite3.connect(str(lab.db_path))
+    """Rows of a query on the lab's ledger (SQLite or MariaDB), as tuples."""
+    conn = db.connect(lab.ledger, readonly=True)
     try:
-        return conn.execute(sql, args).fetchall()
+        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
     finally:
         conn.close()
 
 
 def write(lab, sql, *args):
-    conn = sqlite3.connect(str(lab.db_path), isolation_level=None, timeout=5)
+    """One statement in its own write transaction on the lab's ledger."""
+    conn = db.connect(lab.ledger)
     try:
-        conn.execute(sql, args)
+        with db.write_transaction(conn):
+            conn.execute(sql, args)
     finally:
         conn.close()
 
@@ -111,7 +115,7 @@ def test_other_account_and_typed_factor(plab):
 
 
 def test_exclusive_takes_the_node_gpus_from_the_setting(plab):
-    write(plab, "INSERT INTO settings (key, value) VALUES ('node_gpus', 'gpu:h100:2,gpu:a100:2')")
+    write(plab, "INSERT INTO settings (`key`, value) VALUES ('node_gpus', 'gpu:h100:2,gpu:a100:2')")
     res = plab.sbatch("--hold", "--exclusive", "--time=10", script=SCRIPT)
     assert row(plab, job_uuid(plab, res.job_id)) == ("alice", "research", 160, 40, 1)
 
@@ -180,9 +184,10 @@ def test_root_is_never_refused(plab):
 
 
 def set_alice_cpu_quota(lab, minutes):
-    write(lab, "INSERT INTO users (username, quota_cpu_minutes) VALUES ('alice', ?) "
-               "ON CONFLICT (username) DO UPDATE "
-               "SET quota_cpu_minutes = excluded.quota_cpu_minutes", minutes)
+    if ledger(lab, "SELECT COUNT(*) FROM users WHERE username = 'alice'") == [(0,)]:
+        write(lab, "INSERT INTO users (username, quota_cpu_minutes) VALUES ('alice', ?)", minutes)
+    else:
+        write(lab, "UPDATE users SET quota_cpu_minutes = ? WHERE username = 'alice'", minutes)
 
 
 def test_hold_release_and_time_updates_by_user_and_root(plab):

@@ -4,7 +4,8 @@
 -- usage: lua5.1 driver.lua PLUGIN CASES   (CASES is a Lua file returning a list of calls)
 -- output: "CALL <n> rc=<rc> ms=<wall ms> admin_comment=<%q>" and "LOG <n> <level> <msg>" lines;
 -- a case {kind = "shell", cmd = ...} runs cmd between two calls (another process touching the
--- ledger while the plugin's connection stays cached) and reports its exit status as rc. At the
+-- ledger while the plugin's connection stays cached) and reports its exit status as rc; a case
+-- {kind = "config", set = {...}} sets fields of the module's config table. At the
 -- end the cached connection is dropped and "DBFDS <n>" gives the descriptors of this process
 -- still open on the ledger's files (0 when the connection and its statements were closed).
 local plugin_path, cases_path = arg[1], arg[2]
@@ -64,6 +65,10 @@ for i, c in ipairs(cases) do
     local t0 = clock()
     if c.kind == "submit" then
         rc = slurm_job_submit(proxy(c.desc, writes), parts, c.uid or 1001)
+    elseif c.kind == "config" then
+        -- set the module's settings (e.g. {kind = "config", set = {retry_s = 1}})
+        for k, v in pairs(c.set) do package.loaded.slurm_quota.config[k] = v end
+        rc = 0
     elseif c.kind == "shell" then
         -- 5.1 returns the status; 5.2+ return true|nil, "exit", status
         local a, _, code = os.execute(c.cmd)

@@ -17,13 +17,14 @@ from tests.lua.harness import PLUGIN
 DRIVER = Path(__file__).resolve().parent / "driver.lua"
 # The interpreters slurmctld links: liblua5.1 (Debian, every release) and Lua 5.4 (EL9).
 INTERPRETERS = ("lua5.1", "lua5.4")
-PACKAGES = [*INTERPRETERS, "lua-dbi-sqlite3", "lua-posix"]
+PACKAGES = [*INTERPRETERS, "lua-dbi-sqlite3", "lua-dbi-mysql", "lua-posix"]
 # The interpreter run_cases() uses; tests/lua/test_real_lua.py runs every test under each.
 current = "lua5.1"
 
 
 def require_real_lua() -> None:
-    """Install lua5.1, lua5.4 + LuaDBI SQLite3 + luaposix, or skip (fail in CI) loudly."""
+    """Install lua5.1, lua5.4 + LuaDBI SQLite3 and MySQL + luaposix, or skip (fail in CI)
+    loudly."""
     syspkgs.require(PACKAGES)
 
 
@@ -79,14 +80,22 @@ class Run:
     db_fds: int = -1  # descriptors still open on the ledger after drop_connection()
 
 
-def run_cases(cases: list[dict[str, Any]], tmp_path: Path, db_path: Path | str,
-              plugin: Path = PLUGIN, timeout: float = 60) -> Run:
+def run_cases(cases: list[dict[str, Any]], tmp_path: Path, db_path: Path | str | None,
+              plugin: Path = PLUGIN, timeout: float = 60,
+              env_extra: dict[str, str] | None = None,
+              argv_prefix: list[str] | None = None) -> Run:
     """Write the cases as Lua, run the driver under the current interpreter with
-    SLURM_QUOTA_DB=db_path."""
+    SLURM_QUOTA_DB=db_path (unset when None: e.g. a MariaDB ledger named by SLURM_QUOTA_CONF
+    in env_extra)."""
     cases_file = tmp_path / "cases.lua"
     cases_file.write_text("return " + lua_literal(cases) + "\n")
-    env = dict(os.environ, SLURM_QUOTA_DB=str(db_path))
-    proc = subprocess.run([current, str(DRIVER), str(plugin), str(cases_file)],
+    env = dict(os.environ)
+    env.pop("SLURM_QUOTA_DB", None)
+    if db_path is not None:
+        env["SLURM_QUOTA_DB"] = str(db_path)
+    env.update(env_extra or {})
+    proc = subprocess.run([*(argv_prefix or []), current, str(DRIVER), str(plugin),
+                           str(cases_file)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     calls: dict[int, Call] = {}

@@ -233,6 +233,31 @@ def test_post_on_upgrade_migrates_a_seed_database(packages, tmp_path):
     assert [r[: len(before[0])] for r in read_rows(ledger, "users")] == before
 
 
+@pytest.mark.mariadb
+def test_post_on_upgrade_migrates_the_mariadb_ledger_of_the_configuration(
+    packages, tmp_path, mariadb_ledger
+):
+    if os.geteuid() != 0:
+        syspkgs.skip_or_fail("`slurm-quota migrate` is restricted to root")
+    from slurm_quota import db
+
+    conf = tmp_path / "slurm-quota.conf"
+    conf.write_text(
+        f"ledgertype = MariaDB\nStorageHost={mariadb_ledger.host}\n"
+        f"StoragePort={mariadb_ledger.port}\nStorageLoc={mariadb_ledger.database}\n"
+        f"StorageUser={mariadb_ledger.user}\nStoragePass={mariadb_ledger.password}\n"
+    )
+    conf.chmod(0o600)
+    sqlite_file = tmp_path / "left-behind.db"
+    proc = _run_post(
+        packages, tmp_path, f"SLURM_QUOTA_DB={sqlite_file}\nSLURM_QUOTA_CONF={conf}\n", "2"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" not in proc.stderr, proc.stderr
+    assert db.schema_version(mariadb_ledger) == db.latest_version()
+    assert not sqlite_file.exists()
+
+
 def test_post_on_first_install_without_ledger_creates_nothing(packages, tmp_path):
     ledger = tmp_path / "state" / "slurm-quota.db"
     proc = _run_post(packages, tmp_path, f"SLURM_QUOTA_DB={ledger}\n", "1")

@@ -7,6 +7,8 @@ synthetic Run in the test and says so.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -38,10 +40,21 @@ def do_charge(conn, name: str, **kw) -> C.ChargeResult:
     return C.charge_env(conn, case(name)["env"], runner=runner, sleep=_no_sleep, **kw)
 
 
+@pytest.fixture
+def conn(any_conn):
+    """The tests on `conn` run on both engines: SQLite and MariaDB (tests/conftest.py)."""
+    return any_conn
+
+
+def _insert_owner_if_absent(conn, table: str, key: str, name: str) -> None:
+    if conn.execute(f"SELECT 1 FROM {table} WHERE {key} = ?", (name,)).fetchone() is None:
+        conn.execute(f"INSERT INTO {table} ({key}) VALUES (?)", (name,))
+
+
 def add_prealloc(conn, uuid: str, *, user="alice", account="research", cpu=30, gpu=0,
                  size=1, created_at="2026-11-21 12:00:00") -> None:  # fmt: skip
-    conn.execute("INSERT INTO users (username) VALUES (?) ON CONFLICT DO NOTHING", (user,))
-    conn.execute("INSERT INTO accounts (account) VALUES (?) ON CONFLICT DO NOTHING", (account,))
+    _insert_owner_if_absent(conn, "users", "username", user)
+    _insert_owner_if_absent(conn, "accounts", "account", account)
     conn.execute(
         "INSERT INTO jobs_preallocations (job_uuid, username, account, preallocated_cpu_minutes,"
         " preallocated_gpu_minutes, array_size, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -163,7 +176,7 @@ def test_untyped_only_allocation_uses_the_default_factor(conn):
 
 
 def test_missing_user_and_account_are_created_with_the_default_quotas(conn):
-    conn.execute("INSERT INTO settings (key, value) VALUES ('default_user_quota_cpu_minutes', "
+    conn.execute("INSERT INTO settings (`key`, value) VALUES ('default_user_quota_cpu_minutes', "
                  "'5000'), ('default_account_quota_gpu_minutes', '77')")  # fmt: skip
     do_charge(conn, "physics_bob")
     u = conn.execute("SELECT * FROM users WHERE username = 'bob'").fetchone()
@@ -204,6 +217,10 @@ _CHILD = textwrap.dedent(
     from slurm_quota import charge as C, db
     from tests.unit.slurm_fixtures import case, runner_for
     name, db_path, barrier, mode = sys.argv[1:5]
+    if db_path == "-":  # a MariaDB ledger, from the environment (no password in argv)
+        import json
+        from slurm_quota.config import MariaDBLedger
+        db_path = MariaDBLedger(**json.loads(os.environ["SQ_TEST_LEDGER"]))
     conn = db.connect(db_path)
     real_insert = db.insert_charge
     real_add = db.add_owner_consumption
@@ -237,10 +254,18 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _child(name: str, db_path: Path, barrier: str, mode: str) -> subprocess.Popen:
+def _child(name: str, ledger, barrier: str, mode: str) -> subprocess.Popen:
+    """A charge in another process, on the SQLite file or the MariaDB ledger `ledger`."""
     code = _CHILD.format(repo=str(REPO))
+    env = dict(os.environ)
+    if getattr(ledger, "kind", None) == "mariadb":
+        env["SQ_TEST_LEDGER"] = json.dumps(dataclasses.asdict(ledger))
+        target = "-"
+    else:
+        target = str(getattr(ledger, "path", ledger))
     return subprocess.Popen(
-        [sys.executable, "-c", code, name, str(db_path), barrier, mode],
+        [sys.executable, "-c", code, name, target, barrier, mode],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -248,7 +273,8 @@ def _child(name: str, db_path: Path, barrier: str, mode: str) -> subprocess.Pope
     )
 
 
-def test_concurrent_charges_of_one_run_in_separate_processes_count_once(db_path, tmp_path):
+def test_concurrent_charges_of_one_run_in_separate_processes_count_once(any_ledger, tmp_path):
+    db_path = any_ledger
     conn = db.connect(db_path)
     set_factor(conn, "h100", 100.0)
     add_prealloc(conn, token_of("exclusive"), size=5)
@@ -268,7 +294,10 @@ def test_concurrent_charges_of_one_run_in_separate_processes_count_once(db_path,
 @pytest.mark.parametrize(
     "mode", ["kill-before-user", "kill-between-user-and-account", "kill-after-release"]
 )
-def test_kill_9_inside_the_transaction_leaves_no_trace_and_a_rerun_charges_once(db_path, mode):
+def test_kill_9_inside_the_transaction_leaves_no_trace_and_a_rerun_charges_once(
+    any_ledger, mode
+):
+    db_path = any_ledger
     conn = db.connect(db_path)
     set_factor(conn, "h100", 100.0)
     add_prealloc(conn, token_of("exclusive"), size=2)
@@ -289,7 +318,8 @@ def test_kill_9_inside_the_transaction_leaves_no_trace_and_a_rerun_charges_once(
     conn.close()
 
 
-def test_kill_9_after_commit_then_rerun_is_a_noop(db_path):
+def test_kill_9_after_commit_then_rerun_is_a_noop(any_ledger):
+    db_path = any_ledger
     conn = db.connect(db_path)
     p = _child("n4", db_path, "-", "kill-after-commit")
     p.communicate(timeout=60)

@@ -232,9 +232,17 @@ def test_charge_environment(db_path, capsys, key, value, other):
                 os.environ[k] = v
 
 
+@HOSTILE
+@given(source=anything, prefix=st.sampled_from(["", "sqlite:", "mariadb:"]))
+def test_copy_ledger_sources(db_path, capsys, tmp_path, source, prefix):
+    target = tmp_path / "copy-target.db"
+    _check(db_path, capsys, ["copy-ledger", "--", prefix + source, str(target)])
+    assert not target.exists()  # nothing is created when the source cannot be read
+
+
 def test_every_command_is_covered():
     covered = {*QUOTA_COMMANDS, "adjust", "set-default-quotas", "set-setting", "set-gpu-factor",
-               "history", "reconcile", "prune", "serve", "stats", "migrate", "check",
-               "default-quotas", "settings", "gpu-factors", "charge", "set-period",
+               "copy-ledger", "history", "reconcile", "prune", "serve", "stats", "migrate",
+               "check", "default-quotas", "settings", "gpu-factors", "charge", "set-period",
                "close-period", "periods", "set-thresholds", "thresholds"}
     assert set(cli.commands) == covered

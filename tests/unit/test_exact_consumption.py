@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import sqlite3
 
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slurm_quota import charge as C
@@ -24,6 +25,24 @@ def run(i: int, elapsed_s: int, *, cpus: int = 1, user="alice", account="researc
     start = START + 100 * i
     return C.Run(job_id=1000 + i, start_time=start, end_time=start + elapsed_s, cpus=cpus,
                  username=user, account=account, job_state="COMPLETED")  # fmt: skip
+
+
+@pytest.fixture
+def conn(any_conn):
+    """The tests on `conn` run on both engines: SQLite and MariaDB (tests/conftest.py)."""
+    return any_conn
+
+
+@pytest.fixture(scope="module")
+def mariadb_rule_conn(mariadb_server):
+    """A connection to a MariaDB database, for SQL that reads no table."""
+    from slurm_quota import mariadb
+
+    ledger = mariadb_server.new_database()
+    conn = mariadb.connect(ledger)
+    yield conn
+    conn.close()
+    mariadb_server.drop_database(ledger)
 
 
 def owner(conn, kind: str, name: str) -> tuple:
@@ -48,6 +67,15 @@ def test_the_sql_form_of_the_rule_agrees_with_ledger(exact, per_minute):
     conn = sqlite3.connect(":memory:")
     sql = f"SELECT {db._minutes_sql(':x', per_minute)}"
     (got,) = conn.execute(sql, {"x": exact}).fetchone()
+    assert got == ledger.minutes_from_exact(exact, per_minute)
+
+
+@pytest.mark.mariadb
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=-(10**12), max_value=10**15), st.sampled_from([60, 60000]))
+def test_the_mariadb_form_of_the_rule_agrees_with_ledger(mariadb_rule_conn, exact, per_minute):
+    sql = f"SELECT {db._minutes_sql(':x', per_minute, mariadb_rule_conn)}"
+    (got,) = mariadb_rule_conn.execute(sql, {"x": exact}).fetchone()
     assert got == ledger.minutes_from_exact(exact, per_minute)
 
 

@@ -23,6 +23,12 @@ ORPHAN = "0badc0de-0000-4000-8000-00000000000a"
 ORPHAN_BOB = "0badc0de-0000-4000-8000-00000000000b"
 
 
+@pytest.fixture
+def conn(any_conn):
+    """The tests on `conn` run on both engines: SQLite and MariaDB (tests/conftest.py)."""
+    return any_conn
+
+
 def answering() -> FakeSlurm:
     return FakeSlurm(
         squeue=result(load("squeue_all")["squeue"]), sacct=result(load("sacct_window")["sacct"])

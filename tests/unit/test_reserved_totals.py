@@ -107,12 +107,11 @@ FOREIGN_KEYS_OFF = {"orphan_insert", "rename_owner"}
 
 
 def _ensure_owners(conn: sqlite3.Connection, fields: dict) -> None:
-    if "username" in fields:
-        conn.execute("INSERT INTO users (username) VALUES (?) ON CONFLICT DO NOTHING",
-                     (fields["username"],))
-    if "account" in fields:
-        conn.execute("INSERT INTO accounts (account) VALUES (?) ON CONFLICT DO NOTHING",
-                     (fields["account"],))
+    for table, key in _OWNERS:
+        if key in fields and conn.execute(
+            f"SELECT 1 FROM {table} WHERE {key} = ?", (fields[key],)
+        ).fetchone() is None:
+            conn.execute(f"INSERT INTO {table} ({key}) VALUES (?)", (fields[key],))
 
 
 def _apply(conn: sqlite3.Connection, op: tuple) -> None:
@@ -144,8 +143,8 @@ def _apply(conn: sqlite3.Connection, op: tuple) -> None:
                      (uuid, user, account, minutes))
     elif kind == "replace_owner":  # INSERT OR REPLACE: the row comes back with defaults
         (table, key), name = op[1], op[2]
-        conn.execute(f"INSERT OR REPLACE INTO {table} ({key}, quota_cpu_minutes) VALUES (?, 7)",
-                     (name,))
+        verb = "REPLACE" if db.is_mariadb(conn) else "INSERT OR REPLACE"
+        conn.execute(f"{verb} INTO {table} ({key}, quota_cpu_minutes) VALUES (?, 7)", (name,))
     elif kind == "drop_owner":  # refused by the foreign key while the owner has open jobs
         (table, key), name = op[1], op[2]
         conn.execute(f"DELETE FROM {table} WHERE {key} = ?", (name,))
@@ -196,6 +195,49 @@ def test_totals_equal_the_sums_after_any_sequence_of_writes(template, tmp_path, 
             assert reserved_mismatches(conn) == [], (op, rolled_back)
     finally:
         conn.close()
+
+
+@pytest.fixture(scope="module")
+def mariadb_property_conn(mariadb_server):
+    """One migrated MariaDB ledger for the property's examples (emptied before each)."""
+    ledger = mariadb_server.new_database()
+    db.migrate(ledger)
+    conn = db.connect(ledger)
+    yield conn
+    conn.close()
+    mariadb_server.drop_database(ledger)
+
+
+@pytest.mark.mariadb
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=steps)
+def test_totals_equal_the_sums_after_any_sequence_of_writes_on_mariadb(
+    mariadb_property_conn, steps
+):
+    import pymysql
+
+    conn = mariadb_property_conn
+    conn.execute("SET SESSION foreign_key_checks = 1")
+    for table in ("jobs_preallocations", "users", "accounts", "consumption_adjustments"):
+        conn.execute(f"DELETE FROM {table}")
+    for op, rolled_back in steps:
+        before = reserved_totals(conn)
+        fk_off = op[0] in FOREIGN_KEYS_OFF
+        conn.execute(f"SET SESSION foreign_key_checks = {0 if fk_off else 1}")
+        conn.execute("START TRANSACTION")
+        try:
+            _apply(conn, op)
+        except pymysql.err.IntegrityError:
+            conn.execute("ROLLBACK")  # the statement failed: nothing may have changed
+            assert reserved_totals(conn) == before, op
+            continue
+        if rolled_back:
+            conn.execute("ROLLBACK")
+            assert reserved_totals(conn) == before, op
+        else:
+            conn.execute("COMMIT")
+        assert reserved_mismatches(conn) == [], (op, rolled_back)
 
 
 def test_a_failing_statement_leaves_the_totals_alone(db_path):

@@ -22,7 +22,10 @@ from tests.unit.fixtures_seed import SEED_ROWS, make_seed_db, read_rows
 pytestmark = pytest.mark.wheel
 
 SOURCE = Path(__file__).resolve().parents[2]
-MIGRATIONS = sorted(p.name for p in (SOURCE / "migrations").glob("*.sql"))
+# Both engines' migrations: NNNN_name.sql (SQLite) and mariadb/NNNN_name.sql.
+MIGRATIONS = sorted(
+    p.relative_to(SOURCE / "migrations").as_posix() for p in (SOURCE / "migrations").rglob("*.sql")
+)
 LATEST = db.latest_version()
 APPLIED_ALL = (
     f"Applied migrations {', '.join(str(v) for v in range(1, LATEST + 1))}; "
@@ -68,9 +71,8 @@ def test_wheel_contains_the_migrations_and_the_plugin(installed):
     wheel, _, _, expected = installed
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-        shipped = sorted(
-            n.rsplit("/", 1)[1] for n in names if n.startswith("slurm_quota/_data/migrations/")
-        )
+        prefix = "slurm_quota/_data/migrations/"
+        shipped = sorted(n[len(prefix) :] for n in names if n.startswith(prefix))
         assert shipped == MIGRATIONS
         for name, data in expected.items():
             assert zf.read(f"slurm_quota/_data/{name}") == data, name
@@ -91,7 +93,10 @@ def test_installed_package_reads_its_data_from_the_install_not_the_source(instal
     assert package_file.startswith(str(venv)), package_file
     assert migrations.startswith(str(venv)), migrations
     assert migrations.endswith("slurm_quota/_data/migrations")
-    assert sorted(p.name for p in Path(migrations).glob("*.sql")) == MIGRATIONS
+    installed_sql = sorted(
+        p.relative_to(migrations).as_posix() for p in Path(migrations).rglob("*.sql")
+    )
+    assert installed_sql == MIGRATIONS
     assert (Path(package_file).parent / "_data" / "job_submit.lua").is_file()
     assert str(SOURCE) not in out
 
