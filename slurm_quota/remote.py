@@ -200,13 +200,17 @@ def admin_url(base_url: str, command: str) -> str:
     return base + ADMIN_PREFIX.lstrip("/") + command
 
 
-def perform(db_path: str, command: str, args: dict[str, Any], *, url: str) -> Any:
-    """Run a write command: directly on the ledger as root, else through the service at url
-    as the user MUNGE vouches for. The same result record, or the same error, either way."""
+def perform(
+    ledger: Callable[[], Any], command: str, args: dict[str, Any], *, url: str
+) -> Any:
+    """Run a write command: directly on the ledger (ledger() names it: a path or the
+    configuration's MariaDB ledger) as root, else through the service at url as the user
+    MUNGE vouches for. The same result record, or the same error, either way. ledger() is
+    called only for root: another user may not be able to read the configuration file."""
     if os.getuid() == 0:
         from slurm_quota import access, db
 
-        conn = db.connect(db_path, intact=True)
+        conn = db.connect(ledger(), intact=True)
         try:
             return execute(conn, command, args, actor=access.current_actor())
         finally:

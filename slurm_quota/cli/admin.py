@@ -274,7 +274,7 @@ def _write(settings: Settings, command: str, **args: Any) -> Any:
     from slurm_quota import DEFAULT_URL, remote
 
     url = os.environ.get("SLURM_QUOTA_URL") or DEFAULT_URL
-    return remote.perform(settings.db_path, command, args, url=url)
+    return remote.perform(settings.ledger, command, args, url=url)
 
 
 def _minutes(value: int) -> str:
