@@ -870,6 +870,19 @@ def insert_journal(
     return int(cur.lastrowid)
 
 
+# The rows history shows (read_journal*, read_charges*): one column list each.
+_SELECT_JOURNAL_ROWS = (
+    "SELECT id, at, actor, action, target_kind, target, field, old_value, new_value, "
+    "reason FROM journal"
+)
+_SELECT_CHARGE_ROWS = (
+    "SELECT id, charge_key, job_id, array_job_id, array_task_id, het_job_id, "
+    "het_job_offset, username, account, job_uuid, `partition`, job_state, start_time, "
+    "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
+    "released_prealloc, source, charged_at, cpu_s, gpu_ms FROM charges"
+)
+
+
 def read_journal(
     conn: sqlite3.Connection,
     *,
@@ -878,10 +891,7 @@ def read_journal(
     limit: int,
 ) -> list[sqlite3.Row]:
     """Journal rows, newest first, optionally for one target (kind + name)."""
-    sql = (
-        "SELECT id, at, actor, action, target_kind, target, field, old_value, new_value, "
-        "reason FROM journal"
-    )
+    sql = _SELECT_JOURNAL_ROWS
     params: list[object] = []
     if target_kind is not None and target is not None:
         sql += " WHERE target_kind = ? AND target = ?"
@@ -900,12 +910,7 @@ def read_charges(
     limit: int,
 ) -> list[sqlite3.Row]:
     """Charge rows, newest first, filtered by user, account and/or job (array/het parent too)."""
-    sql = (
-        "SELECT id, charge_key, job_id, array_job_id, array_task_id, het_job_id, "
-        "het_job_offset, username, account, job_uuid, `partition`, job_state, start_time, "
-        "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
-        "released_prealloc, source, charged_at, cpu_s, gpu_ms FROM charges"
-    )
+    sql = _SELECT_CHARGE_ROWS
     clause, params = _where(
         ("username = ?", username),
         ("account = ?", account),
@@ -1673,12 +1678,7 @@ def read_charges_ended_between(
     limit: int,
 ) -> list[sqlite3.Row]:
     """read_charges' rows of the runs that ended in [start, end) (a period), newest first."""
-    sql = (
-        "SELECT id, charge_key, job_id, array_job_id, array_task_id, het_job_id, "
-        "het_job_offset, username, account, job_uuid, partition, job_state, start_time, "
-        "end_time, elapsed_s, cpus, gpus, gpu_factors, cpu_minutes, gpu_minutes, "
-        "released_prealloc, source, charged_at, cpu_s, gpu_ms FROM charges"
-    )
+    sql = _SELECT_CHARGE_ROWS
     clause, params = _where(
         ("username = ?", username), ("account = ?", account), ("end_time >= ?", int(start)),
         ("end_time < ?", int(end)),
@@ -1697,10 +1697,7 @@ def read_journal_between(
     limit: int,
 ) -> list[sqlite3.Row]:
     """read_journal's rows written in [start_utc, end_utc) ('YYYY-MM-DD HH:MM:SS' UTC)."""
-    sql = (
-        "SELECT id, at, actor, action, target_kind, target, field, old_value, new_value, "
-        "reason FROM journal WHERE at >= ? AND at < ?"
-    )
+    sql = _SELECT_JOURNAL_ROWS + " WHERE at >= ? AND at < ?"
     params: list[object] = [start_utc, end_utc]
     if target_kind is not None and target is not None:
         sql += " AND target_kind = ? AND target = ?"
