@@ -969,8 +969,12 @@ local SQL = {
     begin = "BEGIN IMMEDIATE",
     commit = "COMMIT",
     rollback = "ROLLBACK",
-    settings = "SELECT key, value FROM settings",
-    gpu_factors = "SELECT gpu_type, factor FROM gpu_factors",
+    -- What a decision reads besides the owner rows, in one round trip: settings ('s'), GPU
+    -- factors ('g') and the schema version ('v'), so a reused connection's version check
+    -- costs no statement of its own.
+    context = "SELECT 's', key, value FROM settings "
+        .. "UNION ALL SELECT 'g', gpu_type, factor FROM gpu_factors "
+        .. "UNION ALL SELECT 'v', '', user_version FROM pragma_user_version",
     -- One row per owner: quota, consumed and the running totals of its open reservations
     -- (reserved_*, kept exact by the triggers of migration 0003 on jobs_preallocations), so
     -- the check costs the same whatever the number of open jobs.
@@ -1021,8 +1025,10 @@ local SQL_MARIADB = {
     begin = "START TRANSACTION",
     commit = "COMMIT",
     rollback = "ROLLBACK",
-    settings = "SELECT `key`, value FROM settings",
-    gpu_factors = "SELECT gpu_type, CAST(factor AS DOUBLE) FROM gpu_factors",
+    -- As SQL.context; one column type for all three (text), read back with tonumber().
+    context = "SELECT 's', `key`, value FROM settings "
+        .. "UNION ALL SELECT 'g', gpu_type, CAST(factor AS CHAR) FROM gpu_factors "
+        .. "UNION ALL SELECT 'v', '', CAST(version AS CHAR) FROM schema_version",
     user = "SELECT " .. double_columns .. " FROM users WHERE username = ? FOR UPDATE",
     account = "SELECT " .. double_columns .. " FROM accounts WHERE account = ? FOR UPDATE",
     -- Only run when the locking read found no row: a concurrent first submission of the same
@@ -1073,12 +1079,20 @@ end
 
 -- Read on every call: caching them behind PRAGMA data_version was measured inside slurmctld
 -- and the version probe cost as much as the settings query it saved (docs/benchmarks.md).
-local function load_settings(db)
-    return M.parse_settings(db:query("settings"))
-end
-
-local function load_factors(db)
-    return parse_factors(db:query("gpu_factors"))
+-- Settings and GPU factors come from one query (SQL.context), which also carries the schema
+-- version that Lazy:query checks on a reused connection.
+local function load_context(db)
+    local settings, factors, n_s, n_g = {}, {}, 0, 0
+    for _, row in ipairs(db:query("context")) do
+        if row[1] == "s" then
+            n_s = n_s + 1
+            settings[n_s] = { row[2], row[3] }
+        elseif row[1] == "g" then
+            n_g = n_g + 1
+            factors[n_g] = { row[2], row[3] }
+        end
+    end
+    return M.parse_settings(settings), parse_factors(factors)
 end
 
 local function load_ledger(db, owner, name, settings)
@@ -1161,10 +1175,7 @@ function M.submit(env, job_desc, part_list, submit_uid)
     view.account = view.account or ""
     local db = env.db
     db:exec("begin")
-    local settings = load_settings(db)
-    local has_gpus = view.tres.per_job or view.tres.per_node or view.tres.per_task
-        or view.tres.per_socket or (view.exclusive and true)
-    local factors = has_gpus and load_factors(db) or {}
+    local settings, factors = load_context(db)
     local r, bad = M.build_request(view, settings, factors)
     if not r then
         if not is_root then
@@ -1332,8 +1343,8 @@ function M.modify(env, job_desc, job_rec, part_list, modify_uid)
         array_size = num_or(rr[5], 1),
     }
     mv.user = mv.user or row.user
-    local settings = load_settings(db)
-    local plan = M.modify_rules(mv, row, settings, load_factors(db), is_admin)
+    local settings, factors = load_context(db)
+    local plan = M.modify_rules(mv, row, settings, factors, is_admin)
     if plan.action == "refuse" then
         db:exec("rollback")
         log(env, "log_info", string.format("%srefused update of %s: %s", LOG_PREFIX,
@@ -1631,14 +1642,18 @@ function M.db_path()
     return M.config.db_path or os.getenv(DB_PATH_ENV) or DEFAULT_DB_PATH
 end
 
-local function check_schema(s)
-    local v = s:query("user_version")[1]
-    local version = v and tonumber(v[1])
+local function check_version(s, version)
+    version = tonumber(version)
     if version ~= SCHEMA_VERSION then
         error(db_error(string.format("the database %s has schema version %s, this plugin "
             .. "knows %s (run `slurm-quota migrate`, or update the plugin)", s.path,
             tostring(version), int_str(SCHEMA_VERSION))), 0)
     end
+end
+
+local function check_schema(s)
+    local v = s:query("user_version")[1]
+    check_version(s, v and v[1])
 end
 
 local posix_stat
@@ -2062,7 +2077,8 @@ M.make_env = make_env
 -- The DB is opened on first use: updates that do not touch the reservation (hold,
 -- release, priority, ...) never open it, so a DB outage cannot block them.
 -- A reused connection's schema version is checked once per call, right after BEGIN
--- IMMEDIATE: inside the write transaction, so no migration can slip in between the check and
+-- IMMEDIATE (from the version row of SQL.context when that is the first read, else by a
+-- query of its own): inside the write transaction, so no migration can slip in between the check and
 -- the reads, and without a read transaction of its own. (On an error the call fails and the
 -- connection is dropped, see close.)
 local Lazy = {}
@@ -2084,6 +2100,17 @@ end
 
 function Lazy:query(name, ...)
     local s = self:get()
+    if self.unchecked and name == "context" then
+        -- the version comes with the settings (SQL.context): no statement of its own
+        self.unchecked = false
+        local rows = s:query(name, ...)
+        local version
+        for _, row in ipairs(rows) do
+            if row[1] == "v" then version = row[3] end
+        end
+        check_version(s, version)
+        return rows
+    end
     if self.unchecked then
         self.unchecked = false
         check_schema(s)
@@ -2097,11 +2124,9 @@ function Lazy:exec(name, ...)
         self.unchecked = false
         check_schema(s)
     end
+    -- after BEGIN the check waits for the first statement (Lazy:query: SQL.context carries
+    -- the version)
     s:exec(name, ...)
-    if self.unchecked then
-        self.unchecked = false
-        check_schema(s)
-    end
     return true
 end
 

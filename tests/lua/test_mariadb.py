@@ -17,7 +17,7 @@ import pytest
 
 from slurm_quota import db as slurm_quota_db
 from tests.lua import realrun
-from tests.lua.harness import PLUGIN, ROOT
+from tests.lua.harness import PLUGIN, ROOT, submit_case
 from tests.lua.mariadbd import MariaDB, Netns, require
 from tests.lua.realrun import require_real_lua, run_cases
 
@@ -112,6 +112,19 @@ def test_a_modify_moves_the_reservation_on_mariadb(ledger, tmp_path):
     assert [c.rc for c in run.calls] == [0, 0], run.stderr
     assert db.sql("SELECT preallocated_cpu_minutes FROM jobs_preallocations") == [["50"]]
     assert reserved(db, "accounts", "account", "phys") == (50, 1)
+
+
+def test_gpu_factors_come_with_the_settings_in_one_read(ledger, tmp_path):
+    # SQL_MARIADB.context reads settings, GPU factors (as text) and the schema version in one
+    # statement: a factor of 2.5 must weigh a GPU-minute exactly as on SQLite.
+    db, env = ledger
+    db.sql("INSERT INTO gpu_factors (gpu_type, factor) VALUES ('h100', 2.5)")
+    db.sql("INSERT INTO accounts (account, quota_gpu_minutes) VALUES ('phys', 1000)")
+    case = submit_case("c10_gres_h100x2", account="phys", time_limit=30)  # 2 h100 x 30 min
+    run = run_cases([{"kind": "submit", "parts": [], "desc": case}], tmp_path, None,
+                    env_extra=env)
+    assert run.calls[0].rc == 0 and run.calls[0].uuid, run.stderr
+    assert db.sql("SELECT preallocated_gpu_minutes FROM jobs_preallocations") == [["150"]]
 
 
 def test_a_schema_mismatch_applies_the_failure_policy(ledger, tmp_path):

@@ -395,7 +395,9 @@ def test_connection_is_cached_across_calls(plugin, db_path):
     assert len(plugin.bridge.conns) == 1
     opens = [s for s in plugin.bridge.statements if s == "PRAGMA busy_timeout = 200"]
     assert len(opens) == 1  # opened once
-    assert plugin.bridge.statements.count("PRAGMA user_version") == 5  # checked every call
+    assert plugin.bridge.statements.count("PRAGMA user_version") == 1  # at the open
+    # and on every call, by the version row of the settings query
+    assert sum(s.startswith("SELECT 's', key") for s in plugin.bridge.statements) == 5
 
 
 def test_statements_are_prepared_once_per_connection(plugin, db_path):
@@ -408,9 +410,12 @@ def test_statements_are_prepared_once_per_connection(plugin, db_path):
     for _ in range(3):
         assert plugin.submit(submit_case("c10_gres_h100x2")).rc == 0
     assert plugin.bridge.prepared == []  # every statement re-executed from the cache
-    # one call = schema check, begin, settings, factors, user, account, insert, commit
-    assert len(plugin.bridge.statements) == 3 * 8
-    assert plugin.bridge.statements[:2] == ["BEGIN IMMEDIATE", "PRAGMA user_version"]
+    # one call = begin, context (settings, factors and the schema version), user, account,
+    # insert, commit
+    assert len(plugin.bridge.statements) == 3 * 6
+    assert plugin.bridge.statements[0] == "BEGIN IMMEDIATE"
+    assert plugin.bridge.statements[1].startswith("SELECT 's', key, value FROM settings")
+    assert "PRAGMA user_version" not in plugin.bridge.statements
     # the open-time pragmas are not kept; the per-call statements are
     assert "PRAGMA busy_timeout = 200" not in plugin.bridge.prepared
     kept = plugin.bridge.open_statements()
