@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from slurm_quota import charge as C  # noqa: E402
 from slurm_quota import db  # noqa: E402
@@ -100,13 +102,14 @@ def pct(values: list[float], p: float) -> float:
     return s[k]
 
 
-def bench_charge_process(path: Path, jobs: int, bindir: Path) -> dict:
+def bench_charge_process(path, jobs: int, bindir: Path, ledger_env: dict[str, str]) -> dict:
+    """path: the ledger as db.connect takes it; ledger_env: how the CLI finds it."""
     (bindir / "scontrol").write_text(FAKE_SCONTROL)
     (bindir / "scontrol").chmod(0o755)
     walls = []
     for i in range(jobs):
         env = {
-            "PATH": f"{bindir}:/usr/bin:/bin", "SLURM_QUOTA_DB": str(path),
+            "PATH": f"{bindir}:/usr/bin:/bin", **ledger_env,
             "JOBID": str(500_000 + i), "ARRAYJOBID": "0", "ARRAYTASKID": "4294967294",
             "USERNAME": f"user{i % N_USERS:05d}", "UID": "1001",
             "ACCOUNT": f"acct{i % N_ACCOUNTS:03d}", "PARTITION": "main", "PROCS": "4",
@@ -143,7 +146,7 @@ def bench_charge_process(path: Path, jobs: int, bindir: Path) -> dict:
     }
 
 
-def bench_charge_inprocess(path: Path, jobs: int) -> dict:
+def bench_charge_inprocess(path, jobs: int) -> dict:
     conn = db.connect(path)
     times = []
     for i in range(jobs):
@@ -233,24 +236,43 @@ def bench_reconcile(path: Path, rows: int) -> dict:
 
 
 def local(args) -> dict:
+    engines = [e for e in args.engines.split(",") if e]
+    result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ledger.db"
         t = time.perf_counter()
         populate(path)
         setup = time.perf_counter() - t
-        bindir = Path(tmp) / "bin"
-        bindir.mkdir()
-        result = {
-            "ledger": {"users": N_USERS, "preallocations": N_PREALLOCS, "charges": N_CHARGES,
-                       "populate_s": round(setup, 1)},  # fmt: skip
-            "charge_process": bench_charge_process(path, args.jobs, bindir),
-            "charge_inprocess": bench_charge_inprocess(path, args.jobs),
-            "importtime": bench_importtime(),
-        }
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "ledger.db"
-        populate(path)
-        result["reconcile_synthetic"] = bench_reconcile(path, args.rows)
+        result["ledger"] = {"users": N_USERS, "preallocations": N_PREALLOCS,
+                            "charges": N_CHARGES, "populate_s": round(setup, 1)}  # fmt: skip
+        for engine in engines:
+            bindir = Path(tmp) / f"bin-{engine}"
+            bindir.mkdir()
+            if engine == "sqlite":
+                work = Path(tmp) / "work.db"
+                shutil.copyfile(path, work)
+                result["charge_process"] = bench_charge_process(
+                    work, args.jobs, bindir, {"SLURM_QUOTA_DB": str(work)})
+                result["charge_inprocess"] = bench_charge_inprocess(work, args.jobs)
+                continue
+            # MariaDB: the same rows copied into a private mariadbd on this host
+            # (bench/plugin_latency.py's engine); the CLI reads its 0600 configuration file.
+            from plugin_latency import MariaDBEngine
+
+            with MariaDBEngine(Path(tmp) / "mariadb") as server:
+                server.load(path)
+                from slurm_quota import config
+
+                ledger = config.resolve(None, "", conf=config.load(str(server.conf)))
+                result["charge_process_mariadb"] = bench_charge_process(
+                    ledger, args.jobs, bindir, {"SLURM_QUOTA_CONF": str(server.conf)})
+                result["charge_inprocess_mariadb"] = bench_charge_inprocess(ledger, args.jobs)
+        result["importtime"] = bench_importtime()
+    if args.rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "ledger.db"
+            populate(path)
+            result["reconcile_synthetic"] = bench_reconcile(path, args.rows)
     return result
 
 
@@ -339,7 +361,9 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     lo = sub.add_parser("local")
     lo.add_argument("--jobs", type=int, default=200)
-    lo.add_argument("--rows", type=int, default=100_000)
+    lo.add_argument("--rows", type=int, default=100_000, help="reconcile rows (0: skip)")
+    lo.add_argument("--engines", default="sqlite",
+                    help="ledger engines of the charge figures: sqlite, mariadb or both")
     la = sub.add_parser("lab")
     la.add_argument("--burst", type=int, default=200)
     args = ap.parse_args()

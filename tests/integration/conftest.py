@@ -66,8 +66,10 @@ def _say(config, text: str) -> None:
 
 
 def _engines() -> list[str]:
-    chosen = os.environ.get(LEDGER_ENV)
-    return [chosen] if chosen else list(LEDGERS)
+    """The ledger engines of this session: SLURM_QUOTA_LAB_LEDGER (one, or several separated by
+    commas, e.g. `sqlite,mariadb`), else every engine."""
+    chosen = [e.strip() for e in os.environ.get(LEDGER_ENV, "").split(",") if e.strip()]
+    return chosen or list(LEDGERS)
 
 
 @pytest.fixture(scope="session", params=_engines())
