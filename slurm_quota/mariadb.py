@@ -299,6 +299,10 @@ class Connection:
         self.close()
 
 
+# PyMySQL 0.10 (EL9) has no ssl_disabled and never uses TLS unless asked to.
+_TAKES_SSL_DISABLED = "ssl_disabled" in pymysql.connections.Connection.__init__.__code__.co_varnames
+
+
 def _ssl_context(ledger: MariaDBLedger) -> Any:
     import ssl
 
@@ -337,6 +341,11 @@ def connect(
     try:
         if ledger.tls:
             options["ssl"] = _ssl_context(ledger)
+        elif _TAKES_SSL_DISABLED:
+            # StorageTLS=no means no TLS. PyMySQL 1.2 otherwise "prefers" TLS: it builds a
+            # default SSL context (36 ms of loading the system's CA certificates, measured, on
+            # every `charge`) and upgrades to unverified TLS when the server offers it.
+            options["ssl_disabled"] = True
         raw = pymysql.connect(**options)
     except pymysql.err.MySQLError as err:
         mapped = map_error(err, ledger.describe())

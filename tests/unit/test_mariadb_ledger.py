@@ -470,3 +470,21 @@ def test_a_server_killed_with_9_keeps_what_was_committed_and_nothing_else() -> N
             assert db.owner_consumed_exact(conn, "user", "alice") == (240, 0)
         finally:
             conn.close()
+
+
+def test_storage_tls_no_means_no_tls_and_no_ssl_context(mariadb_ledger, monkeypatch) -> None:
+    db.migrate(mariadb_ledger)
+    # PyMySQL 1.2 "prefers" TLS when given no ssl option: it loads the system's CA store (36 ms
+    # on every `charge`) and upgrades when the server offers TLS. StorageTLS=no asks for none.
+    import ssl
+
+    built = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: built.append(1) or real())
+    conn = db.connect(replace(mariadb_ledger, tls=False))
+    try:
+        assert conn.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'").fetchall()[0][1] == ""
+    finally:
+        conn.close()
+    if mariadb._TAKES_SSL_DISABLED:
+        assert built == []
