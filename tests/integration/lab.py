@@ -977,6 +977,19 @@ class Lab:
             raise LabError(
                 f"mariadb-install-db failed:\n{_tail(self.log_dir / 'mariadb-install.log')}"
             )
+        self._run_mariadbd()
+        self._mysql(
+            "CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
+            f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{MYSQL_PASSWORD}'; "
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+        )
+        if self.ledger_type == "mariadb":
+            self._create_mariadb_ledger()
+
+    def _run_mariadbd(self, timeout: float = READY_TIMEOUT_S) -> int:
+        """Start mariadbd on the lab's existing data directory; wait until it answers a ping
+        on its socket (after a crash, InnoDB's recovery runs before that); return its PID."""
+        datadir = self.root / "mysql" / "data"
         with open(self.log_dir / "mysqld.start.log", "ab") as out:
             child = subprocess.Popen(
                 self.in_chroot(
@@ -1031,14 +1044,51 @@ class Lab:
                 == 0
             )
 
-        self._wait("mariadbd to answer", answering, None)
-        self._mysql(
-            "CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
-            f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{MYSQL_PASSWORD}'; "
-            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
-        )
+        self._wait("mariadbd to answer", answering, None, timeout=timeout)
+        return child.pid
+
+    def restart_mariadb(self, timeout: float = 120) -> float:
+        """Start the lab's mariadbd again after it died (e.g. `kill -9` in a test): same data
+        directory, options and ports; returns the seconds until it answered again.
+
+        Waits for mariadbd's ping (InnoDB crash recovery done), then, with a MariaDB
+        ledger, for a query on the ledger through its configuration, and for slurmdbd to answer
+        `sacctmgr list cluster` (slurmdbd reconnects to MariaDB by itself on its next request).
+        Refuses while a mariadbd of this lab still runs.
+        """
+        if "mariadbd" in self.daemon_pids():
+            raise LabError(f"mariadbd of this lab still runs: {self.daemon_pids()['mariadbd']}")
+        began = time.monotonic()
+        # The killed server leaves its PID file behind: the new one writes its own.
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file("mariadbd").unlink()
+        self._run_mariadbd(timeout=timeout)
         if self.ledger_type == "mariadb":
-            self._create_mariadb_ledger()
+            self._wait("the ledger to answer", self._ledger_answers, "mariadbd", timeout=timeout)
+        if "slurmdbd" in self.daemon_pids():
+            self._wait(
+                "slurmdbd to answer `sacctmgr list cluster`",
+                lambda: self._ok("sacctmgr", "-n", "list", "cluster"),
+                "slurmdbd",
+                timeout=timeout,
+            )
+        return time.monotonic() - began
+
+    def _ledger_answers(self) -> bool:
+        from slurm_quota import db
+
+        try:
+            conn = db.connect(self.ledger, readonly=True)
+        except Exception:  # noqa: BLE001 - any failure means "not yet"
+            return False
+        try:
+            conn.execute("SELECT COUNT(*) FROM jobs_preallocations").fetchall()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _mysql_rows(self, sql: str) -> list[str]:
         proc = subprocess.run(

@@ -50,13 +50,14 @@ SLURM_LAB_PACKAGES = (
     "sqlite3",
 )
 # A tree also needs the system python3 with the CLI's libraries (the charge wrapper and the
-# service run the CLI inside the tree).
+# service run the CLI inside the tree; PyMySQL for a MariaDB ledger).
 PACKAGES = SLURM_LAB_PACKAGES + (
     "python3",
     "python3-click",
     "python3-tabulate",
     "python3-requests",
     "python3-waitress",
+    "python3-pymysql",
     "procps",
 )
 # Extra packages the project's CLI needs in the tree beyond the list above (e.g. the WSGI
