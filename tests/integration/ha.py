@@ -184,6 +184,10 @@ class HALab(Lab):
 
     def _setup(self) -> None:
         super()._setup()
+        hosts = ["127.0.0.1 localhost", f"{self.hub} labhub"]
+        hosts += [f"{c['addr']} {n}" for n, c in self.ctl.items()]
+        _write(self.etc / "ha-hosts", "\n".join(hosts) + "\n")
+        _write(self.etc / "ha-resolv.conf", "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         (self.root / "ctl").mkdir(exist_ok=True)
         for c in self.ctl.values():
             c["dir"].mkdir(exist_ok=True)
@@ -194,9 +198,18 @@ class HALab(Lab):
     def _controller_argv(self, name: str) -> list[str]:
         c = self.ctl[name]
         binds = [(c["dir"], self.root / "ctl")]
+        system_root = Path("/")
         if self.chrooted:
             inner = Path(str(self.chroot_root) + str(self.root))
             binds.append((inner / name, inner / "ctl"))
+            system_root = self.chroot_root
+        # The namespace's own name service files: the lab's addresses by name, and a resolver
+        # that fails at once (the machine's DNS server is out of the namespace's reach, and
+        # 26.05's slurmctld looked a client address up for 10 s: sbatch timed out).
+        for fname in ("hosts", "resolv.conf"):
+            target = system_root / "etc" / fname
+            if target.is_file() and not target.is_symlink():
+                binds.append((self.etc / f"ha-{fname}", target))
         mounts = " && ".join(f"mount --bind '{src}' '{dst}'" for src, dst in binds)
         script = f'hostname {name} && {mounts} && exec "$@"'
         slurmctld = self.in_chroot(["slurmctld", "-D"], cwd=str(self.root))

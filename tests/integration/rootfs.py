@@ -57,6 +57,8 @@ PACKAGES = SLURM_LAB_PACKAGES + (
     "python3-tabulate",
     "python3-requests",
     "python3-waitress",
+    # LedgerType=mariadb: the CLI (charge wrapper, reconcile) inside the tree needs the driver
+    "python3-pymysql",
     "procps",
 )
 # Extra packages the project's CLI needs in the tree beyond the list above (e.g. the WSGI

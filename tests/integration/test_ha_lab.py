@@ -19,9 +19,12 @@ hidden.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import re
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -48,6 +51,10 @@ FIELDS = ["JobIDRaw", "User", "State", "AllocCPUS", "ElapsedRaw", "End", "Partit
 QUOTA_REFUSAL = "refused: it needs more CPU-minutes"
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _engines() -> list[str]:
     chosen = os.environ.get(LEDGER_ENV)
     return [chosen] if chosen else list(LEDGERS)
@@ -63,16 +70,29 @@ def ha(request):
     # the session lab's directory and ports (env or defaults) + "-ha" and +50
     probe = HALab(ledger=request.param)
     lab = HALab(f"{probe.root}-ha", probe.port_base + 50, probe.release, request.param)
+    owned = [True]
+
+    def stop() -> dict[str, int]:
+        if not owned[0]:
+            return {}
+        owned[0] = False
+        return lab.down()
+
+    # as the session lab: an exit that skips finalization, and SIGTERM (a CI timeout)
+    atexit.register(stop)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         took = lab.up()
     except LabError as err:
+        stop()
         pytest.fail(f"the HA lab did not come up:\n{err}", pytrace=False)
     print(f"[ha lab] up in {took:.1f} s in {lab.root}, {request.param} ledger")
     try:
         yield lab
     finally:
         t0 = time.monotonic()
-        stopped = lab.down()
+        stopped = stop()
         print(f"[ha lab] down in {time.monotonic() - t0:.1f} s: {stopped}")
         assert not lab.daemon_pids(), lab.daemon_pids()
         assert not any(Path(f"/run/netns/{c['netns']}").exists() for c in lab.ctl.values())
@@ -118,6 +138,42 @@ class Sampler(threading.Thread):
             except Exception as err:  # noqa: BLE001 - a busy SQLite file: sample again
                 self.errors.append(f"{type(err).__name__}: {err}")
             time.sleep(0.2)
+
+
+def _sacct_final(r: dict[str, str]) -> bool:
+    return (
+        (r["State"].split() or [""])[0] in FINAL_STATES
+        and r["End"] != "Unknown"
+        and bool(r["Partition"])
+    )
+
+
+def _seconds(text: str) -> int:
+    """[D-]HH:MM:SS (scontrol's RunTime) in seconds."""
+    days, _, hms = text.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def ctld_jobs(lab) -> dict[int, dict]:
+    """The jobs slurmctld holds: id -> state, cpus, run_s (from `scontrol -o show job`)."""
+    out = lab.run("scontrol", "-o", "show", "job", check=False).stdout
+    jobs = {}
+    for line in out.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "JobId" in fields:
+            jobs[int(fields["JobId"])] = {
+                "state": fields.get("JobState"),
+                "cpus": int(fields.get("NumCPUs", 0)),
+                "run_s": _seconds(fields.get("RunTime", "0:0:0")),
+            }
+    return jobs
+
+
+def _dbd_agent_queue(lab) -> int:
+    out = lab.run("sdiag", check=False).stdout
+    m = re.search(r"DBD Agent queue size:\s*(\d+)", out)
+    return int(m.group(1)) if m else -1
 
 
 def submit_with_retry(lab, log: list, lock: threading.Lock, i: int) -> None:
@@ -231,8 +287,11 @@ def test_takeover_mid_burst_keeps_charges_and_reservations_exact(ha):
         lab.wait_job_end(job_id, timeout=180)
     lab.wait_jobcomp_idle(quiet_s=1.0, timeout=120)
 
-    # every job Slurm has (also any a retried sbatch created twice), each final in sacct
-    deadline = time.monotonic() + 90
+    # every job Slurm has (also any a retried sbatch created twice): slurmctld's own records
+    # (finished jobs stay MinJobAge = 300 s) and sacct's, each final
+    ctld = ctld_jobs(lab)
+    started = time.monotonic()
+    deadline = started + 60
     while True:
         since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(int(t0)))
         proc = lab.run("sacct", "-a", "-X", "-n", "-P", "-S", since, "-o", ",".join(FIELDS))
@@ -240,19 +299,24 @@ def test_takeover_mid_burst_keeps_charges_and_reservations_exact(ha):
         for line in proc.stdout.splitlines():
             r = dict(zip(FIELDS, line.split("|")))
             runs[int(r["JobIDRaw"])] = r
-        final = all(
-            (r["State"].split() or [""])[0] in FINAL_STATES and r["End"] != "Unknown"
-            and r["Partition"]
-            for r in runs.values()
-        )  # fmt: skip
-        if final and ours <= set(runs):
+        stale = sorted(j for j in set(ctld) | ours if j not in runs or not _sacct_final(runs[j]))
+        if not stale or time.monotonic() > deadline:
             break
-        if time.monotonic() > deadline:
-            break
+        if time.monotonic() > started + 15 and _dbd_agent_queue(lab) > 0:
+            break  # the controller holds them back (see below): waiting does not help
         time.sleep(0.5)
-    lost = sorted(ours - set(runs))
-    for r in runs.values():
-        assert (r["State"].split() or [""])[0] in FINAL_STATES, r
+    for job_id, j in ctld.items():
+        assert j["state"] in FINAL_STATES, (job_id, j)
+    known = set(runs) | set(ctld)
+    lost = sorted(ours - known)
+    dbd_queue = _dbd_agent_queue(lab)
+    summary.update(sacct_stale=stale, dbd_agent_queue=dbd_queue, lost=lost)
+    print(f"[ha accounting] {json.dumps(summary)}")
+    if stale:
+        # Seen on 26.05 only: after the takeover ctl2 queued its accounting records and never
+        # sent them (sdiag's "DBD Agent queue size" grows; they are saved to dbd.messages at
+        # its shutdown). Not lost, not the plugin's: asserted, and checked against slurmctld.
+        assert dbd_queue > 0, summary
 
     rep = lab.run(lab.quota_bin, "reconcile", "--since", t0, "--grace", "0", "--json",
                   "--spool", str(lab.spool_dir), check=False)  # fmt: skip
@@ -266,11 +330,16 @@ def test_takeover_mid_burst_keeps_charges_and_reservations_exact(ha):
     per_job: dict[int, list] = {}
     for job_id, cpu_s, uuid, released in charges:
         per_job.setdefault(int(job_id), []).append((cpu_s, uuid, released))
-    assert sorted(per_job) == sorted(runs), (sorted(per_job), sorted(runs))
-    for job_id, r in runs.items():
+    assert sorted(per_job) == sorted(known), (sorted(per_job), sorted(known))
+    for job_id in sorted(known):
         assert len(per_job[job_id]) == 1, (job_id, per_job[job_id])  # charged exactly once
         cpu_s, uuid, released = per_job[job_id][0]
-        assert cpu_s == int(r["AllocCPUS"]) * int(r["ElapsedRaw"]), (job_id, r, cpu_s)
+        if job_id in runs and job_id not in stale:
+            r = runs[job_id]
+            assert cpu_s == int(r["AllocCPUS"]) * int(r["ElapsedRaw"]), (job_id, r, cpu_s)
+        if job_id in ctld:
+            j = ctld[job_id]
+            assert cpu_s == j["cpus"] * j["run_s"], (job_id, j, cpu_s)
         assert uuid and released == 1, (job_id, uuid, released)  # its one reservation
     assert len({c[2] for c in charges}) == len(charges)  # no reservation shared or doubled
     assert long.job_id in per_job  # accepted by ctl1, finished under ctl2
