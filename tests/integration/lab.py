@@ -298,6 +298,12 @@ class Lab:
         self.wrapper_path = self.etc / "slurm-quota-charge-wrapper"
         self.charge_log = self.log_dir / "charge.log"
         self.mysql_socket = self.run_dir / "mysqld.sock"
+        # Where MariaDB listens, the address the ledger's clients reach it at, and the hosts
+        # its ledger user may connect from (a lab with controllers in network namespaces,
+        # tests/integration/ha.py, changes all three).
+        self.mysql_bind = "127.0.0.1"
+        self.ledger_host = "127.0.0.1"
+        self.ledger_grant_hosts: tuple[str, ...] = ("127.0.0.1",)
         self.munge_socket = self.run_dir / "munge" / "munge.socket.2"
         # The chroot of a lab of another release, and its overlay's upper and work dirs.
         self.chroot_root = self.root / "root"
@@ -1000,7 +1006,7 @@ class Lab:
                         f"--datadir={datadir}",
                         f"--socket={self.mysql_socket}",
                         f"--pid-file={self.pid_file('mariadbd')}",
-                        "--bind-address=127.0.0.1",
+                        f"--bind-address={self.mysql_bind}",
                         f"--port={self.mysql_port}",
                         f"--log-error={self._log_file('mariadbd')}",
                         "--skip-name-resolve",
@@ -1119,14 +1125,17 @@ class Lab:
 
         self._mysql(
             f"CREATE DATABASE IF NOT EXISTS {LEDGER_DATABASE}; "
-            f"CREATE USER IF NOT EXISTS '{LEDGER_USER}'@'127.0.0.1' "
-            f"IDENTIFIED BY '{LEDGER_PASSWORD}'; "
-            f"GRANT ALL ON {LEDGER_DATABASE}.* TO '{LEDGER_USER}'@'127.0.0.1';"
+            + "".join(
+                f"CREATE USER IF NOT EXISTS '{LEDGER_USER}'@'{host}' "
+                f"IDENTIFIED BY '{LEDGER_PASSWORD}'; "
+                f"GRANT ALL ON {LEDGER_DATABASE}.* TO '{LEDGER_USER}'@'{host}'; "
+                for host in self.ledger_grant_hosts
+            )
         )
         _write(
             self.ledger_conf,
             "# The lab's ledger in its MariaDB (SLURM_QUOTA_LAB_LEDGER=mariadb)\n"
-            "LedgerType=mariadb\nStorageHost=127.0.0.1\n"
+            f"LedgerType=mariadb\nStorageHost={self.ledger_host}\n"
             f"StoragePort={self.mysql_port}\nStorageLoc={LEDGER_DATABASE}\n"
             f"StorageUser={LEDGER_USER}\nStoragePass={LEDGER_PASSWORD}\n",
             mode=0o600,
@@ -1255,8 +1264,7 @@ class Lab:
 
     def _stop_jobs(self) -> None:
         """Cancel running jobs so their slurmstepd and processes end with the lab."""
-        pid = self.daemon_pids().get("slurmctld")
-        if pid is None:
+        if not self._controller_running():
             return
         with contextlib.suppress(Exception):
             self.run("scancel", "--state=RUNNING", check=False, timeout=20)
@@ -1268,6 +1276,10 @@ class Lab:
                 if out.returncode != 0 or not out.stdout.strip():
                     return
                 time.sleep(POLL_S * 2)
+
+    def _controller_running(self) -> bool:
+        """A slurmctld of this lab is running (jobs can be cancelled)."""
+        return "slurmctld" in self.daemon_pids()
 
     def _sweep(self) -> list[int]:
         """SIGKILL leftovers of this lab: wrapper processes, its children, slurmstepds, job

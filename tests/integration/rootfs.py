@@ -57,6 +57,7 @@ PACKAGES = SLURM_LAB_PACKAGES + (
     "python3-tabulate",
     "python3-requests",
     "python3-waitress",
+    # LedgerType=mariadb: the CLI (charge wrapper, reconcile) inside the tree needs the driver
     "python3-pymysql",
     "procps",
 )
