@@ -54,6 +54,16 @@ end
 
 local loaded, quota = load_module()
 
+-- slurmctld reads this file from the directory of the slurm.conf it runs with: the module
+-- takes ClusterName from that slurm.conf (the unresolved path, not the symlink's target).
+if loaded then
+    pcall(function()
+        local source = debug.getinfo(1, "S").source
+        local dir = source:sub(1, 1) == "@" and source:sub(2):match("^(.*)/[^/]*$")
+        if dir then quota.config.slurm_conf = dir .. "/slurm.conf" end
+    end)
+end
+
 local function broken(kind)
     pcall(slurm.log_error, "%s", "slurm-quota: " .. kind .. " ACCEPTED WITHOUT QUOTA CHECK "
         .. "(the plugin module could not be loaded): " .. tostring(quota))

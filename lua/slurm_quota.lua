@@ -51,9 +51,9 @@ local IDLE_REOPEN_S = 1
 local TCP_USER_TIMEOUT_MS = 50
 local STATEMENT_TIMEOUT_S = 0.15
 local RETRY_S = 5
--- The only schema this plugin knows (after migrations 0001..0006: PRAGMA user_version on
+-- The only schema this plugin knows (after migrations 0001..0007: PRAGMA user_version on
 -- SQLite, schema_version on MariaDB).
-local SCHEMA_VERSION = 6
+local SCHEMA_VERSION = 7
 -- Longest wait for the write lock; slurmctld is stalled meanwhile (budget: 250 ms).
 local BUSY_TIMEOUT_MS = 200
 -- Uids treated as administrators in job_modify besides 0 and SlurmUser (the uid slurmctld
@@ -110,6 +110,9 @@ M.config = {
     admin_uids = ADMIN_UIDS,
     cache_connection = CACHE_CONNECTION,
     log_accepts = true,
+    -- slurm.conf, for its ClusterName (written into each preallocation): job_submit.lua sets
+    -- the one beside it; nil: $SLURM_CONF, else /etc/slurm/slurm.conf.
+    slurm_conf = nil,
 }
 
 local unpack = table.unpack or unpack -- luacheck: ignore 143
@@ -988,8 +991,8 @@ local SQL = {
     insert_account = "INSERT INTO accounts (account, quota_cpu_minutes, quota_gpu_minutes) "
         .. "VALUES (?, ?, ?) ON CONFLICT (account) DO NOTHING",
     insert_prealloc = "INSERT INTO jobs_preallocations (job_uuid, username, account, "
-        .. "preallocated_cpu_minutes, preallocated_gpu_minutes, array_size, created_at) "
-        .. "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        .. "preallocated_cpu_minutes, preallocated_gpu_minutes, array_size, created_at, "
+        .. "cluster) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     prealloc = "SELECT username, account, CAST(preallocated_cpu_minutes AS REAL), "
         .. "CAST(preallocated_gpu_minutes AS REAL), CAST(array_size AS REAL) "
         .. "FROM jobs_preallocations WHERE job_uuid = ?",
@@ -1217,7 +1220,7 @@ function M.submit(env, job_desc, part_list, submit_uid)
     ensure_owner(db, ledgers.account, settings)
     local uuid = env.uuid()
     db:exec("insert_prealloc", uuid, view.user, view.account, toint(r.cpu_minutes),
-        toint(r.gpu_minutes), toint(r.array_count), timestamp(env))
+        toint(r.gpu_minutes), toint(r.array_count), timestamp(env), M.cluster_name())
     db:exec("commit")
     local token = TOKEN_TAG .. uuid
     job_desc.admin_comment = M.append_token(view.admin_comment, token)
@@ -1578,6 +1581,40 @@ end
 --- path = ...} or {kind = "mariadb", host, port, database, user, password_file/password,
 --- key}. M.config.db_path or $SLURM_QUOTA_DB name a SQLite file and override LedgerPath;
 --- with LedgerType=mariadb they are an error. Raises a db error on a bad file.
+--- ClusterName from slurm.conf (lower case, as Slurm keeps it), read once per Lua state (a
+--- reconfigure loads a fresh one); "" when it cannot be read. The file: M.config.slurm_conf
+--- (job_submit.lua names the slurm.conf beside it, the one slurmctld read it from), else
+--- $SLURM_CONF, else /etc/slurm/slurm.conf. Only the main file is read: ClusterName in an
+--- Include'd file is not found (then "", and a shared ledger's reconcile leaves this
+--- cluster's orphans alone rather than guess).
+local cluster_cache
+function M.cluster_name()
+    if cluster_cache then return cluster_cache end
+    local name = ""
+    for _, path in ipairs({ M.config.slurm_conf or false, os.getenv("SLURM_CONF") or false,
+        "/etc/slurm/slurm.conf" }) do
+        local fh = path and io.open(path, "r")
+        if fh then
+            for line in fh:lines() do
+                local key, value = line:match("^%s*(%a+)%s*=%s*([^%s#]+)")
+                if key and key:lower() == "clustername" then
+                    name = value:lower()
+                    break
+                end
+            end
+            fh:close()
+            break
+        end
+    end
+    cluster_cache = name:sub(1, 255)
+    return cluster_cache
+end
+
+--- Forget the cached ClusterName (tests).
+function M.reset_cluster_name()
+    cluster_cache = nil
+end
+
 function M.ledger()
     local db_option = M.config.db_path or os.getenv(DB_PATH_ENV)
     local source = M.conf_path()

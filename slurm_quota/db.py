@@ -1284,7 +1284,7 @@ def list_preallocations(
     """Open preallocation rows, optionally only one user's and/or one account's."""
     sql = (
         "SELECT job_uuid, username, account, preallocated_cpu_minutes, "
-        "preallocated_gpu_minutes, array_size, created_at FROM jobs_preallocations"
+        "preallocated_gpu_minutes, array_size, created_at, cluster FROM jobs_preallocations"
     )
     clause, params = _where(("username = ?", username), ("account = ?", account))
     return conn.execute(sql + clause, params).fetchall()

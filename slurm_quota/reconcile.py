@@ -87,6 +87,16 @@ def orphan_rows(
     return out
 
 
+def own_cluster_rows(
+    rows: list[dict], cluster: str
+) -> tuple[list[dict], int]:
+    """On a ledger several clusters share: the preallocations this cluster's plugin made
+    (column `cluster`, migration 0007), and how many others were left out (another cluster's,
+    or written before 0007 or without a readable ClusterName: no cluster may sweep those)."""
+    mine = [r for r in rows if str(r.get("cluster") or "").lower() == cluster.lower()]
+    return mine, len(rows) - len(mine)
+
+
 def _prealloc_text(row: Mapping[str, object]) -> str:
     return json.dumps(
         {
@@ -96,6 +106,7 @@ def _prealloc_text(row: Mapping[str, object]) -> str:
             "preallocated_gpu_minutes": row["preallocated_gpu_minutes"],
             "array_size": row["array_size"],
             "created_at": row["created_at"],
+            "cluster": row.get("cluster", ""),
         },
         sort_keys=True,
     )
@@ -161,7 +172,7 @@ class ReconcileReport:
     cpu_s: int = 0  # exact sums of the runs charged; the minutes above follow the one rule
     gpu_ms: int = 0
     periods: tuple[str, ...] = field(default=())  # allocation period changes (periods.py)
-    sweep_note: str | None = None  # why the orphan sweep did not run, when that is expected
+    sweep_note: str | None = None  # what the orphan sweep left alone, when that is expected
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly form."""
@@ -320,25 +331,23 @@ def reconcile(
     orphans: list[str] = []
     sweep_error = sweep_note = None
     queue_jobs = None
-    if shared:
-        # A preallocation does not say which cluster's job holds it, and this cluster's
-        # squeue and sacct do not list the others' jobs: releasing would take their
-        # reservations away. Charges still release them; prune --orphans likewise skips.
-        sweep_note = (
-            "orphan sweep skipped: several clusters share this ledger (setting cluster_keys) "
-            "and a preallocation does not say which cluster's job holds it"
-        )
-        queue = None
-    else:
-        queue = _queue_or_error(runner)
+    queue = _queue_or_error(runner)
     if isinstance(queue, str):
         sweep_error = queue
-    elif queue is not None:
+    else:
         queue_jobs = queue.job_count
         alive = set(queue.tokens) | slurm_mod.tokens_of(rows)
-        candidates = orphan_rows(
-            [dict(r) for r in db.list_preallocations(conn)], alive, now=now, grace_s=grace_s
-        )
+        open_rows = [dict(r) for r in db.list_preallocations(conn)]
+        if shared:
+            # This cluster's squeue and sacct do not list the other clusters' jobs: only the
+            # preallocations its own plugin made (column `cluster`) may be swept.
+            open_rows, others = own_cluster_rows(open_rows, str(cluster))
+            sweep_note = (
+                f"several clusters share this ledger (setting cluster_keys): only cluster "
+                f"{cluster}'s preallocations were swept; {others} of other clusters (or of "
+                f"no known cluster) left alone"
+            )
+        candidates = orphan_rows(open_rows, alive, now=now, grace_s=grace_s)
         if dry_run:
             orphans = [str(r["job_uuid"]) for r in candidates]
         elif candidates:
@@ -436,19 +445,14 @@ def prune(
 
     now = int(time.time()) if now is None else int(now)
     orphan_candidates: list[dict] = []
-    if preallocs and charge_mod.clusters_share(conn):
-        raise InvalidInput(
-            "Several clusters share this ledger (setting cluster_keys): a preallocation does "
-            "not say which cluster's job holds it, and this cluster's Slurm does not list the "
-            "others' jobs, so none is pruned as an orphan (--preallocs, part of --all). Prune "
-            "users or accounts only "
-            "(--users, --accounts), or delete a preallocation you know is gone by hand."
-        )
     if preallocs:
         queue = slurm_mod.queue_tokens(runner=runner)
         recent = slurm_mod.sacct_window(now - PRUNE_RECENT_S, now, runner=runner)
         alive = set(queue.tokens) | slurm_mod.tokens_of(recent)
         rows = [dict(r) for r in db.list_preallocations(conn, username=user, account=account)]
+        if charge_mod.clusters_share(conn):
+            # as reconcile: only this cluster's own preallocations can be judged orphans
+            rows, _ = own_cluster_rows(rows, slurm_mod.cluster_name(runner=runner))
         orphan_candidates = [dict(r) for r in orphan_rows(rows, alive, now=now, grace_s=grace_s)]
     do_users = users and (account is None or user is not None)
     do_accounts = accounts and (user is None or account is not None)

@@ -538,7 +538,8 @@ def set_setting_cmd(
       node_gpus.PARTITION      the same for one partition
       cluster_keys             yes when several clusters share the ledger: each run's
                                charge key names its cluster (set it before the second
-                               cluster charges; reconcile then skips the orphan sweep)
+                               cluster charges; reconcile and prune then sweep only
+                               their own cluster's orphan preallocations)
     Default quotas are set with `set-default-quotas`.
 
     \b

@@ -508,3 +508,34 @@ def test_cached_connection_never_reopens_the_file_with_another_descriptor(runtim
         assert p.submit(submit_case("c01_plain")).rc == 0
     # with luaposix the file is only stat()ed, never opened (issue 19: it may be a FIFO)
     assert p.lua.globals().OPENED == 0
+
+
+def test_the_preallocation_names_the_cluster_of_slurm_conf(plugin, db_path, tmp_path):
+    # migration 0007: reconcile on a ledger several clusters share sweeps its own rows only
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("# a site's slurm.conf\nSlurmctldHost=ctl1\n  clustername = Phys-2  # ours\n")
+    plugin.m.config.slurm_conf = str(conf)
+    plugin.m.reset_cluster_name()
+    assert plugin.submit(submit_case("c01_plain")).rc == 0
+    assert rows(db_path, "SELECT cluster FROM jobs_preallocations") == [("phys-2",)]
+
+
+def test_without_a_readable_slurm_conf_the_cluster_is_empty(plugin, db_path, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    plugin.m.config.slurm_conf = str(tmp_path / "missing.conf")
+    plugin.m.reset_cluster_name()
+    res = plugin.submit(submit_case("c01_plain"))
+    assert res.rc == 0
+    got = rows(db_path, "SELECT cluster FROM jobs_preallocations")
+    # /etc/slurm/slurm.conf is the last fallback: on a machine with one, its ClusterName
+    expected = ""
+    try:
+        for line in open("/etc/slurm/slurm.conf"):
+            key, sep, value = line.partition("=")
+            if sep and key.strip().lower() == "clustername":
+                expected = value.split("#")[0].split()[0].lower()
+                break
+    except OSError:
+        pass
+    assert got == [(expected,)]

@@ -52,13 +52,14 @@ def _insert_owner_if_absent(conn, table: str, key: str, name: str) -> None:
 
 
 def add_prealloc(conn, uuid: str, *, user="alice", account="research", cpu=30, gpu=0,
-                 size=1, created_at="2026-11-21 12:00:00") -> None:  # fmt: skip
+                 size=1, created_at="2026-11-21 12:00:00", cluster="") -> None:  # fmt: skip
     _insert_owner_if_absent(conn, "users", "username", user)
     _insert_owner_if_absent(conn, "accounts", "account", account)
     conn.execute(
         "INSERT INTO jobs_preallocations (job_uuid, username, account, preallocated_cpu_minutes,"
-        " preallocated_gpu_minutes, array_size, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (uuid, user, account, cpu, gpu, size, created_at),
+        " preallocated_gpu_minutes, array_size, created_at, cluster)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (uuid, user, account, cpu, gpu, size, created_at, cluster),
     )
 
 

@@ -1,6 +1,7 @@
 """Several clusters on one ledger (setting cluster_keys): each cluster has its own job ids, so
 a run's charge key names its cluster; runs charged before the sharing stay charged once; the
-orphan sweep, which cannot tell whose a reservation is, does not run. On both engines."""
+orphan sweep and prune judge only the preallocations their own cluster's plugin made (column
+`cluster`, migration 0007). On both engines."""
 
 from __future__ import annotations
 
@@ -92,19 +93,27 @@ def _reconcile_slurm(config: RunResult | Exception) -> FakeSlurm:
     return FakeSlurm(sacct=window, squeue=result(load("squeue_all")["squeue"]), scontrol=scontrol)
 
 
-def test_reconcile_names_the_cluster_from_slurm_and_skips_the_orphan_sweep(conn):
+def test_reconcile_names_the_cluster_from_slurm_and_sweeps_only_its_own_orphans(conn):
     share(conn)
-    orphan = "0badc0de-0000-4000-8000-000000000001"
-    add_prealloc(conn, orphan, created_at="2026-11-21 10:00:00")
+    mine = "0badc0de-0000-4000-8000-000000000001"
+    theirs = "0badc0de-0000-4000-8000-000000000002"
+    unknown = "0badc0de-0000-4000-8000-000000000003"
+    add_prealloc(conn, mine, created_at="2026-11-21 10:00:00", cluster="lab")
+    add_prealloc(conn, theirs, created_at="2026-11-21 10:00:00", cluster="other")
+    add_prealloc(conn, unknown, created_at="2026-11-21 10:00:00")  # before 0007
     config = RunResult(0, SHOW_CONFIG.read_text(), "")
     report = R.reconcile(conn, since=1795260000, now=1795270000, runner=_reconcile_slurm(config))
     assert report.charged > 0
     assert all(key.endswith("@lab") for key in report.charged_keys)
-    assert report.sweep_note and "several clusters" in report.sweep_note
-    assert report.sweep_error is None and report.orphans == ()
-    assert prealloc_size(conn, orphan) == 1  # another cluster's job may hold it
+    assert report.sweep_error is None and report.orphans == (mine,)
+    assert report.sweep_note and "only cluster lab's" in report.sweep_note
+    assert "2 of other clusters" in report.sweep_note
+    assert prealloc_size(conn, mine) is None
+    assert prealloc_size(conn, theirs) == 1  # another cluster's job may hold it
+    assert prealloc_size(conn, unknown) == 1  # nobody can tell whose it is
     again = R.reconcile(conn, since=1795260000, now=1795270000, runner=_reconcile_slurm(config))
     assert again.charged == 0 and again.already_charged == report.charged
+    assert again.orphans == ()
 
 
 def test_reconcile_charges_nothing_when_the_cluster_name_cannot_be_read(conn):
@@ -128,10 +137,19 @@ def test_reconcile_recognises_runs_the_jobcomp_charged_with_the_cluster(conn):
     assert sum(1 for k in keys if k.startswith(f"{case('array_task0')['env']['JOBID']}:")) == 1
 
 
-def test_prune_of_orphans_is_refused_when_clusters_share(conn):
+def test_prune_of_orphans_judges_only_this_cluster_s_when_clusters_share(conn):
     share(conn)
-    with pytest.raises(InvalidInput, match="Several clusters share"):
-        R.prune(conn, preallocs=True, users=False, accounts=False, runner=FakeSlurm())
+    add_prealloc(conn, "0badc0de-0000-4000-8000-000000000011", created_at="2026-11-21 10:00:00",
+                 cluster="lab")
+    add_prealloc(conn, "0badc0de-0000-4000-8000-000000000012", created_at="2026-11-21 10:00:00",
+                 cluster="other")
+    config = RunResult(0, SHOW_CONFIG.read_text(), "")
+    empty = RunResult(0, "", "")
+    slurm = FakeSlurm(sacct=empty, squeue=empty, scontrol=lambda argv: config)
+    report = R.prune(conn, preallocs=True, users=False, accounts=False, runner=slurm,
+                     now=1795270000)
+    assert report.preallocations == ("0badc0de-0000-4000-8000-000000000011",)
+    assert prealloc_size(conn, "0badc0de-0000-4000-8000-000000000012") == 1
 
 
 def test_the_setting_takes_yes_or_no_only():

@@ -47,11 +47,19 @@ INSERT INTO accounts (account, total_consumed_cpu_minutes, quota_cpu_minutes,
     ('phys', 0, 50, 0, 0, '2024-05-01 10:00:00'),
     ('bio', 500, -1, 0, -1, '2024-05-01 10:00:00');
 -- alice: an array of 2 elements in hpc, one job in phys
-INSERT INTO jobs_preallocations VALUES ('u1', 'alice', 'hpc', 100, 10, 2, '2024-05-01 10:00:00');
-INSERT INTO jobs_preallocations VALUES ('u2', 'alice', 'phys', 50, 0, 1, '2024-05-01 10:00:00');
+INSERT INTO jobs_preallocations (job_uuid, username, account, preallocated_cpu_minutes,
+    preallocated_gpu_minutes, array_size, created_at) VALUES
+    ('u1', 'alice', 'hpc', 100, 10, 2, '2024-05-01 10:00:00');
+INSERT INTO jobs_preallocations (job_uuid, username, account, preallocated_cpu_minutes,
+    preallocated_gpu_minutes, array_size, created_at) VALUES
+    ('u2', 'alice', 'phys', 50, 0, 1, '2024-05-01 10:00:00');
 -- bob: a seed row with NULL GPU minutes, and one with NULL array_size (= 1 element)
-INSERT INTO jobs_preallocations VALUES ('u3', 'bob', 'hpc', 300, NULL, 1, '2024-05-01 10:00:00');
-INSERT INTO jobs_preallocations VALUES ('u4', 'bob', 'hpc', 7, 0, NULL, '2024-05-01 10:00:00');
+INSERT INTO jobs_preallocations (job_uuid, username, account, preallocated_cpu_minutes,
+    preallocated_gpu_minutes, array_size, created_at) VALUES
+    ('u3', 'bob', 'hpc', 300, NULL, 1, '2024-05-01 10:00:00');
+INSERT INTO jobs_preallocations (job_uuid, username, account, preallocated_cpu_minutes,
+    preallocated_gpu_minutes, array_size, created_at) VALUES
+    ('u4', 'bob', 'hpc', 7, 0, NULL, '2024-05-01 10:00:00');
 -- carol: no open job, one charged run in bio (so bio is one of her accounts)
 INSERT INTO charges (charge_key, job_id, username, account, start_time, end_time, elapsed_s,
                      cpus, cpu_minutes, gpu_minutes, source, cpu_s)
