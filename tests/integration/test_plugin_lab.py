@@ -111,7 +111,12 @@ def test_other_account_and_typed_factor(plab):
     write(plab, "INSERT INTO gpu_factors (gpu_type, factor) VALUES ('h100', 2.5)")
     res = plab.sbatch("--hold", "-A", "physics", "--gres=gpu:h100:2", "--time=10", script=SCRIPT)
     assert res.rc == 0, res.stderr
-    assert row(plab, job_uuid(plab, res.job_id)) == ("alice", "physics", 10, 50, 1)
+    uuid = job_uuid(plab, res.job_id)
+    assert row(plab, uuid) == ("alice", "physics", 10, 50, 1)
+    # the cluster of the slurm.conf beside the lab's job_submit.lua (migration 0007)
+    assert ledger(plab, "SELECT cluster FROM jobs_preallocations WHERE job_uuid = ?", uuid) == [
+        ("lab",)
+    ]
 
 
 def test_exclusive_takes_the_node_gpus_from_the_setting(plab):
