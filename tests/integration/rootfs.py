@@ -57,6 +57,8 @@ PACKAGES = SLURM_LAB_PACKAGES + (
     "python3-tabulate",
     "python3-requests",
     "python3-waitress",
+    # the CLI's MariaDB driver: the wrapper charges a MariaDB ledger (SLURM_QUOTA_LAB_LEDGER)
+    "python3-pymysql",
     "procps",
 )
 # Extra packages the project's CLI needs in the tree beyond the list above (e.g. the WSGI
