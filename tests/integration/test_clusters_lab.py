@@ -113,18 +113,17 @@ def burst(cluster, n: int, start: threading.Event, out: list) -> None:
         out.append(cluster.sbatch("--hold", f"--time={JOB_MINUTES}", script=SLEEP))
 
 
-def reserved_and_left(lab) -> tuple[int, int]:
-    """(Σ preallocated CPU-minutes of account research, quota - consumed minutes)."""
-    (reserved,) = ledger_rows(
-        lab, "SELECT COALESCE(SUM(preallocated_cpu_minutes * COALESCE(array_size, 1)), 0) "
-        "FROM jobs_preallocations WHERE account = 'research'"
-    )[0]  # fmt: skip
-    row = ledger_rows(
-        lab, "SELECT quota_cpu_minutes, total_consumed_cpu_minutes FROM accounts "
-        "WHERE account = 'research'"
-    )  # fmt: skip
-    quota, used = row[0]
-    return int(reserved), int(quota) - int(used)
+RESERVED_AND_LEFT = (
+    "SELECT (SELECT COALESCE(SUM(preallocated_cpu_minutes * COALESCE(array_size, 1)), 0) "
+    "FROM jobs_preallocations WHERE account = 'research'), reserved_cpu_minutes, "
+    "quota_cpu_minutes - total_consumed_cpu_minutes FROM accounts WHERE account = 'research'"
+)
+
+
+def reserved_and_left(conn) -> tuple[int, int, int]:
+    """(Σ preallocated CPU-minutes of account research, its reserved total kept by the
+    triggers, quota - consumed minutes), in one statement (one snapshot)."""
+    return tuple(int(v) for v in conn.execute(RESERVED_AND_LEFT).fetchone())
 
 
 def reconcile(cluster, since: int) -> dict:
@@ -145,13 +144,20 @@ def test_concurrent_bursts_on_two_clusters_share_one_quota(clusters):
         threading.Thread(target=burst, args=(c, PER_CLUSTER, start, results[c.cluster]))
         for c in (lab, lab2)
     ]
-    samples: list[tuple[int, int]] = []
+    samples: list[tuple[int, int, int]] = []
     done = threading.Event()
 
     def watch() -> None:
-        while not done.is_set():
-            samples.append(reserved_and_left(lab))
-            time.sleep(0.05)
+        # autocommit (MariaDB: READ COMMITTED) / no open transaction (SQLite): each
+        # statement sees what is committed now. One last sample after the burst.
+        conn = db.connect(lab.ledger, readonly=True)
+        try:
+            while not done.is_set():
+                samples.append(reserved_and_left(conn))
+                time.sleep(0.01)
+            samples.append(reserved_and_left(conn))
+        finally:
+            conn.close()
 
     watcher = threading.Thread(target=watch)
     for t in threads:
@@ -164,15 +170,14 @@ def test_concurrent_bursts_on_two_clusters_share_one_quota(clusters):
     burst_s = time.monotonic() - t0
     done.set()
     watcher.join()
-    samples.append(reserved_and_left(lab))
     accepted = {name: [r.job_id for r in rs if r.rc == 0] for name, rs in results.items()}
     refused = [r for rs in results.values() for r in rs if r.rc != 0]
     print(f"burst: {burst_s:.1f} s, accepted {accepted}, {len(refused)} refused, "
           f"{len(samples)} ledger samples")  # fmt: skip
-    assert all(reserved <= left for reserved, left in samples), samples
+    assert all(summed == total <= left for summed, total, left in samples), samples
     # the jobs are held: nothing is charged during the burst, so exactly FIT fit
     assert sum(len(ids) for ids in accepted.values()) == FIT, (accepted, refused)
-    assert samples[-1] == (FIT * JOB_MINUTES, QUOTA)
+    assert samples[-1] == (FIT * JOB_MINUTES, FIT * JOB_MINUTES, QUOTA)
     for r in refused:
         assert r.job_id is None
         assert "CPU-minutes than account research has left" in r.stderr, r.stderr
