@@ -91,7 +91,7 @@ def sacctmgr_grant(lab, grant: list[str], revoke: list[str]):
 
 
 def ledger_state(lab) -> tuple:
-    conn = db.connect(lab.db_path, readonly=True)
+    conn = db.connect(lab.ledger, readonly=True)
     try:
         tables = ("users", "accounts", "journal", "settings", "gpu_factors")
         return tuple(
@@ -195,7 +195,7 @@ def test_an_operator_sets_a_quota_from_a_non_root_shell(ledger, user_bin, servic
             "slurm-quota: error: Quota '12x' is not a whole number of minutes "
             "(use -1 for unlimited).\n"
         )
-    conn = db.connect(lab.db_path, readonly=True)
+    conn = db.connect(lab.ledger, readonly=True)
     try:
         rows = conn.execute(
             "SELECT actor, action, target, old_value, new_value, reason FROM journal "

@@ -19,7 +19,7 @@ SCRIPT = "#!/bin/sh\ntrue\n"
 
 
 def rows(lab, sql: str, *args):
-    conn = db.connect(lab.db_path, readonly=True)
+    conn = db.connect(lab.ledger, readonly=True)
     try:
         return [tuple(r) for r in conn.execute(sql, args).fetchall()]
     finally:
@@ -63,7 +63,7 @@ def test_a_boundary_moved_to_now_lets_a_refused_job_in(plab):
 
     # The month ends now.
     now = int(time.time())
-    conn = db.connect(lab.db_path)
+    conn = db.connect(lab.ledger)
     with db.write_transaction(conn):
         conn.execute(
             "UPDATE period_state SET period_end = ? WHERE owner_kind = 'user' "
