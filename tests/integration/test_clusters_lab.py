@@ -136,7 +136,12 @@ def reconcile(cluster, since: int) -> dict:
 
 def test_concurrent_bursts_on_two_clusters_share_one_quota(clusters):
     lab, lab2 = clusters
-    since = int(time.time()) - 1
+    # reconcile's window: the next whole second, waited for, so that it holds this test's
+    # runs only (the previous test's runs, charged before the ledger was emptied, ended
+    # before it; `time() - 1` let reconcile charge one of them again on the sid lab)
+    since = int(time.time()) + 1
+    while time.time() < since:
+        time.sleep(0.05)
     lab.run("slurm-quota", "account-quota", "research", str(QUOTA))
     start = threading.Event()
     results: dict[str, list] = {"lab": [], "lab2": []}
