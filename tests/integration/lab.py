@@ -281,6 +281,10 @@ class Lab:
             + (RELEASE_PORT_OFFSET.get(self.release, 300) if self.chrooted else 0)
         )
         self.port_base = base
+        # ClusterName, and the value of MARKER its processes carry (a cluster added beside
+        # this lab, tests/integration/cluster2.py, has its own name and this lab's marker).
+        self.cluster = CLUSTER
+        self.marker = str(self.root)
         self.ctld_port = base
         self.slurmd_port = base + 1
         self.dbd_port = base + 2
@@ -380,7 +384,7 @@ class Lab:
         """pid is alive, is that daemon, and was started by this lab (marker in environ)."""
         if not alive(pid) or _comm(pid) != daemon:
             return False
-        return _environ(pid).get(MARKER) == str(self.root)
+        return _environ(pid).get(MARKER) == self.marker
 
     def daemon_pids(self) -> dict[str, int]:
         """daemon -> PID of every daemon of this lab that is running now."""
@@ -408,7 +412,7 @@ class Lab:
             "HOME": "/root",
             "SLURM_CONF": str(self.slurm_conf),
             **self._ledger_env(),
-            MARKER: str(self.root),
+            MARKER: self.marker,
         }
 
     def run(
@@ -743,6 +747,8 @@ class Lab:
             "COMMPARAMS": commparams,
             "QUOTA_BIN": self.quota_bin,
             "MARKER": MARKER,
+            "OWNER": self.marker,
+            "CLUSTER": self.cluster,
             "LEDGER_LINE": "".join(f"{k}={v}" for k, v in self._ledger_env().items()),
         }
 
@@ -1152,7 +1158,7 @@ class Lab:
 
     def _register_accounts(self) -> None:
         """Cluster, accounts and associations in one `sacctmgr load` (one call, not seven)."""
-        lines = [f"Cluster - '{CLUSTER}'", "Parent - 'root'"]
+        lines = [f"Cluster - '{self.cluster}'", "Parent - 'root'"]
         lines.append(
             f"User - 'root':DefaultAccount='{USERS['root'][0]}':AdminLevel='Administrator'"
         )
@@ -1227,14 +1233,18 @@ class Lab:
                 raise LabError(message) from err
         return time.monotonic() - t0
 
-    def _check_ports(self) -> None:
-        """Refuse to start when a port of this lab is taken (another lab, another service)."""
-        for name, port in (
+    def _ports(self) -> list[tuple[str, int]]:
+        """(daemon, port) of every daemon this lab starts."""
+        return [
             ("slurmctld", self.ctld_port),
             ("slurmd", self.slurmd_port),
             ("slurmdbd", self.dbd_port),
             ("mariadbd", self.mysql_port),
-        ):
+        ]
+
+    def _check_ports(self) -> None:
+        """Refuse to start when a port of this lab is taken (another lab, another service)."""
+        for name, port in self._ports():
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 # As the daemons do: TIME_WAIT leftovers of the previous lab are no conflict.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1295,7 +1305,7 @@ class Lab:
             env = _environ(pid)
             ours = (
                 str(self.wrapper_path) in _argv(pid)
-                or env.get(MARKER) == str(self.root)
+                or env.get(MARKER) == self.marker
                 or (env.get("SLURM_CONF") == conf and "SLURM_JOB_ID" in env)
             )
             if ours and alive(pid):
@@ -1340,16 +1350,20 @@ class Lab:
             left = [p for p in left if alive(p)]
         if left:
             raise LabError(f"lab processes still alive after down: {left}")
-        if self.chrooted:
-            try:
-                rootfs.unmount_under(self.chroot_root)
-            except rootfs.RootfsError as err:
-                raise LabError(str(err)) from err
+        self._unmount()
         if purge and self.root.exists():
             if not self._looks_like_lab():
                 raise LabError(f"{self.root} does not look like a lab directory; not removed")
             self._remove_tree()
         return running
+
+    def _unmount(self) -> None:
+        """After down: unmount the root filesystem of a chrooted lab."""
+        if self.chrooted:
+            try:
+                rootfs.unmount_under(self.chroot_root)
+            except rootfs.RootfsError as err:
+                raise LabError(str(err)) from err
 
     def status(self) -> dict[str, dict]:
         """daemon -> {pid, running} from this lab's records."""
