@@ -221,17 +221,38 @@ def test_concurrent_bursts_on_two_clusters_share_one_quota(clusters):
         )  # fmt: skip
         assert consumed == sum(r[4] for r in rows)
         assert used <= QUOTA
-        left = ledger_rows(lab, "SELECT job_uuid, account FROM jobs_preallocations")
-        assert len(left) == 1 and left[0][1] == "research", left  # lab2's held job only
+        left = ledger_rows(
+            lab, "SELECT job_uuid, account, cluster FROM jobs_preallocations "
+            "WHERE job_uuid NOT LIKE 'orphan-%'"
+        )  # fmt: skip
+        # lab2's held job only, and its plugin named its cluster (migration 0007)
+        assert len(left) == 1 and left[0][1:] == ("research", "lab2"), left
 
     check_ledger()
+    # An orphan of each cluster (no job holds it, made long ago): each cluster's reconcile
+    # releases its own only; the other cluster's jobs are not in its squeue or sacct.
+    conn = db.connect(lab.ledger)
+    try:
+        with db.write_transaction(conn):
+            for name in ("lab", "lab2"):
+                conn.execute(
+                    "INSERT INTO jobs_preallocations (job_uuid, username, account, "
+                    "preallocated_cpu_minutes, preallocated_gpu_minutes, array_size, created_at, "
+                    "cluster) VALUES (?, 'alice', 'physics', 1, 0, 1, '2000-01-01 00:00:00', ?)",
+                    (f"orphan-{name}", name),
+                )
+    finally:
+        conn.close()
     for cluster in (lab, lab2):
         report = reconcile(cluster, since)
         print(f"reconcile on {cluster.cluster}: {report}")
         ran = len(accepted[cluster.cluster])
         assert (report["runs"], report["already_charged"]) == (ran, ran), report
         assert (report["charged"], report["released_elements"]) == (0, 0), report
+        assert report["orphans"] == [f"orphan-{cluster.cluster}"], report
         check_ledger()
+    assert ledger_rows(lab, "SELECT COUNT(*) FROM jobs_preallocations WHERE job_uuid LIKE "
+                       "'orphan-%'") == [(0,)]
     lab2.run("scancel", str(keep.job_id))
     lab2.wait_job_end(keep.job_id)
     lab2.wait_jobcomp(keep.job_id)
