@@ -15,9 +15,7 @@ left behind; its own `down` matches by its slurm.conf, never the lab's processes
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import time
 
 from tests.integration.lab import (
@@ -25,13 +23,10 @@ from tests.integration.lab import (
     REPO,
     Lab,
     LabError,
-    _ancestors,
     _argv,
-    _environ,
     _render,
     _tail,
     _write,
-    alive,
 )
 
 DAEMONS2 = ("slurmctld", "slurmd")
@@ -90,27 +85,14 @@ class ClusterBeside(Lab):
     def _unmount(self) -> None:
         """The root filesystem is the lab's: it stays mounted."""
 
-    def _sweep(self) -> list[int]:
-        """SIGKILL this cluster's leftovers only: its wrapper runs, and processes whose
-        SLURM_CONF is this cluster's (slurmstepd and its children inherit slurmd's, jobs get
-        the submitter's) when they carry the lab marker or are a job's."""
-        me = _ancestors()
-        conf = str(self.slurm_conf)
-        killed = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in me:
-                continue
-            pid = int(entry)
-            env = _environ(pid)
-            ours = str(self.wrapper_path) in _argv(pid) or (
-                env.get("SLURM_CONF") == conf
-                and (env.get(MARKER) == self.marker or "SLURM_JOB_ID" in env)
-            )
-            if ours and alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-        return killed
+    def _leftover(self, pid: int, env: dict[str, str]) -> bool:
+        """This cluster's leftovers only: its wrapper runs, and processes whose SLURM_CONF is
+        this cluster's (slurmstepd and its children inherit slurmd's, jobs get the
+        submitter's) when they carry the lab marker or are a job's."""
+        return str(self.wrapper_path) in _argv(pid) or (
+            env.get("SLURM_CONF") == str(self.slurm_conf)
+            and (env.get(MARKER) == self.marker or "SLURM_JOB_ID" in env)
+        )
 
     def _setup(self) -> None:
         self._check_ports()

@@ -1291,24 +1291,25 @@ class Lab:
         """A slurmctld of this lab is running (jobs can be cancelled)."""
         return "slurmctld" in self.daemon_pids()
 
+    def _leftover(self, pid: int, env: dict[str, str]) -> bool:
+        """Is pid a leftover of this lab? Matched by argv (the wrapper path), the lab marker,
+        or a job environment pointing at this lab's slurm.conf."""
+        return (
+            str(self.wrapper_path) in _argv(pid)
+            or env.get(MARKER) == self.marker
+            or (env.get("SLURM_CONF") == str(self.slurm_conf) and "SLURM_JOB_ID" in env)
+        )
+
     def _sweep(self) -> list[int]:
-        """SIGKILL leftovers of this lab: wrapper processes, its children, slurmstepds, job
-        processes. Matched by argv (the wrapper path), the lab marker, or a job environment
-        pointing at this lab's slurm.conf."""
+        """SIGKILL leftovers of this lab (_leftover): wrapper processes, its children,
+        slurmstepds, job processes."""
         me = _ancestors()
-        conf = str(self.slurm_conf)
         killed = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) in me:
                 continue
             pid = int(entry)
-            env = _environ(pid)
-            ours = (
-                str(self.wrapper_path) in _argv(pid)
-                or env.get(MARKER) == self.marker
-                or (env.get("SLURM_CONF") == conf and "SLURM_JOB_ID" in env)
-            )
-            if ours and alive(pid):
+            if self._leftover(pid, _environ(pid)) and alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
