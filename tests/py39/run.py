@@ -3,7 +3,7 @@
 EL9's python3 is 3.9 and its sqlite-libs 3.34.1; Debian 11 (bullseye) has both (python3.9
 3.9.2, libsqlite3-0 3.34.1), so a bullseye root filesystem gives a real CPython 3.9 linked to
 the same SQLite. Inside it a venv holds this checkout (editable, from /src) with its [test]
-extra, resolved under the pins of tests/py39/el9-constraints.txt (click, tabulate, requests
+and [mariadb] extras, resolved under the pins of tests/py39/el9-constraints.txt (click, tabulate, requests
 as EL9 + EPEL 9 package them): a pyproject.toml range that excludes an EL9 version fails
 there. tests/lua runs too (lupa), as its harness executes the plugin's SQL with Python's
 sqlite3, so with EL9's SQLite.
@@ -48,7 +48,8 @@ REQUIRE_ENV = "SLURM_QUOTA_REQUIRE_SYSTEM"
 # tests/unit, and tests/lua for the plugin's SQL: its harness runs it through Python's sqlite3,
 # here the 3.34.1 of EL9. Not the lab (integration); tests needing Debian packages (real lua5.1,
 # luacheck) skip with the reason (tests/py39/no_system_packages.py). The MariaDB ledger tests
-# (marker mariadb) need a server and PyMySQL, which this tree has not: they run on the host.
+# (marker mariadb) need a server, which this tree has not: they run on the host (PyMySQL at
+# EL9's version is installed, so their modules import).
 DEFAULT_ARGS = ["tests/unit", "tests/lua", "-m", "not integration and not mariadb"]
 HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -208,9 +209,11 @@ def ensure_venv() -> None:
     pip = [f"{VENV}/bin/python", "-m", "pip", "install", "-q"]
     # bullseye's pip 20.3 cannot install a pyproject-only project in editable mode (PEP 660).
     chroot_run([*pip, "--upgrade", "pip>=21.3"], env=env)
-    # The project with its [test] extra: pip must find that pyproject.toml's ranges accept
-    # every EL9 pin (pip.conf above), else this fails here, before any test.
-    chroot_run([*pip, "-e", f"{SRC}[test]"], env=env, cwd=SRC)
+    # The project with its [test] and [mariadb] extras: pip must find that pyproject.toml's
+    # ranges accept every EL9 pin (pip.conf above), else this fails here, before any test.
+    # PyMySQL at EL9's version: slurm_quota.mariadb imports under it (no server here, so the
+    # tests marked mariadb are deselected).
+    chroot_run([*pip, "-e", f"{SRC}[test,mariadb]"], env=env, cwd=SRC)
     chroot_run([f"{VENV}/bin/python", "-m", "pip", "check"], env=env)
     # Byte code of /src goes to the tree, not the checkout: every process of this venv, even
     # the ones tests start with a clean environment, reads this .pth at start-up.
