@@ -1871,19 +1871,33 @@ local function inodes_to(port, family)
     return out
 end
 
--- Set TCP_USER_TIMEOUT on the socket libmariadb opened in DBI.Connect: a descriptor not open
--- `before` (a set of fds) whose socket inode (stat through /proc/self/fd) is an established
--- connection to the server's port. LuaDBI does not expose the socket, and luaposix 33.4 can
--- not name it otherwise: it has no getpeername nor fstat, its getsockname passes an
--- uninitialised length (its answer changes from run to run), and its readlink fails on
--- /proc/self/fd links. Another thread's socket never matches both tests.
+-- The open files of this process as a set of "device:inode" (stat through /proc/self/fd).
+local function open_files()
+    local out = {}
+    for fd in pairs(open_fds()) do
+        local st = posix_stat and posix_stat.stat("/proc/self/fd/" .. fd)
+        if st then out[tostring(st.st_dev) .. ":" .. tostring(st.st_ino)] = true end
+    end
+    return out
+end
+
+-- Set TCP_USER_TIMEOUT on the socket libmariadb opened in DBI.Connect: a descriptor whose file
+-- was not open `before` (open_files()) and whose socket inode (stat through /proc/self/fd) is
+-- an established connection to the server's port. Files, not descriptor numbers: slurmctld's
+-- other threads open and close descriptors meanwhile, and the connection may get a number
+-- another file had a moment before (seen once on the lab right after `scontrol takeover`: no
+-- socket found, the submission decided by the failure policy). LuaDBI does not expose the
+-- socket, and luaposix 33.4 can not name it otherwise: it has no getpeername nor fstat, its
+-- getsockname passes an uninitialised length (its answer changes from run to run), and its
+-- readlink fails on /proc/self/fd links. Another thread's socket never matches both tests.
 local function set_user_timeout(before, port, family)
     local S = posix_net.sock
     local inodes = inodes_to(port, family)
     local n = 0
     for fd in pairs(open_fds()) do
-        local st = not before[fd] and posix_stat and posix_stat.stat("/proc/self/fd/" .. fd)
-        if st and inodes[st.st_ino] then
+        local st = posix_stat and posix_stat.stat("/proc/self/fd/" .. fd)
+        if st and inodes[st.st_ino]
+            and not before[tostring(st.st_dev) .. ":" .. tostring(st.st_ino)] then
             if S.setsockopt(fd, S.IPPROTO_TCP, TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS) then
                 n = n + 1
             end
@@ -1914,7 +1928,7 @@ function M.open_mariadb(ledger)
     if not ok then error(db_error("LuaDBI is not installed (require \"DBI\" failed)"), 0) end
     local addr, family = resolve_host(ledger.host, ledger.port)
     M.probe(addr, family, ledger.port, PROBE_MS)
-    local before = open_fds()
+    local before = open_files()
     local conn, err = DBI.Connect("MySQL", ledger.database, ledger.user, read_password(ledger),
         addr, ledger.port)
     if not conn then

@@ -238,7 +238,7 @@ def test_concurrent_bursts_on_two_clusters_share_one_quota(clusters):
                 conn.execute(
                     "INSERT INTO jobs_preallocations (job_uuid, username, account, "
                     "preallocated_cpu_minutes, preallocated_gpu_minutes, array_size, created_at, "
-                    "cluster) VALUES (?, 'alice', 'physics', 1, 0, 1, '2000-01-01 00:00:00', ?)",
+                    "cluster) VALUES (?, 'alice', 'research', 1, 0, 1, '2000-01-01 00:00:00', ?)",
                     (f"orphan-{name}", name),
                 )
     finally:

@@ -3,10 +3,10 @@
 EL9's python3 is 3.9 and its sqlite-libs 3.34.1; Debian 11 (bullseye) has both (python3.9
 3.9.2, libsqlite3-0 3.34.1), so a bullseye root filesystem gives a real CPython 3.9 linked to
 the same SQLite. Inside it a venv holds this checkout (editable, from /src) with its [test]
-and [mariadb] extras, resolved under the pins of tests/py39/el9-constraints.txt (click, tabulate, requests
-as EL9 + EPEL 9 package them): a pyproject.toml range that excludes an EL9 version fails
-there. tests/lua runs too (lupa), as its harness executes the plugin's SQL with Python's
-sqlite3, so with EL9's SQLite.
+and [mariadb] extras, resolved under the pins of tests/py39/el9-constraints.txt (click,
+tabulate, requests, PyMySQL as EL9 + EPEL 9 package them): a pyproject.toml range that
+excludes an EL9 version fails there. tests/lua runs too (lupa), as its harness executes the
+plugin's SQL with Python's sqlite3, so with EL9's SQLite.
 
     python -m tests.py39.run [PYTEST ARGS...]
         default: tests/unit tests/lua -m 'not integration and not mariadb'
