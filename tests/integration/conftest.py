@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests import syspkgs
-from tests.integration.lab import LEDGER_ENV, LEDGERS, PACKAGES, Lab, LabError, alive
+from tests.integration.lab import LEDGER_ENV, PACKAGES, Lab, LabError, alive, session_ledgers
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,14 +65,7 @@ def _say(config, text: str) -> None:
         sys.stderr.write(f"\n[lab] {text}\n")
 
 
-def _engines() -> list[str]:
-    """The ledger engines of this session: SLURM_QUOTA_LAB_LEDGER (one, or several separated by
-    commas, e.g. `sqlite,mariadb`), else every engine."""
-    chosen = [e.strip() for e in os.environ.get(LEDGER_ENV, "").split(",") if e.strip()]
-    return chosen or list(LEDGERS)
-
-
-@pytest.fixture(scope="session", params=_engines())
+@pytest.fixture(scope="session", params=session_ledgers())
 def lab(request):
     """The session's Slurm lab (reused when ours is already up, else up now and down at end)."""
     if os.geteuid() != 0:

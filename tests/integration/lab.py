@@ -78,6 +78,13 @@ LEDGER_ENV = "SLURM_QUOTA_LAB_LEDGER"
 LEDGERS = ("sqlite", "mariadb")
 LEDGER_DATABASE, LEDGER_USER, LEDGER_PASSWORD = "slurm_quota", "slurm_quota", "quotapw"
 
+
+def session_ledgers() -> list[str]:
+    """The ledger engines a test session runs on: SLURM_QUOTA_LAB_LEDGER (one, or several
+    separated by commas, e.g. `sqlite,mariadb`, as `make test` sets it), else every engine."""
+    chosen = [e.strip() for e in os.environ.get(LEDGER_ENV, "").split(",") if e.strip()]
+    return chosen or list(LEDGERS)
+
 # Start order; stop runs in reverse, in the waves of STOP_WAVES.
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 STOP_WAVES = (("slurmd", "slurmctld"), ("slurmdbd",), ("mariadbd", "munged"))

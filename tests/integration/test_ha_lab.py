@@ -36,9 +36,8 @@ from tests import syspkgs
 from tests.integration.ha import HALab
 from tests.integration.lab import (
     FINAL_STATES,
-    LEDGER_ENV,
-    LEDGERS,
     LabError,
+    session_ledgers,
 )
 
 QUOTA_MIN = 60  # alice's CPU-minute quota
@@ -55,12 +54,7 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _engines() -> list[str]:
-    chosen = os.environ.get(LEDGER_ENV)
-    return [chosen] if chosen else list(LEDGERS)
-
-
-@pytest.fixture(scope="module", params=_engines())
+@pytest.fixture(scope="module", params=session_ledgers())
 def ha(request):
     """This module's HA lab (up now, down at the end, on failures too)."""
     if os.geteuid() != 0:
